@@ -1,0 +1,166 @@
+"""What flows between stages: ClientSet, Update, and the two contexts stages receive.
+
+* :class:`RoundContext` is what a *server* stage sees, once per round, in the driver.
+* :class:`ClientWork` is what a *client* stage sees, once per participating client, where it runs.
+* :class:`Update` is one client's result: a delta (possibly encoded), a sample count and metrics.
+
+Example:
+    >>> import numpy as np
+    >>> from flgraph.context import ClientSet
+    >>> cs = ClientSet(np.array([4, 1, 9]), {"epochs": np.array([1, 2, 1])})
+    >>> len(cs), cs.setting("epochs", 1)
+    (3, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .errors import ConfigError
+from .params import Params, ParamSpec
+
+if TYPE_CHECKING:
+    from .data import ClientData, FederatedDataset
+
+__all__ = ["ClientSet", "ClientWork", "Codec", "RoundContext", "Update"]
+
+
+@dataclass
+class ClientSet:
+    """The clients chosen for a round, in order, with optional per-client settings.
+
+    ``settings[name]`` is an array aligned with ``ids`` (e.g. ``epochs``, ``deadline``); a client stage
+    reads its own value with ``work.setting(name, default)``.
+    """
+
+    ids: np.ndarray
+    settings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=np.int64).reshape(-1)
+        for k, v in self.settings.items():
+            if len(v) != len(self.ids):
+                raise ConfigError(f"client setting {k!r} has {len(v)} values for {len(self.ids)} clients")
+        if len(np.unique(self.ids)) != len(self.ids):
+            raise ConfigError("a ClientSet lists a client twice", fix="select clients without replacement")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def setting(self, name: str, position: int) -> Any:
+        """The value of setting ``name`` for the client at ``position``."""
+        return self.settings[name][position].item()
+
+
+class Codec(Protocol):
+    """Encodes a flat delta for the upload and decodes it before aggregation."""
+
+    name: str
+
+    def encode(self, delta: np.ndarray) -> Any: ...
+
+    def decode(self, payload: Any, spec: ParamSpec) -> np.ndarray: ...
+
+    def nbytes(self, payload: Any) -> int: ...
+
+
+@dataclass
+class Update:
+    """One client's result.
+
+    ``delta`` is ``trained - global`` as a flat buffer in the carrier dtype (``None`` once encoded);
+    ``payload`` and ``codec`` hold the encoded form. ``base_round`` is the round whose global model the
+    client started from (for staleness).
+    """
+
+    client: int
+    num_samples: int
+    base_round: int
+    delta: np.ndarray | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    payload: Any = None
+    codec: Codec | None = None
+    raw_nbytes: int = 0
+
+    def encoded_with(self, codec: Codec) -> None:
+        """Replace the delta by ``codec``'s encoding of it (done on the client)."""
+        if self.delta is None:
+            raise ConfigError(f"client {self.client}'s update is already encoded with {self.codec}")
+        self.raw_nbytes = int(self.delta.nbytes)
+        self.payload = codec.encode(self.delta)
+        self.codec = codec
+        self.delta = None
+
+    def decoded(self, spec: ParamSpec) -> np.ndarray:
+        """The flat delta, decoded if it was encoded."""
+        if self.delta is not None:
+            return self.delta
+        assert self.codec is not None
+        return self.codec.decode(self.payload, spec)
+
+    @property
+    def upload_nbytes(self) -> int:
+        """Bytes this update takes on the wire (after encoding)."""
+        if self.codec is not None:
+            return self.codec.nbytes(self.payload)
+        return int(self.delta.nbytes) if self.delta is not None else 0
+
+
+@dataclass
+class ClientWork:
+    """What a client stage sees: who, which round, the global model, the client's data, the update.
+
+    ``data`` is loaded on first use, on the worker. ``model`` (set by the first stage that needs it)
+    is a per-thread :class:`flgraph.models.adapter.BoundModel` holding the global weights.
+    """
+
+    round: int
+    client: int
+    position: int
+    seed: int
+    global_params: Params
+    dataset: FederatedDataset
+    clients: ClientSet
+    model_source: Any
+    update: Update | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    tag: int = 0
+    _data: ClientData | None = None
+
+    @property
+    def data(self) -> ClientData:
+        if self._data is None:
+            self._data = self.dataset.load(self.client)
+        return self._data
+
+    def setting(self, name: str, default: Any) -> Any:
+        """This client's value of a per-client setting of the ClientSet, else ``default``."""
+        if name in self.clients.settings:
+            return self.clients.setting(name, self.position)
+        return default
+
+
+@dataclass
+class RoundContext:
+    """What a server stage sees in the driver: the round, the global params, the chosen clients.
+
+    ``state`` is the running stage's own explicit state (a dict of arrays and numbers, saved in
+    checkpoints); ``metrics`` collects this round's figures.
+    """
+
+    round: int
+    seed: int
+    params: Params
+    dataset: FederatedDataset
+    model_source: Any
+    last_round: bool
+    clients: ClientSet | None = None
+    broadcast: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tag: int = 0
+    emit: Callable[[str, Any], None] | None = None

@@ -1,0 +1,123 @@
+"""The synchronous engine: one round = server stages, the client segment on a transport, reduce, server stages.
+
+The engine never imports torch. A round changes the run state only when it completes: a client error or
+a lost cluster leaves the previous round's params, stage states and round counter untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .client_runner import Partial
+from .context import ClientSet, RoundContext
+from .errors import ClientError, PipelineError
+from .graph import Segments, ServerStage
+from .params import Params
+
+__all__ = ["RunState", "SyncEngine", "Transport"]
+
+
+class Transport(Protocol):
+    """Runs a round's client segment somewhere and returns the root partial."""
+
+    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial: ...
+
+    def places(self) -> int: ...
+
+
+@dataclass
+class RunState:
+    """Everything that changes between rounds: the round counter, global params, stage states."""
+
+    round: int
+    params: Params
+    stage_states: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class SyncEngine:
+    """Runs synchronous rounds of a checked pipeline."""
+
+    def __init__(self, segments: Segments, *, seed: int, dataset: Any, model_source: Any) -> None:
+        if segments.reduce is None:
+            raise PipelineError("the pipeline has no Aggregate stage")
+        self.segments = segments
+        self.seed = seed
+        self.dataset = dataset
+        self.model_source = model_source
+
+    @staticmethod
+    def state_key(index: int, stage: Any) -> str:
+        return f"{index:02d}-{stage.name}"
+
+    def initial_states(self, params: Params, stages: tuple[Any, ...]) -> dict[str, dict[str, Any]]:
+        return {self.state_key(i, s): s.init_state(params) for i, s in enumerate(stages)
+                if hasattr(s, "init_state")}
+
+    def run_round(self, state: RunState, rnd: int, last: bool, transport: Transport,
+                  keys: dict[int, str], on_error: str = "raise") -> dict[str, Any]:
+        """Run round ``rnd``; on success update ``state`` and return the round's metrics row."""
+        t_round = time.perf_counter()
+        seg = self.segments
+        ctx = RoundContext(rnd, self.seed, state.params, self.dataset, self.model_source, last)
+        new_states = {k: dict(v) for k, v in state.stage_states.items()}
+        times: dict[str, float] = {}
+        for s in seg.before:
+            self._server(s, ctx, new_states, keys, times)
+        if ctx.clients is None:
+            raise PipelineError("no stage before the client stages chose clients", fix="start with st.Select(...)")
+        t0 = time.perf_counter()
+        root = transport.run_round(rnd, ctx.params.flat, ctx.clients, on_error)
+        times["time_clients_wall"] = time.perf_counter() - t0
+        if root.value is None:
+            cid, msg = root.failures[0] if root.failures else (int(ctx.clients.ids[0]), "no update")
+            raise ClientError(f"all {len(ctx.clients)} clients of the round failed; the first: {msg}",
+                              client=cid, stage="Aggregate", round=rnd,
+                              fix="fix the cause above; the run's state is unchanged")
+        assert seg.reduce is not None
+        t0 = time.perf_counter()
+        delta, weight = seg.reduce.reducer.finalize(root.value, ctx.params.spec)
+        ctx.state = new_states.get(keys[id(seg.reduce)], {})
+        ctx.tag = seg.reduce.tag
+        seg.reduce.apply(ctx, delta, weight)
+        times["time_aggregate"] = time.perf_counter() - t0
+        for s in seg.after:
+            self._server(s, ctx, new_states, keys, times)
+        row = self._row(rnd, ctx, root, transport)
+        row.update(times)
+        row["round_time"] = time.perf_counter() - t_round
+        state.params, state.round, state.stage_states = ctx.params, rnd, new_states
+        return row
+
+    def _server(self, s: ServerStage, ctx: RoundContext, states: dict[str, dict[str, Any]],
+                keys: dict[int, str], times: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        ctx.tag = s.tag
+        ctx.state = states.setdefault(keys[id(s)], {})
+        s.run(ctx)
+        times[f"time_{s.name}"] = times.get(f"time_{s.name}", 0.0) + time.perf_counter() - t0
+
+    @staticmethod
+    def _row(rnd: int, ctx: RoundContext, root: Partial, transport: Transport) -> dict[str, Any]:
+        sums = root.sums
+        samples = sums.get("samples", 0.0)
+        row: dict[str, Any] = {"round": rnd}
+        for k, v in sums.items():
+            if k.startswith("wsum_") and samples:
+                row[k[5:]] = v / samples
+        row.update(ctx.metrics)
+        row["clients_done"] = int(sums.get("clients_done", 0))
+        row["clients_failed"] = int(sums.get("clients_failed", 0))
+        if root.failures:
+            row["failed_clients"] = [c for c, _ in root.failures]
+        row["samples"] = int(samples)
+        row["bytes_up"] = int(sums.get("bytes_up", 0))
+        row["bytes_up_raw"] = int(sums.get("bytes_up_raw", 0))
+        row["bytes_broadcast"] = ctx.params.nbytes * transport.places()
+        for k, v in sums.items():
+            if k.startswith("time_"):
+                row[k] = v
+        return row

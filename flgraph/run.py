@@ -1,0 +1,200 @@
+"""Run: a pipeline, a model and a federated dataset, executed round after round on a Dask cluster.
+
+Example:
+    >>> import flgraph as fg
+    >>> from flgraph import stages as st
+    >>> data = fg.data.synthetic_classification(num_clients=20, samples_per_client=16, num_features=8,
+    ...                                         num_classes=3, seed=0, test_samples=60)
+    >>> pipeline = (st.Select(clients=4) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8)
+    ...             >> st.Aggregate(st.WeightedMean()))
+    >>> with fg.Run(pipeline, model=fg.models.mlp(8, [16], 3), data=data, seed=0, workers=1,
+    ...             progress=False) as run:  # doctest: +SKIP
+    ...     history = run.fit(rounds=3)
+    ...     print(len(history), history.last("accuracy") > 0)
+    3 True
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+
+from .client_runner import Bundle
+from .cluster import ClusterHandle, connect
+from .engine import RunState, SyncEngine
+from .errors import ConfigError, PipelineError
+from .graph import Pipeline, ReduceStage
+from .history import History
+from .params import Params
+from .progress import RoundProgress
+
+__all__ = ["Run"]
+
+log = logging.getLogger("flgraph")
+
+
+class Run:
+    """A federated run of ``pipeline`` on ``model`` and ``data``.
+
+    Args:
+        pipeline: the round, e.g. ``Select >> Broadcast >> LocalTrain >> Aggregate``.
+        model: any ``torch.nn.Module``; its current weights are the initial global params.
+        data: a :class:`flgraph.data.FederatedDataset`.
+        seed: the one seed every random choice derives from.
+        cluster: ``None`` (an embedded LocalCluster of worker processes), a ``distributed.Client``,
+            a cluster object, or a scheduler address such as ``"tcp://127.0.0.1:8786"``.
+        workers: worker processes of the embedded cluster (default: one per core), or how many workers
+            to wait for on an address.
+        chunk_size: clients per Dask task (default: one chunk per worker thread). Results do not depend
+            on it.
+        on_client_error: ``"raise"`` stops the round at the first failing client (the run's state stays
+            as it was); ``"drop"`` counts the client as failed and aggregates the others.
+        evaluate: ``"final"`` adds an ``Evaluate`` at the end of each ``fit`` when the pipeline has no
+            Evaluate stage and the data has a test split; ``"never"`` does not.
+        progress: show a progress bar (round, loss, accuracy, client updates per second).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        model: Any,
+        data: Any,
+        seed: int = 0,
+        cluster: Any = None,
+        workers: int | None = None,
+        chunk_size: int | None = None,
+        on_client_error: Literal["raise", "drop"] = "raise",
+        evaluate: Literal["final", "never"] = "final",
+        progress: bool = True,
+    ) -> None:
+        from .models.adapter import ModelAdapter
+        from .stages import Evaluate
+
+        if not isinstance(pipeline, Pipeline):
+            raise PipelineError(f"Run needs a Pipeline, got {type(pipeline).__name__}",
+                                fix="compose stages with >>, e.g. st.Select(10) >> st.Broadcast() >> ...")
+        if on_client_error not in ("raise", "drop"):
+            raise ConfigError(f"on_client_error={on_client_error!r}", fix="use 'raise' or 'drop'")
+        if not hasattr(data, "load") or not hasattr(data, "client_ids"):
+            raise ConfigError(f"data must be a flgraph.data.FederatedDataset, got {type(data).__name__}",
+                              fix="wrap arrays with fg.data.FederatedDataset.from_arrays(x, y, partition)")
+        if (evaluate == "final" and getattr(data, "test", None) is not None
+                and not any(isinstance(s, Evaluate) for s in pipeline)):
+            pipeline = pipeline >> Evaluate(every=2**31 - 1)
+        self.segments = pipeline.check()
+        self.pipeline = pipeline
+        self.adapter = ModelAdapter.from_module(model)
+        self.data = data
+        self.seed = int(seed)
+        self.chunk_size = chunk_size
+        self.on_client_error = on_client_error
+        self.progress = progress
+        for s in pipeline:
+            s.prepare(data, self.adapter)
+        self.engine = SyncEngine(self.segments, seed=self.seed, dataset=data, model_source=self.adapter)
+        params = self.adapter.initial_params()
+        self.state = RunState(0, params, self.engine.initial_states(params, pipeline.stages))
+        self._keys = {id(s): SyncEngine.state_key(i, s) for i, s in enumerate(pipeline.stages)}
+        self.history = History()
+        self.token = uuid.uuid4().hex[:8]
+        self._cluster_arg = cluster
+        self._workers = workers
+        self._handle: ClusterHandle | None = None
+        self._transport: Any = None
+        self.warmup_s: float | None = None
+
+    # -- cluster -------------------------------------------------------------------------------------
+    def _ensure_started(self) -> Any:
+        if self._transport is not None:
+            return self._transport
+        from .transports.dask import DaskTransport
+
+        self._handle = connect(self._cluster_arg, workers=self._workers)
+        first = self.segments.clients[0].name
+        transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
+        bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,
+                        self.state.params.spec, self.seed)
+        self.warmup_s = transport.start(bundle)
+        self._transport = transport
+        link = self._handle.dashboard_link
+        if link:
+            log.info("flgraph run %s: Dask dashboard at %s", self.token, link)
+            if self.progress:
+                print(f"flgraph: Dask dashboard at {link}", file=sys.stderr, flush=True)
+        return transport
+
+    def _reducer(self) -> ReduceStage:
+        assert self.segments.reduce is not None
+        return self.segments.reduce
+
+    @property
+    def dashboard_link(self) -> str:
+        """The Dask dashboard's address (empty before the first ``fit``)."""
+        return self._handle.dashboard_link if self._handle else ""
+
+    # -- running -------------------------------------------------------------------------------------
+    def fit(self, rounds: int) -> History:
+        """Run ``rounds`` more rounds; returns the whole history so far.
+
+        A round that fails (a client error in ``"raise"`` mode, a lost cluster) raises and leaves the run
+        as it was after the last completed round: fix the cause and call ``fit`` again.
+        """
+        if rounds < 1:
+            raise ConfigError(f"fit(rounds={rounds}): run at least one round")
+        transport = self._ensure_started()
+        first = self.state.round + 1
+        end = self.state.round + rounds
+        with RoundProgress(total=rounds, enabled=self.progress) as bar:
+            for rnd in range(first, end + 1):
+                row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
+                                            self.on_client_error)
+                self.history.append(row)
+                bar.update(row)
+                log.debug("round %d: %s", rnd, row)
+        return self.history
+
+    # -- results -------------------------------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        """Rounds completed."""
+        return self.state.round
+
+    @property
+    def params(self) -> Params:
+        """The global params (a copy)."""
+        return self.state.params.copy()
+
+    @property
+    def model(self) -> Any:
+        """A new torch module holding the global weights."""
+        return self.adapter.to_module(self.state.params)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The global weights as name -> numpy array, each in its own dtype."""
+        return self.state.params.to_arrays()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the run's data on the cluster, and stop the embedded cluster if the run started one."""
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Run({self.token}, round {self.state.round}, seed {self.seed}, "
+                f"model {self.state.params.spec.describe()})\n{self.pipeline!r}")

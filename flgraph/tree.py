@@ -1,0 +1,99 @@
+"""One fixed reduction tree per round, so sums do not depend on chunking or worker count.
+
+The round's ``n`` client positions are the leaves of a binary tree: node ``[lo, hi)`` splits at
+``(lo + hi) // 2``. A chunk of clients ``[a, b)`` returns the values of the maximal tree nodes that
+cover it (:func:`cover`); the driver (or combine tasks) assembles the root from whatever nodes arrive
+(:func:`assemble`). Every floating-point addition happens at the same node whatever the chunking, so
+the result is bit-identical with 1 or 100 workers and any chunk size. With the default chunking
+(:func:`chunks`) each chunk is exactly one node and returns one partial.
+
+Example:
+    >>> from flgraph.tree import cover, chunks, assemble
+    >>> cover(10, 0, 10), cover(10, 3, 8)
+    ([(0, 10)], [(3, 5), (5, 8)])
+    >>> chunks(100, 2)
+    [(0, 50), (50, 100)]
+    >>> nodes = {blk: sum(range(*blk)) for c in chunks(10, 3) for blk in cover(10, *c)}
+    >>> assemble(10, nodes, lambda a, b: a + b)
+    45
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+__all__ = ["assemble", "chunks", "cover", "evaluate"]
+
+T = TypeVar("T")
+Node = tuple[int, int]
+
+
+def cover(n: int, a: int, b: int) -> list[Node]:
+    """The maximal nodes of the tree over ``[0, n)`` that exactly cover ``[a, b)``, left to right."""
+    out: list[Node] = []
+
+    def walk(lo: int, hi: int) -> None:
+        if b <= lo or hi <= a:
+            return
+        if a <= lo and hi <= b:
+            out.append((lo, hi))
+            return
+        mid = (lo + hi) // 2
+        walk(lo, mid)
+        walk(mid, hi)
+
+    if not 0 <= a <= b <= n:
+        raise ValueError(f"range [{a}, {b}) is not inside [0, {n})")
+    walk(0, n)
+    return out
+
+
+def chunks(n: int, parts: int, size: int | None = None) -> list[Node]:
+    """Split ``n`` positions into chunks.
+
+    With ``size`` given: consecutive chunks of that many positions (any size works; a chunk that is not
+    one tree node returns a few partials). Otherwise: the tree's nodes at the shallowest depth that has
+    at least ``parts`` nodes, so that each chunk is one node and returns one partial.
+    """
+    if n <= 0:
+        return []
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {size}")
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+    level = [(0, n)]
+    while len(level) < parts and any(hi - lo > 1 for lo, hi in level):
+        nxt: list[Node] = []
+        for lo, hi in level:
+            if hi - lo > 1:
+                mid = (lo + hi) // 2
+                nxt += [(lo, mid), (mid, hi)]
+            else:
+                nxt.append((lo, hi))
+        level = nxt
+    return level
+
+
+def evaluate(lo: int, hi: int, leaf: Callable[[int], T], combine: Callable[[T, T], T]) -> T:
+    """The value of node ``[lo, hi)``: leaves left to right, combined at the tree's nodes."""
+    if hi - lo == 1:
+        return leaf(lo)
+    mid = (lo + hi) // 2
+    left = evaluate(lo, mid, leaf, combine)
+    return combine(left, evaluate(mid, hi, leaf, combine))
+
+
+def assemble(n: int, nodes: Mapping[Node, Any], combine: Callable[[Any, Any], Any]) -> Any:
+    """The root value from node values that together cover ``[0, n)`` exactly once."""
+
+    def walk(lo: int, hi: int) -> Any:
+        if (lo, hi) in nodes:
+            return nodes[(lo, hi)]
+        if hi - lo <= 1:
+            raise KeyError(f"no value covers position {lo}")
+        mid = (lo + hi) // 2
+        left = walk(lo, mid)
+        return combine(left, walk(mid, hi))
+
+    return walk(0, n)

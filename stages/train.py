@@ -1,0 +1,190 @@
+"""LocalTrain: train the global model on one client's own data (client stage).
+
+Any torch module, loss function and optimizer factory; ``epochs`` or ``steps``; a seeded batch order
+(stream ``(tag, round, client)``: epoch ``e`` uses that stream's ``e``-th permutation); ``device`` cpu or
+cuda. Bring your own training step with ``train_fn(model, data, ctx) -> loss`` (a float, or a dict of
+metrics with a ``"loss"`` key).
+
+The update is ``trained - global`` (a flat delta) with the client's sample count. A non-finite loss, a
+non-finite update, an empty client, or a model whose output does not fit the labels stops the client
+with a :class:`~flgraph.errors.ClientError` that names the client, the round and the stage.
+
+Example:
+    >>> from flgraph import stages as st
+    >>> st.LocalTrain(epochs=2, batch_size=16, lr=0.1)
+    LocalTrain(epochs=2, steps=None, batch_size=16, lr=0.1, optimizer=None, loss=None, train_fn=None, device='cpu')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flgraph.context import ClientWork, Update
+from flgraph.errors import ClientError, ConfigError
+from flgraph.graph import ClientStage
+from flgraph.models.adapter import BoundModel, ModelAdapter
+from flgraph.rng import stream, torch_seed
+
+__all__ = ["LocalTrain", "TrainContext"]
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainContext:
+    """What a custom ``train_fn`` gets besides the model and the data."""
+
+    round: int
+    client: int
+    epochs: int
+    steps: int | None
+    batch_size: int
+    lr: float
+    device: torch.device
+    rng: np.random.Generator
+
+
+class LocalTrain(ClientStage):
+    """Train the broadcast global model on the client's data; produce an update."""
+
+    requires: ClassVar[frozenset[str]] = frozenset({"model"})
+    provides: ClassVar[frozenset[str]] = frozenset({"update"})
+
+    def __init__(
+        self,
+        epochs: int = 1,
+        *,
+        steps: int | None = None,
+        batch_size: int = 32,
+        lr: float = 0.05,
+        optimizer: OptimizerFactory | None = None,
+        loss: LossFn | None = None,
+        train_fn: Callable[[torch.nn.Module, Any, TrainContext], float | dict[str, float]] | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if epochs < 1 and steps is None:
+            raise ConfigError(f"LocalTrain(epochs={epochs}): train at least one epoch, or give steps=")
+        if steps is not None and steps < 1:
+            raise ConfigError(f"LocalTrain(steps={steps}): steps must be >= 1")
+        if batch_size < 1:
+            raise ConfigError(f"LocalTrain(batch_size={batch_size}): must be >= 1")
+        if not (isinstance(device, str) and (device == "cpu" or device.startswith("cuda"))):
+            raise ConfigError(f"LocalTrain(device={device!r}): use 'cpu' or 'cuda' / 'cuda:N'")
+        self.epochs = epochs
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.optimizer = optimizer
+        self.loss = loss
+        self.train_fn = train_fn
+        self.device = device
+
+    def prepare(self, dataset: Any, model_source: Any) -> None:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"LocalTrain(device={self.device!r}) but this machine has no CUDA device",
+                              fix="use device='cpu', or run on workers with a GPU")
+
+    def run(self, work: ClientWork) -> None:
+        adapter: ModelAdapter = work.model_source
+        bm = adapter.bound(self.device)
+        bm.load(work.global_params.flat)
+        model = bm.module
+        model.train()
+        device = torch.device(self.device)
+        epochs = int(work.setting("epochs", self.epochs))
+        steps = work.setting("steps", self.steps)
+        ctx = TrainContext(work.round, work.client, epochs, steps, self.batch_size, self.lr, device,
+                           stream(work.seed, work.tag, work.round, work.client))
+        torch.manual_seed(torch_seed(work.seed, work.tag, work.round, work.client))
+        data = work.data
+        n = len(data.y)
+        if n == 0:
+            raise ClientError("the client has no samples", client=work.client, stage="LocalTrain",
+                              round=work.round, fix="remove empty clients from the dataset, or "
+                              "pass on_client_error='drop' to Run to skip them")
+        if self.train_fn is not None:
+            out = self.train_fn(model, data, ctx)
+            metrics = dict(out) if isinstance(out, dict) else {"loss": float(out)}
+            self._check_loss(metrics.get("loss", 0.0), work, "the training step")
+        else:
+            metrics = self._train(model, data, ctx, work)
+        delta = self._delta(bm, work)
+        work.update = Update(work.client, n, work.round - 1, delta, metrics)
+
+    def _delta(self, bm: BoundModel, work: ClientWork) -> np.ndarray:
+        delta = np.subtract(bm.read(), work.global_params.flat)
+        if not np.isfinite(delta).all():
+            bad = int((~np.isfinite(delta)).sum())
+            raise ClientError(f"the update holds {bad} non-finite values (NaN or inf)", client=work.client,
+                              stage="LocalTrain", round=work.round,
+                              fix="lower the learning rate or clip gradients; check the client's data")
+        return delta
+
+    def _train(self, model: torch.nn.Module, data: Any, ctx: TrainContext, work: ClientWork) -> dict[str, float]:
+        x = torch.as_tensor(data.x, device=ctx.device)
+        y = torch.as_tensor(data.y, device=ctx.device)
+        n = len(y)
+        opt = (self.optimizer or _sgd(self.lr))(model.parameters())
+        loss_fn = self.loss or F.cross_entropy
+        total, done = 0.0, 0
+        limit = ctx.steps if ctx.steps is not None else math.inf
+        epoch = 0
+        while done < limit and (ctx.steps is not None or epoch < ctx.epochs):
+            perm = torch.from_numpy(ctx.rng.permutation(n)).to(ctx.device)
+            for i in range(0, n, ctx.batch_size):
+                if done >= limit:
+                    break
+                idx = perm[i : i + ctx.batch_size]
+                opt.zero_grad(set_to_none=True)
+                out = model(x[idx])
+                try:
+                    loss = loss_fn(out, y[idx])
+                except (IndexError, RuntimeError, ValueError) as e:
+                    raise self._misfit(e, out, y, work) from None
+                loss.backward()
+                opt.step()
+                lv = float(loss.detach())
+                self._check_loss(lv, work, f"step {done + 1}")
+                total += lv
+                done += 1
+            epoch += 1
+        return {"loss": total / max(done, 1), "steps": float(done)}
+
+    @staticmethod
+    def _check_loss(value: float, work: ClientWork, where: str) -> None:
+        if not math.isfinite(value):
+            raise ClientError(f"{where} gave a non-finite loss ({value})", client=work.client,
+                              stage="LocalTrain", round=work.round,
+                              fix="lower the learning rate, clip gradients, or check the client's data "
+                                  "for NaN/inf")
+
+    @staticmethod
+    def _misfit(e: Exception, out: torch.Tensor, y: torch.Tensor, work: ClientWork) -> ClientError:
+        labels = f"labels of shape {tuple(y.shape)}"
+        if y.dtype in (torch.int64, torch.int32) and y.numel():
+            labels += f" with values {int(y.min())}..{int(y.max())}"
+        return ClientError(
+            f"the loss failed on the model's output of shape {tuple(out.shape)} and {labels}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}",
+            client=work.client, stage="LocalTrain", round=work.round,
+            fix="make the model's last layer produce one output per class (or pass a loss= that fits "
+                "the labels)",
+        )
+
+
+class _sgd:
+    """Picklable plain-SGD factory (the default optimizer)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def __call__(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr)

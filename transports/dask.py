@@ -1,0 +1,168 @@
+"""The Dask transport: client stages run as Dask tasks on chunks of clients.
+
+Per run, the :class:`~flgraph.client_runner.Bundle` (client stages, reducer, dataset handle, model) is
+scattered once to every worker. Per round, the global params are scattered once (broadcast), one task per
+chunk of clients runs the client segment and returns partial aggregates, and partials are combined along
+the round's fixed tree (on the workers when there are many, in the driver when there are few).
+
+Task keys carry the stage and the round, e.g. ``local-train-r00012-c0001-<run>``,
+``aggregate-r00012-n0-50-<run>`` and ``broadcast-r00012-<run>``, so the dashboard groups work by stage.
+
+Example:
+    >>> from flgraph.transports.dask import DaskTransport  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from distributed import Client, Future
+from distributed.client import FutureCancelledError
+
+from flgraph import tree
+from flgraph.client_runner import Bundle, Partial, combine_partials, run_clients
+from flgraph.context import ClientSet
+from flgraph.errors import ClusterError
+
+__all__ = ["DaskTransport"]
+
+log = logging.getLogger("flgraph")
+
+FAN_IN = 8  # at most this many partials travel to the driver; more are combined on the workers first
+
+
+def _combine_task(reducer: Any, left: Partial, right: Partial) -> Partial:
+    return combine_partials(reducer, left, right)
+
+
+def _warm(bundle: Bundle) -> float:
+    """Pay torch's import and lazy initialisation, and build this worker's bound model, before round 1."""
+    t0 = time.perf_counter()
+    import torch
+
+    with contextlib.suppress(Exception):
+        bm = bundle.model_source.bound("cpu")
+        ids = bundle.dataset.client_ids
+        if len(ids):
+            data = bundle.dataset.load(int(ids[0]))
+            if len(data.y):
+                out = bm.module(torch.as_tensor(data.x[:2]))
+                out.float().sum().backward()
+                bm.module.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+class DaskTransport:
+    """Runs the client segment of rounds on a Dask cluster through ``client``."""
+
+    def __init__(self, client: Client, run_token: str, stage_name: str, chunk_size: int | None = None) -> None:
+        self.client = client
+        self.token = run_token
+        self.stage_name = stage_name
+        self.chunk_size = chunk_size
+        self._bundle: Future | None = None
+        self._reducer: Future | None = None
+        self._local: Bundle | None = None
+
+    def start(self, bundle: Bundle) -> float:
+        """Ship the bundle to every worker and warm them up; returns the warm-up seconds."""
+        t0 = time.perf_counter()
+        self._local = bundle
+        workers = self._workers()
+        key = f"bundle-{self.token}"
+        self._bundle = self.client.scatter({key: bundle}, broadcast=True, hash=False)[key]
+        rkey = f"reducer-{self.token}"
+        self._reducer = self.client.scatter({rkey: bundle.reducer}, broadcast=True, hash=False)[rkey]
+        futs = [self.client.submit(_warm, self._bundle, key=f"warm-up-{i}-{self.token}", workers=[w],
+                                   pure=False) for i, w in enumerate(workers)]
+        self.client.gather(futs)
+        return time.perf_counter() - t0
+
+    def _workers(self) -> list[str]:
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        if not info:
+            raise ClusterError("the Dask cluster has no workers",
+                               fix="start workers (`dask worker SCHEDULER_ADDRESS`) or pass workers=N")
+        out: list[str] = []
+        for addr, w in sorted(info.items()):
+            out += [addr] * int(w.get("nthreads", 1))
+        return out
+
+    def slots(self) -> int:
+        """Worker threads available (the default number of chunks)."""
+        return len(self._workers())
+
+    def places(self) -> int:
+        """Distinct workers (each receives the broadcast once)."""
+        return len(set(self._workers()))
+
+    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
+        """Run the client segment for ``clients`` and return the round's root partial."""
+        if self._bundle is None or self._local is None:
+            raise ClusterError("the transport was not started")
+        c = self.client
+        tag = f"r{rnd:05d}"
+        pkey = f"broadcast-{tag}-{self.token}"
+        params_f = c.scatter({pkey: flat}, broadcast=True, hash=False)[pkey]
+        slots = self._workers()
+        n = len(clients)
+        chunk_futs: list[tuple[Future, list[tuple[int, int]]]] = []
+        for j, (a, b) in enumerate(tree.chunks(n, len(slots), self.chunk_size)):
+            nodes = tree.cover(n, a, b)
+            f = c.submit(run_clients, self._bundle, params_f, rnd, clients, nodes, on_error,
+                         key=f"{self.stage_name}-{tag}-c{j:04d}-{self.token}",
+                         workers=[slots[j % len(slots)]], allow_other_workers=True, pure=False)
+            chunk_futs.append((f, nodes))
+        futs: list[Future] = [f for f, _ in chunk_futs]
+        try:
+            reducer = self._local.reducer
+            if sum(len(nodes) for _, nodes in chunk_futs) <= FAN_IN:
+                done = {node: part for result in self._gather(futs) for node, part in result}
+                return tree.assemble(n, done, lambda a, b: combine_partials(reducer, a, b))
+            node_futs: dict[tuple[int, int], Future] = {}
+            for j, (f, nodes) in enumerate(chunk_futs):
+                for i, node in enumerate(nodes):
+                    node_futs[node] = c.submit(_pick, f, i, key=f"aggregate-{tag}-c{j:04d}-p{i}-{self.token}")
+            futs += list(node_futs.values())
+            count = itertools.count()
+
+            def combine(a: Future, b: Future) -> Future:
+                fut = c.submit(_combine_task, self._reducer, a, b, pure=False,
+                               key=f"aggregate-{tag}-t{next(count):04d}-{self.token}")
+                futs.append(fut)
+                return fut
+
+            root: Partial = self._gather([tree.assemble(n, node_futs, combine)])[0]
+            return root
+        finally:
+            c.cancel([*futs, params_f], force=True)
+
+    def _gather(self, futures: list[Future]) -> list[Any]:
+        try:
+            return list(self.client.gather(futures, errors="raise"))
+        except FutureCancelledError as e:
+            raise ClusterError(f"a client task was cancelled: {e}",
+                               fix="check that the workers are alive (see the dashboard)") from e
+        except Exception as e:
+            if type(e).__name__ == "KilledWorker":
+                raise ClusterError(f"workers kept dying while running clients: {e}",
+                                   fix="look at the worker logs (memory, crashes); the run state is unchanged, "
+                                       "call fit() again once the cluster is healthy") from e
+            raise
+
+    def close(self) -> None:
+        futs = [f for f in (self._bundle, self._reducer) if f is not None]
+        if futs:
+            with contextlib.suppress(Exception):
+                self.client.cancel(futs, force=True)
+        self._bundle = self._reducer = None
+        self._local = None
+
+
+def _pick(result: list[tuple[tuple[int, int], Partial]], i: int) -> Partial:
+    return result[i][1]
