@@ -94,7 +94,10 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
             if update is None:
                 raise ClientError("no client stage produced an update", client=cid,
                                   stage=type(stage).__name__, round=rnd, fix="put LocalTrain in the pipeline")
-            value = reducer.leaf(update, bundle.spec)
+            up = float(update.upload_nbytes)
+            sums.update(clients_done=1.0, samples=float(update.num_samples), bytes_up=up,
+                        bytes_up_raw=float(update.raw_nbytes or up))
+            value = reducer.leaf(update, bundle.spec)  # may consume the update's buffers
         except Exception as e:
             err = _as_client_error(e, cid, stage, rnd)
             if on_error == "raise":
@@ -102,8 +105,6 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
             log.warning("dropped: %s", err)
             return Partial(None, {"clients_failed": 1.0}, [(cid, str(err))])
         n = float(update.num_samples)
-        sums.update(clients_done=1.0, samples=n, bytes_up=float(update.upload_nbytes),
-                    bytes_up_raw=float(update.raw_nbytes or update.upload_nbytes))
         for k, v in update.metrics.items():
             sums[f"wsum_{k}"] = float(v) * n
         return Partial(value, sums)

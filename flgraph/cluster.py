@@ -37,6 +37,7 @@ class ClusterHandle:
 
     client: Client
     cluster: LocalCluster | None
+    owns_client: bool = True
 
     @property
     def dashboard_link(self) -> str:
@@ -51,20 +52,24 @@ class ClusterHandle:
         return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
 
     def close(self) -> None:
-        self.client.close()
+        """Close the client and the cluster if flgraph made them; a user's Client stays open."""
+        if self.owns_client:
+            self.client.close()
         if self.cluster is not None:
             self.cluster.close()
 
 
-def embedded(workers: int | None = None, *, dashboard: bool = True) -> LocalCluster:
-    """Start the embedded cluster: ``workers`` single-threaded worker processes (default: one per core)."""
+def embedded(workers: int | None = None) -> LocalCluster:
+    """Start the embedded cluster: ``workers`` single-threaded worker processes (default: one per core).
+
+    Its dashboard listens on a free port of 127.0.0.1 (``client.dashboard_link``)."""
     if multiprocessing.parent_process() is not None and sys.modules["__main__"].__name__ == "__mp_main__":
         raise ClusterError(_MAIN_GUARD, fix=_MAIN_GUARD_FIX)
     n = workers or max(1, min(os.cpu_count() or 1, 8))
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
             return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                dashboard_address=":0" if dashboard else None,
+                                dashboard_address=":0",
                                 silence_logs=logging.ERROR, host="127.0.0.1")
     except RuntimeError as e:
         raise ClusterError(f"the embedded Dask cluster's worker processes failed to start ({e})",
@@ -84,7 +89,7 @@ def connect(cluster: Any = None, *, workers: int | None = None, timeout: float =
         local = embedded(workers)
         return ClusterHandle(Client(local, set_as_default=False), local)
     if isinstance(cluster, Client):
-        return ClusterHandle(cluster, None)
+        return ClusterHandle(cluster, None, owns_client=False)
     if isinstance(cluster, str):
         try:
             client = Client(cluster, timeout=timeout, set_as_default=False)

@@ -120,7 +120,7 @@ class Run:
         transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
         bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,
                         self.state.params.spec, self.seed)
-        self.warmup_s = transport.start(bundle)
+        self.warmup_s = transport.start(bundle, self.state.params.flat)
         self._transport = transport
         link = self._handle.dashboard_link
         if link:

@@ -1,8 +1,9 @@
 """Aggregate: combine the client updates into new global params (reduce stage).
 
 ``Aggregate(reducer, server_lr)`` applies ``global += server_lr * aggregated_delta``. :class:`WeightedMean`
-is FedAvg's sample-weighted mean of the deltas, accumulated in float64 along the engine's fixed
-reduction tree, so the result is bit-identical for any chunking and worker count.
+is FedAvg's sample-weighted mean of the deltas, accumulated (in the params' dtype unless ``dtype=`` says
+otherwise) along the engine's fixed reduction tree: pairwise summation, and a result that is bit-identical
+for any chunking and worker count.
 
 Example:
     >>> import numpy as np
@@ -35,14 +36,24 @@ __all__ = ["Aggregate", "WeightedMean"]
 class WeightedMean(Reducer):
     """Sample-weighted mean of the client deltas (``weight="samples"``) or the plain mean (``"uniform"``)."""
 
-    def __init__(self, weight: str = "samples") -> None:
+    def __init__(self, weight: str = "samples", *, dtype: str | None = None) -> None:
         if weight not in ("samples", "uniform"):
             raise ConfigError(f"WeightedMean(weight={weight!r})", fix="use 'samples' or 'uniform'")
+        if dtype is not None and np.dtype(dtype).kind != "f":
+            raise ConfigError(f"WeightedMean(dtype={dtype!r}): accumulate in a float dtype, e.g. 'float64'")
         self.weight = weight
+        self.dtype = dtype
 
     def leaf(self, update: Update, spec: ParamSpec) -> tuple[np.ndarray, float]:
         w = float(update.num_samples) if self.weight == "samples" else 1.0
-        acc = update.decoded(spec).astype(np.float64)
+        delta = update.decoded(spec)
+        if self.dtype is not None and delta.dtype != np.dtype(self.dtype):
+            acc = delta.astype(self.dtype)
+        elif update.delta is delta:
+            acc = delta  # the update is consumed here: accumulate in place, no copy
+            update.delta = None
+        else:
+            acc = np.array(delta, copy=True)
         acc *= w
         return acc, w
 
@@ -58,7 +69,7 @@ class WeightedMean(Reducer):
         return (total / w).astype(spec.carrier), w
 
     def __repr__(self) -> str:
-        return f"WeightedMean(weight={self.weight!r})"
+        return f"WeightedMean(weight={self.weight!r}, dtype={self.dtype!r})"
 
 
 class Aggregate(ReduceStage):

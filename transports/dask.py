@@ -40,20 +40,14 @@ def _combine_task(reducer: Any, left: Partial, right: Partial) -> Partial:
     return combine_partials(reducer, left, right)
 
 
-def _warm(bundle: Bundle) -> float:
-    """Pay torch's import and lazy initialisation, and build this worker's bound model, before round 1."""
+def _warm(bundle: Bundle, flat: np.ndarray) -> float:
+    """Run one throwaway client update (round 0, not counted) so that torch's import and lazy
+    initialisation (autograd, the optimizer's first step) are paid before round 1."""
     t0 = time.perf_counter()
-    import torch
-
-    with contextlib.suppress(Exception):
-        bm = bundle.model_source.bound("cpu")
-        ids = bundle.dataset.client_ids
-        if len(ids):
-            data = bundle.dataset.load(int(ids[0]))
-            if len(data.y):
-                out = bm.module(torch.as_tensor(data.x[:2]))
-                out.float().sum().backward()
-                bm.module.zero_grad(set_to_none=True)
+    ids = bundle.dataset.client_ids
+    if len(ids):
+        with contextlib.suppress(Exception):  # a real error surfaces, with its client, in round 1
+            run_clients(bundle, flat, 0, ClientSet(ids[:1]), [(0, 1)], "drop")
     return time.perf_counter() - t0
 
 
@@ -69,7 +63,7 @@ class DaskTransport:
         self._reducer: Future | None = None
         self._local: Bundle | None = None
 
-    def start(self, bundle: Bundle) -> float:
+    def start(self, bundle: Bundle, flat: np.ndarray) -> float:
         """Ship the bundle to every worker and warm them up; returns the warm-up seconds."""
         t0 = time.perf_counter()
         self._local = bundle
@@ -78,8 +72,8 @@ class DaskTransport:
         self._bundle = self.client.scatter({key: bundle}, broadcast=True, hash=False)[key]
         rkey = f"reducer-{self.token}"
         self._reducer = self.client.scatter({rkey: bundle.reducer}, broadcast=True, hash=False)[rkey]
-        futs = [self.client.submit(_warm, self._bundle, key=f"warm-up-{i}-{self.token}", workers=[w],
-                                   pure=False) for i, w in enumerate(workers)]
+        futs = [self.client.submit(_warm, self._bundle, flat, key=f"warm-up-{i}-{self.token}", workers=[w],
+                                   pure=False) for i, w in enumerate(sorted(set(workers)))]
         self.client.gather(futs)
         return time.perf_counter() - t0
 
