@@ -42,6 +42,7 @@ EXPECTED_ACC = {("W1", 20): 0.7650, ("W1", 3): 0.1810}
 def run_once(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     """Run one benchmark process to completion and return its parsed RESULT line."""
     t0 = time.perf_counter()
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -49,6 +50,7 @@ def run_once(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, A
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}, {len(lines)} RESULT lines)")
     res: dict[str, Any] = json.loads(lines[-1][len("RESULT "):])
     res["process_wall_s"] = round(time.perf_counter() - t0, 3)
+    res["loadavg_1m_before"] = round(load, 2)
     return res
 
 
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = run_once(cmd, env, args.timeout)
             out.append(r)
             print(f"  run {i + 1}/{args.repeats} {name:8s} median round {r['median_round_s']:.4f}s  "
-                  f"round1 {r['round1_s']:.3f}s  acc {r['final_acc']:.4f}  ({r['process_wall_s']:.1f}s)",
+                  f"round1 {r['round1_s']:.3f}s  acc {r['final_acc']:.4f}  ({r['process_wall_s']:.1f}s, "
+                  f"load {r['loadavg_1m_before']:.2f})",
                   flush=True)
 
     bare_med = statistics.median(r["median_round_s"] for r in bare)
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "acc_ok": acc_ok,
         "bare_runs": [r["median_round_s"] for r in bare],
         "flgraph_runs": [r["median_round_s"] for r in flg],
+        "loadavg_1m_before": [r["loadavg_1m_before"] for r in bare + flg],
         "flgraph_time_local_train": [r.get("time_local-train") for r in flg],
         "flgraph_time_clients_wall": [r.get("time_clients_wall") for r in flg],
     }

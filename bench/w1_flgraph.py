@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wl = dict(w1.WORKLOADS[args.workload])
     rounds = args.rounds or int(wl["rounds"])
     clients = int(wl["clients"])
+    load_start = os.getloadavg()[0]
     rss = TreeRSS()
     model = w1.initial_model(wl["model"])
     pipeline = w1.pipeline(clients=clients, epochs=int(wl["epochs"]))
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "workers": args.workers,
+        "loadavg_1m_start": round(load_start, 2),  # other work on the machine makes timings noisy
         "time_clients_wall": stage_medians.get("time_clients_wall"),
         "time_local-train": stage_medians.get("time_local-train"),
         "time_aggregate": stage_medians.get("time_aggregate"),

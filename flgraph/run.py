@@ -57,6 +57,7 @@ class Run:
         evaluate: ``"final"`` adds an ``Evaluate`` at the end of each ``fit`` when the pipeline has no
             Evaluate stage and the data has a test split; ``"never"`` does not.
         progress: show a progress bar (round, loss, accuracy, client updates per second).
+        connect_timeout: seconds to wait for a scheduler given by address (and for its ``workers``).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Run:
         on_client_error: Literal["raise", "drop"] = "raise",
         evaluate: Literal["final", "never"] = "final",
         progress: bool = True,
+        connect_timeout: float = 30.0,
     ) -> None:
         from .models.adapter import ModelAdapter
         from .stages import Evaluate
@@ -105,6 +107,7 @@ class Run:
         self.token = uuid.uuid4().hex[:8]
         self._cluster_arg = cluster
         self._workers = workers
+        self._connect_timeout = connect_timeout
         self._handle: ClusterHandle | None = None
         self._transport: Any = None
         self.warmup_s: float | None = None
@@ -115,7 +118,7 @@ class Run:
             return self._transport
         from .transports.dask import DaskTransport
 
-        self._handle = connect(self._cluster_arg, workers=self._workers)
+        self._handle = connect(self._cluster_arg, workers=self._workers, timeout=self._connect_timeout)
         first = self.segments.clients[0].name
         transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
         bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,

@@ -10,7 +10,7 @@ the result is bit-identical with 1 or 100 workers and any chunk size. With the d
 Example:
     >>> from flgraph.tree import cover, chunks, assemble
     >>> cover(10, 0, 10), cover(10, 3, 8)
-    ([(0, 10)], [(3, 5), (5, 8)])
+    ([(0, 10)], [(3, 5), (5, 7), (7, 8)])
     >>> chunks(100, 2)
     [(0, 50), (50, 100)]
     >>> nodes = {blk: sum(range(*blk)) for c in chunks(10, 3) for blk in cover(10, *c)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -86,7 +88,7 @@ def test_random_irregular_chunkings_and_in_place_combine_give_the_bit_identical_
     for _ in range(20):
         cuts = sorted(set(rng.integers(1, n, size=rng.integers(0, n)).tolist())) if n > 1 else []
         bounds = [0, *cuts, n]
-        chunk_list = list(zip(bounds[:-1], bounds[1:]))
+        chunk_list = list(itertools.pairwise(bounds))
         # leaves are fresh copies so the in-place combine never touches vals
         nodes = _chunk_nodes(n, chunk_list, lambda i: vals[i].copy(), _add_in_place)
         # nodes arrive in any order
