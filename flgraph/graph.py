@@ -221,8 +221,6 @@ class Pipeline:
                         f"{where} is a client stage after the Aggregate stage",
                         fix="a round has one client segment: put client stages before Aggregate",
                     )
-                if after:
-                    raise PipelineError(f"{where} follows a server stage that follows the client stages")
                 clients.append(s)
             elif isinstance(s, ReduceStage):
                 reduce = s
@@ -234,7 +232,8 @@ class Pipeline:
                     )
                 (after if reduce is not None else before).append(s)
             else:
-                raise PipelineError(f"{where} is neither a server, a client nor a reduce stage")
+                raise PipelineError(f"{where} is neither a server, a client nor a reduce stage",
+                                    fix="subclass flgraph.ServerStage, flgraph.ClientStage or flgraph.ReduceStage")
             have |= s.provides
         if final:
             if not clients:

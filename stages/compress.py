@@ -60,6 +60,10 @@ class Float16:
     name = "fp16"
 
     def encode(self, delta: np.ndarray) -> np.ndarray:
+        big = float(np.abs(delta).max()) if delta.size else 0.0
+        if big >= 65520.0:  # rounds to inf in float16 (65504 is the largest finite value)
+            raise ConfigError(f"the update holds {big:.3g}, beyond float16's range (65504)",
+                              fix="clip updates before Compress, or use codec='lz4'")
         return delta.astype(np.float16)
 
     def decode(self, payload: np.ndarray, spec: ParamSpec) -> np.ndarray:

@@ -144,7 +144,16 @@ class LocalTrain(ClientStage):
                     break
                 idx = perm[i : i + ctx.batch_size]
                 opt.zero_grad(set_to_none=True)
-                out = model(x[idx])
+                try:
+                    out = model(x[idx])
+                except (IndexError, RuntimeError, ValueError, TypeError) as e:
+                    raise ClientError(
+                        f"the model failed on a batch of shape {tuple(x[idx].shape)}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}",
+                        client=work.client, stage="LocalTrain", round=work.round,
+                        fix="check that the model's input size fits the client's features (and, with "
+                            "BatchNorm, that no batch holds a single sample: set batch_size accordingly)",
+                    ) from None
                 try:
                     loss = loss_fn(out, y[idx])
                 except (IndexError, RuntimeError, ValueError) as e:

@@ -358,3 +358,17 @@ def test_a_pickled_adapter_shares_the_threads_bound_model():
     ad = ModelAdapter.from_module(_bn_net())
     ad2 = pickle.loads(pickle.dumps(ad))
     assert ad2.bound("cpu") is ad.bound("cpu")
+
+
+def test_forget_drops_every_threads_copy():
+    import threading
+
+    from flgraph.models.adapter import ModelAdapter
+
+    ad = ModelAdapter.from_module(torch.nn.Linear(2, 2))
+    ad.bound("cpu")
+    t = threading.Thread(target=ad.bound, args=("cpu",))
+    t.start()
+    t.join()
+    assert ModelAdapter.forget(ad.token) == 2
+    assert ModelAdapter.forget(ad.token) == 0

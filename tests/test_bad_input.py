@@ -146,3 +146,12 @@ def test_config_errors_before_anything_runs():
                data=dataset(), progress=False)
     with pytest.raises(fg.ConfigError, match="no held-out data"):
         fg.Run(pipe() >> st.Evaluate(), model=fg.models.mlp(D, [8], K), data=dataset(), progress=False)
+
+
+def test_model_input_does_not_fit_features(client2):
+    run = run_for(dataset(), client2, model=fg.models.mlp(D + 5, [8], K), sampler=None, clients=2)
+    with pytest.raises(fg.ClientError) as e:
+        run.fit(rounds=1)
+    assert e.value.stage == "LocalTrain" and "the model failed on a batch of shape (4, 6)" in str(e.value)
+    assert "input size" in e.value.fix
+    run.close()

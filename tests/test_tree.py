@@ -177,7 +177,7 @@ def test_chunks_refuse_bad_size(size):
 def test_cover_examples():
     assert cover(10, 0, 10) == [(0, 10)]
     # [0,10) -> [0,5) [5,10); [0,5) -> [0,2) [2,5) -> [2,3) [3,5); [5,10) -> [5,7) [7,10) -> [7,8) [8,10)
-    # (the module docstring claims [(3, 5), (5, 8)], but (5, 8) is not a node of this tree)
+    # ((5, 8) is not a node of this tree, so the cover of [3, 8) has three pieces)
     assert cover(10, 3, 8) == [(3, 5), (5, 7), (7, 8)]
     assert cover(1, 0, 1) == [(0, 1)]
     assert cover(10, 4, 5) == [(4, 5)]

@@ -62,6 +62,7 @@ class DaskTransport:
         self._bundle: Future | None = None
         self._reducer: Future | None = None
         self._local: Bundle | None = None
+        self._attempt = 0
 
     def start(self, bundle: Bundle, flat: np.ndarray) -> float:
         """Ship the bundle to every worker and warm them up; returns the warm-up seconds."""
@@ -101,7 +102,11 @@ class DaskTransport:
             raise ClusterError("the transport was not started")
         c = self.client
         tag = f"r{rnd:05d}"
-        pkey = f"broadcast-{tag}-{self.token}"
+        # A retried round (after a client error) must not reuse the failed attempt's keys: Dask could
+        # hand back the stale erred result while the cancel is still in flight.
+        self._attempt += 1
+        run = f"{self.token}.{self._attempt}"
+        pkey = f"broadcast-{tag}-{run}"
         params_f = c.scatter({pkey: flat}, broadcast=True, hash=False)[pkey]
         slots = self._workers()
         n = len(clients)
@@ -109,7 +114,7 @@ class DaskTransport:
         for j, (a, b) in enumerate(tree.chunks(n, len(slots), self.chunk_size)):
             nodes = tree.cover(n, a, b)
             f = c.submit(run_clients, self._bundle, params_f, rnd, clients, nodes, on_error,
-                         key=f"{self.stage_name}-{tag}-c{j:04d}-{self.token}",
+                         key=f"{self.stage_name}-{tag}-c{j:04d}-{run}",
                          workers=[slots[j % len(slots)]], allow_other_workers=True, pure=False)
             chunk_futs.append((f, nodes))
         futs: list[Future] = [f for f, _ in chunk_futs]
@@ -121,13 +126,13 @@ class DaskTransport:
             node_futs: dict[tuple[int, int], Future] = {}
             for j, (f, nodes) in enumerate(chunk_futs):
                 for i, node in enumerate(nodes):
-                    node_futs[node] = c.submit(_pick, f, i, key=f"aggregate-{tag}-c{j:04d}-p{i}-{self.token}")
+                    node_futs[node] = c.submit(_pick, f, i, key=f"aggregate-{tag}-c{j:04d}-p{i}-{run}")
             futs += list(node_futs.values())
             count = itertools.count()
 
             def combine(a: Future, b: Future) -> Future:
                 fut = c.submit(_combine_task, self._reducer, a, b, pure=False,
-                               key=f"aggregate-{tag}-t{next(count):04d}-{self.token}")
+                               key=f"aggregate-{tag}-t{next(count):04d}-{run}")
                 futs.append(fut)
                 return fut
 
@@ -150,12 +155,22 @@ class DaskTransport:
             raise
 
     def close(self) -> None:
+        """Release the run's data on the workers and their bound copies of the model."""
         futs = [f for f in (self._bundle, self._reducer) if f is not None]
         if futs:
             with contextlib.suppress(Exception):
                 self.client.cancel(futs, force=True)
+        if self._local is not None:
+            with contextlib.suppress(Exception):
+                self.client.run(_forget_model, self._local.model_source.token)
         self._bundle = self._reducer = None
         self._local = None
+
+
+def _forget_model(token: str) -> int:
+    from flgraph.models.adapter import ModelAdapter
+
+    return ModelAdapter.forget(token)
 
 
 def _pick(result: list[tuple[tuple[int, int], Partial]], i: int) -> Partial:

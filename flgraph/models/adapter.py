@@ -33,7 +33,9 @@ from ..params import Params, ParamSpec
 
 __all__ = ["BoundModel", "ModelAdapter"]
 
-_LOCAL = threading.local()
+# (adapter token, thread id, device) -> that thread's private bound module; emptied by forget(token)
+_CACHE: dict[tuple[str, int, str], BoundModel] = {}
+_LOCK = threading.Lock()
 
 
 def _state_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
@@ -90,14 +92,22 @@ class ModelAdapter:
 
     def bound(self, device: str | torch.device = "cpu") -> BoundModel:
         """This thread's private module bound to a flat buffer (created once per thread and device)."""
-        cache: dict[tuple[str, str], BoundModel] = getattr(_LOCAL, "models", None) or {}
-        _LOCAL.models = cache
-        key = (self.token, str(device))
-        bm = cache.get(key)
+        key = (self.token, threading.get_ident(), str(device))
+        bm = _CACHE.get(key)
         if bm is None:
             bm = BoundModel(copy.deepcopy(self.template), self.spec, torch.device(device))
-            cache[key] = bm
+            with _LOCK:
+                _CACHE[key] = bm
         return bm
+
+    @staticmethod
+    def forget(token: str) -> int:
+        """Drop every thread's bound copy of the model ``token`` in this process; returns how many."""
+        with _LOCK:
+            keys = [k for k in _CACHE if k[0] == token]
+            for k in keys:
+                del _CACHE[k]
+        return len(keys)
 
     def to_module(self, params: Params) -> torch.nn.Module:
         """A new module (a copy of the template) holding ``params``."""
