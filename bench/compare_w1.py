@@ -7,8 +7,11 @@ round (rounds 2..R) of each run, the ratio flgraph / bare of the medians, and bo
 (W1 after 20 rounds: 0.7650 on both sides). Ends with one ``RESULT {json}`` line; exits 1 when a known
 expected accuracy (W1 at 20 or 3 rounds) is not met.
 
-The issue's target is ratio <= 0.6: on 2 cores the practical floor is about 0.57 (two single-thread
-processes each training 50 clients), so flgraph's own cost must stay within a few hundredths of a second.
+Between them (unless ``--no-floor``) it also runs ``bench/floor_w1.py``: the same client work on
+``--workers`` plain processes in lock step, no framework, the best any orchestration can do on this
+machine at that moment. The issue's target is ratio flgraph / bare <= 0.6: on the 2-core reference
+machine the floor is about 0.57 (DESIGN.md), so flgraph's own cost must stay within a few hundredths of
+a second a round.
 
 The shared folder is ``<checkout>/../shared`` or ``$FLGRAPH_SHARED`` (see check_w1.py).
 
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=2, help="flgraph's embedded-cluster workers")
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per process")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip floor_w1.py (the same work on --workers plain processes, no framework)")
     args = ap.parse_args(argv)
 
     shared = shared_bench_dir()
@@ -74,20 +79,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.chunk_size:
         fl_cmd += ["--chunk-size", str(args.chunk_size)]
 
-    bare: list[dict[str, Any]] = []
-    flg: list[dict[str, Any]] = []
-    for i in range(args.repeats):  # alternate the two sides so slow drift of the machine hits both
-        for name, cmd, env, out in (("bare", bare_cmd, bare_env, bare), ("flgraph", fl_cmd, dict(os.environ), flg)):
+    floor_cmd = [py, str(HERE / "floor_w1.py"), "--procs", str(args.workers), *extra]
+    sides: list[tuple[str, list[str], dict[str, str]]] = [("bare", bare_cmd, bare_env)]
+    if args.floor:
+        sides.append(("floor", floor_cmd, dict(os.environ)))
+    sides.append(("flgraph", fl_cmd, dict(os.environ)))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in sides}
+    for i in range(args.repeats):  # alternate the sides so slow drift of the machine hits all of them
+        for name, cmd, env in sides:
             r = run_once(cmd, env, args.timeout)
-            out.append(r)
+            runs[name].append(r)
+            acc = f"acc {r['final_acc']:.4f}" if "final_acc" in r else "(no model)"
             print(f"  run {i + 1}/{args.repeats} {name:8s} median round {r['median_round_s']:.4f}s  "
-                  f"round1 {r['round1_s']:.3f}s  acc {r['final_acc']:.4f}  ({r['process_wall_s']:.1f}s, "
-                  f"load {r['loadavg_1m_before']:.2f})",
-                  flush=True)
+                  f"round1 {r['round1_s']:.3f}s  {acc}  ({r['process_wall_s']:.1f}s, "
+                  f"load {r['loadavg_1m_before']:.2f})", flush=True)
 
-    bare_med = statistics.median(r["median_round_s"] for r in bare)
-    fl_med = statistics.median(r["median_round_s"] for r in flg)
-    ratio = fl_med / bare_med
+    bare, flg = runs["bare"], runs["flgraph"]
+    med = {name: statistics.median(r["median_round_s"] for r in rs) for name, rs in runs.items()}
+    ratio = med["flgraph"] / med["bare"]
     rounds = bare[0]["rounds"]
     expected = EXPECTED_ACC.get((args.workload, rounds))
     accs = {"bare": sorted({r["final_acc"] for r in bare}), "flgraph": sorted({r["final_acc"] for r in flg})}
@@ -96,12 +105,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"W1 comparison: workload {args.workload}, {rounds} rounds, {args.repeats} run(s) each, "
           f"flgraph on {args.workers} workers, {os.cpu_count()} cpus")
-    print(f"{'':10s} {'median round (s)':>17s} {'runs':>26s} {'round1 (s)':>11s} {'final acc':>10s}")
-    for name, rs, med in (("bare", bare, bare_med), ("flgraph", flg, fl_med)):
-        runs = " ".join(f"{r['median_round_s']:.3f}" for r in rs)
+    print(f"{'':10s} {'median round (s)':>17s} {'/ bare':>7s} {'runs':>26s} {'round1 (s)':>11s} {'final acc':>10s}")
+    for name, rs in runs.items():
+        line = " ".join(f"{r['median_round_s']:.3f}" for r in rs)
         r1 = statistics.median(r["round1_s"] for r in rs)
-        print(f"{name:10s} {med:17.4f} {runs:>26s} {r1:11.3f} {' '.join(f'{a:.4f}' for a in accs[name]):>10s}")
+        acc = " ".join(f"{a:.4f}" for a in accs.get(name, [])) or "-"
+        print(f"{name:10s} {med[name]:17.4f} {med[name] / med['bare']:7.3f} {line:>26s} {r1:11.3f} {acc:>10s}")
     print(f"ratio flgraph/bare = {ratio:.3f}  (target <= 0.6: {'met' if ratio <= 0.6 else 'NOT met'})")
+    if "floor" in med:
+        print(f"floor ({args.workers} plain processes, no framework) / bare = {med['floor'] / med['bare']:.3f};  "
+              f"flgraph / floor = {med['flgraph'] / med['floor']:.3f}")
     if expected is not None:
         print(f"final accuracy {'matches' if acc_ok else 'DOES NOT match'} the expected {expected:.4f}")
 
@@ -111,18 +124,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rounds": rounds,
         "repeats": args.repeats,
         "workers": args.workers,
-        "bare_median_round_s": round(bare_med, 4),
-        "flgraph_median_round_s": round(fl_med, 4),
+        "bare_median_round_s": round(med["bare"], 4),
+        "flgraph_median_round_s": round(med["flgraph"], 4),
+        "floor_median_round_s": round(med["floor"], 4) if "floor" in med else None,
         "ratio": round(ratio, 3),
+        "floor_ratio": round(med["floor"] / med["bare"], 3) if "floor" in med else None,
         "target_ratio": 0.6,
         "target_met": ratio <= 0.6,
         "bare_final_acc": accs["bare"],
         "flgraph_final_acc": accs["flgraph"],
         "expected_acc": expected,
         "acc_ok": acc_ok,
-        "bare_runs": [r["median_round_s"] for r in bare],
-        "flgraph_runs": [r["median_round_s"] for r in flg],
-        "loadavg_1m_before": [r["loadavg_1m_before"] for r in bare + flg],
+        "runs": {name: [r["median_round_s"] for r in rs] for name, rs in runs.items()},
+        "loadavg_1m_before": {name: [r["loadavg_1m_before"] for r in rs] for name, rs in runs.items()},
         "flgraph_time_local_train": [r.get("time_local-train") for r in flg],
         "flgraph_time_clients_wall": [r.get("time_clients_wall") for r in flg],
     }

@@ -17,15 +17,17 @@ from typing import Any
 
 from . import data, errors
 from .context import ClientSet, ClientWork, RoundContext, Update
-from .errors import ClientError, ClusterError, ConfigError, DataError, FlgraphError, PipelineError
+from .errors import CheckpointError, ClientError, ClusterError, ConfigError, DataError, FlgraphError, PipelineError
 from .graph import ClientStage, Pipeline, Reducer, ReduceStage, ServerStage, Stage
 from .history import History
 from .params import Params, ParamSpec
+from .persist import resume
 from .run import Run
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ClientError",
     "ClientSet",
     "ClientStage",
@@ -51,6 +53,7 @@ __all__ = [
     "errors",
     "models",
     "recipes",
+    "resume",
     "stages",
     "transports",
 ]

@@ -1,6 +1,9 @@
 """The ``flgraph`` command line.
 
     flgraph demo [--rounds 20] [--clients 100] [--workers N]   FedAvg on synthetic data, embedded cluster
+    flgraph resume RUN.zarr [--rounds N]                       continue a checkpointed run
+    flgraph inspect RUN.zarr                                   rounds done, metrics, snapshots, sizes
+    flgraph export RUN.zarr [--round R] model.pt               the global model as a torch state_dict
     flgraph --help
 
 Example:
@@ -41,6 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="the run seed (default 0)")
     demo.add_argument("--scheduler", default=None, help="a Dask scheduler address instead of the embedded cluster")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--checkpoint", default=None, help="write snapshots to this run directory (RUN.zarr)")
+
+    res = sub.add_parser("resume", help="continue a checkpointed run from its last intact snapshot",
+                         description="Continue a run from its last intact snapshot, bit-for-bit as if it had "
+                         "never stopped. The pipeline, model and dataset are rebuilt from the run directory.")
+    res.add_argument("run", help="the run directory (RUN.zarr)")
+    res.add_argument("--rounds", type=int, default=None,
+                     help="run until this many rounds are done in all (default: the interrupted fit's target)")
+    res.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster")
+    res.add_argument("--scheduler", default=None, help="a Dask scheduler address instead of the embedded cluster")
+    res.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ins = sub.add_parser("inspect", help="show a run directory: rounds done, metrics, snapshots, sizes")
+    ins.add_argument("run", help="the run directory (RUN.zarr)")
+    ins.add_argument("--all", action="store_true", help="every metric column, not only the usual ones")
+
+    exp = sub.add_parser("export", help="write the global model of a snapshot as a torch state_dict file")
+    exp.add_argument("run", help="the run directory (RUN.zarr)")
+    exp.add_argument("output", help="the file to write (e.g. model.pt)")
+    exp.add_argument("--round", type=int, default=None, help="the snapshot's round (default: the newest intact)")
     return p
 
 
@@ -54,7 +77,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"{pipeline!r}", flush=True)
     t0 = time.perf_counter()
     with fg.Run(pipeline, model=fg.models.mlp(784, [200, 200], 10, seed=args.seed), data=data, seed=args.seed,
-                cluster=args.scheduler, workers=args.workers, progress=not args.quiet) as run:
+                cluster=args.scheduler, workers=args.workers, progress=not args.quiet,
+                checkpoint=args.checkpoint) as run:
         history = run.fit(rounds=args.rounds)
         print(history.table(["round", "loss", "accuracy", "test_loss", "clients_done", "round_time"]))
         steady = sorted(history.column("round_time")[1:]) or history.column("round_time")
@@ -63,14 +87,81 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    import flgraph as fg
+
+    with fg.resume(args.run, cluster=args.scheduler, workers=args.workers, progress=not args.quiet) as run:
+        for note in run.resume_notes:
+            print(f"flgraph: skipped a damaged snapshot: {note}", file=sys.stderr)
+        target = args.rounds if args.rounds is not None else run.target_round
+        print(f"flgraph: resuming {args.run} at round {run.round}; running to round {target}", file=sys.stderr)
+        if target > run.round:
+            run.fit(rounds=target - run.round)
+        print(run.history.table())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import RunDirectory
+    from .history import History
+
+    d = RunDirectory.open(args.run, mode="r")
+    meta = d.meta
+    sizes = d.sizes()
+    committed = d.snapshot_rounds()
+    print(f"run {args.run}: flgraph {meta.get('flgraph_version')}, format {meta.get('format_version')}, "
+          f"seed {meta.get('seed')}, config {meta.get('config_hash')}")
+    print("pipeline: " + " >> ".join(s.get("class", "?").rsplit(":", 1)[-1] for s in meta.get("pipeline", [])))
+    for what, note in meta.get("notes", {}).items():
+        print(f"note ({what}): {note}")
+    print("snapshots:")
+    for rnd in sorted(sizes):
+        state = "committed" if rnd in committed else "incomplete (ignored)"
+        print(f"  round {rnd:6d}  {sizes[rnd] / 1e6:10.2f} MB  {state}")
+    snap, skipped = d.latest()
+    for s in skipped:
+        print(f"  damaged: {s}")
+    print(f"rounds done: {snap.round} (target of the last fit: {snap.target_round})")
+    h = History(snap.rows)
+    print(h.table([k for k in h.keys() if not k.startswith("failed")] if args.all else None))  # noqa: SIM118
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import RunDirectory
+    from .models.adapter import ModelAdapter
+    from .params import Params
+    from .persist import load_blob_model
+
+    d = RunDirectory.open(args.run, mode="r")
+    snap = d.read(args.round) if args.round is not None else d.latest()[0]
+    adapter = ModelAdapter.from_module(load_blob_model(d))
+    module = adapter.to_module(Params(adapter.spec, snap.params))
+    torch.save(module.state_dict(), args.output)
+    print(f"wrote the global model of round {snap.round} to {args.output} ({adapter.spec.describe()})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``flgraph`` command."""
+    """Entry point of the ``flgraph`` command; flgraph errors print their message and fix, exit code 2."""
+    from .errors import FlgraphError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "demo":
-        return _demo(args)
-    build_parser().print_help()
-    return 0
+    commands = {"demo": _demo, "resume": _resume, "inspect": _inspect, "export": _export}
+    if args.command not in commands:
+        build_parser().print_help()
+        return 0
+    try:
+        return commands[args.command](args)
+    except FlgraphError as e:
+        print(f"flgraph {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flgraph {args.command}: interrupted; the last snapshot is intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CheckpointError",
     "ClientError",
     "ClusterError",
     "ConfigError",
@@ -64,6 +65,10 @@ class DataError(FlgraphError):
 
 class ClusterError(FlgraphError):
     """The Dask cluster could not be reached or lost what the run needed."""
+
+
+class CheckpointError(FlgraphError):
+    """A run directory that cannot be written or read; the previous snapshot stays valid."""
 
 
 class ClientError(FlgraphError):

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import uuid
 from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 
+from .checkpoint import CheckpointPolicy, RunDirectory, Snapshot, SnapshotWriter
 from .client_runner import Bundle
 from .cluster import ClusterHandle, connect
 from .engine import RunState, SyncEngine
@@ -31,7 +33,9 @@ from .errors import ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
 from .history import History
 from .params import Params
+from .persist import create_directory, snapshot_of
 from .progress import RoundProgress
+from .spec import describe
 
 __all__ = ["Run"]
 
@@ -58,6 +62,11 @@ class Run:
             Evaluate stage and the data has a test split; ``"never"`` does not.
         progress: show a progress bar (round, loss, accuracy, client updates per second).
         connect_timeout: seconds to wait for a scheduler given by address (and for its ``workers``).
+        checkpoint: a path (or a zarr store) for the run directory; ``None`` writes no checkpoints.
+            Continue an interrupted run with :func:`flgraph.resume` (``flgraph resume PATH``).
+        checkpoint_every: rounds between snapshots (the last round of each ``fit`` always gets one).
+        checkpoint_minutes: also snapshot when this many minutes passed since the last snapshot.
+        keep_last: snapshots kept (the newest); ``keep_every``: also keep every M-th round (milestones).
     """
 
     def __init__(
@@ -74,6 +83,12 @@ class Run:
         evaluate: Literal["final", "never"] = "final",
         progress: bool = True,
         connect_timeout: float = 30.0,
+        checkpoint: Any = None,
+        checkpoint_every: int | None = 1,
+        checkpoint_minutes: float | None = None,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        _resume: tuple[RunDirectory, Snapshot] | None = None,
     ) -> None:
         from .models.adapter import ModelAdapter
         from .stages import Evaluate
@@ -86,6 +101,7 @@ class Run:
         if not hasattr(data, "load") or not hasattr(data, "client_ids"):
             raise ConfigError(f"data must be a flgraph.data.FederatedDataset, got {type(data).__name__}",
                               fix="wrap arrays with fg.data.FederatedDataset.from_arrays(x, y, partition)")
+        user_pipeline = pipeline
         if (evaluate == "final" and getattr(data, "test", None) is not None
                 and not any(isinstance(s, Evaluate) for s in pipeline)):
             pipeline = pipeline >> Evaluate(every=2**31 - 1)
@@ -111,6 +127,20 @@ class Run:
         self._handle: ClusterHandle | None = None
         self._transport: Any = None
         self.warmup_s: float | None = None
+        self._spec = describe(user_pipeline)
+        self.changes: list[str] = []
+        self.resume_notes: list[str] = []
+        self.target_round = 0
+        self._writer: SnapshotWriter | None = None
+        options = {"chunk_size": chunk_size, "on_client_error": on_client_error, "evaluate": evaluate}
+        if _resume is not None:
+            directory, snap = _resume
+            self._restore(snap)
+        elif checkpoint is not None:
+            directory = create_directory(checkpoint, self, user_pipeline, options)
+        if checkpoint is not None or _resume is not None:
+            policy = CheckpointPolicy(checkpoint_every, checkpoint_minutes, keep_last, keep_every)
+            self._writer = SnapshotWriter(directory, policy)
 
     # -- cluster -------------------------------------------------------------------------------------
     def _ensure_started(self) -> Any:
@@ -153,14 +183,43 @@ class Run:
         transport = self._ensure_started()
         first = self.state.round + 1
         end = self.state.round + rounds
-        with RoundProgress(total=rounds, enabled=self.progress) as bar:
-            for rnd in range(first, end + 1):
-                row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
-                                            self.on_client_error)
-                self.history.append(row)
-                bar.update(row)
-                log.debug("round %d: %s", rnd, row)
+        self.target_round = end
+        writer = self._writer
+        try:
+            with RoundProgress(total=rounds, enabled=self.progress) as bar:
+                for rnd in range(first, end + 1):
+                    row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
+                                                self.on_client_error)
+                    self.history.append(row)
+                    if writer is not None and writer.policy.due(rnd, rnd == end,
+                                                                time.monotonic() - writer.last_time):
+                        writer.submit(snapshot_of(self, end))  # waits for the previous write, never two
+                    bar.update(row)
+                    log.debug("round %d: %s", rnd, row)
+        finally:
+            if writer is not None:
+                writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
         return self.history
+
+    def _restore(self, snap: Snapshot) -> None:
+        if snap.params.size != self.state.params.spec.size:
+            raise ConfigError(f"the model's tensors differ from the run's: the snapshot holds {snap.params.size} "
+                              f"values, this model {self.state.params.spec.size}",
+                              fix="resume with a model of the run's architecture (or without model=)")
+        self.state = RunState(snap.round, Params(self.state.params.spec, snap.params.astype(
+            self.state.params.spec.carrier, copy=False)), {**self.state.stage_states, **snap.states})
+        self.history = History(snap.rows)
+        self.target_round = snap.target_round
+
+    @property
+    def remaining(self) -> int:
+        """Rounds left to reach the target of the last ``fit`` (after a resume: of the interrupted one)."""
+        return max(0, self.target_round - self.state.round)
+
+    @property
+    def checkpoint_directory(self) -> RunDirectory | None:
+        """The run directory snapshots are written to, if any."""
+        return self._writer.directory if self._writer else None
 
     # -- results -------------------------------------------------------------------------------------
     @property
@@ -184,7 +243,10 @@ class Run:
 
     # -- lifetime ------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the run's data on the cluster, and stop the embedded cluster if the run started one."""
+        """Wait for the snapshot in flight, release the run's data on the cluster, and stop the embedded
+        cluster if the run started one."""
+        if self._writer is not None:
+            self._writer.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None

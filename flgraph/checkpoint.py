@@ -1,0 +1,434 @@
+"""Checkpoints: a run directory is a zarr v3 group; a snapshot is visible only once it is complete.
+
+Layout::
+
+    RUN.zarr/                      attrs: flgraph version, format version, pipeline spec, seed,
+                                          config hash, run options (written once, at creation)
+      blobs/model, blobs/dataset   the model template (torch.save) and the dataset handle (pickle)
+      metrics/table                an append-only float64 table: one row a round, one column a numeric
+                                   metric (names in its attributes), NaN where a round has no value
+      snapshots/r000012/           params, state/<stage>/<name> arrays; attrs: round, checksum, ...
+                                   and, written LAST, ``committed: true`` (the commit)
+
+A snapshot is written array by array, then committed by writing its attributes with
+``committed: true`` and a CRC32 checksum of everything it holds (one atomic file replace on a local
+store). A crash at any instant leaves either a committed snapshot or an uncommitted one that
+:meth:`RunDirectory.latest` ignores. A snapshot whose data no longer matches its checksum is skipped
+with a warning, and the previous one is used.
+
+Example:
+    >>> import numpy as np, zarr
+    >>> from flgraph.checkpoint import RunDirectory, Snapshot
+    >>> rd = RunDirectory.create(zarr.storage.MemoryStore(), meta={"seed": 0}, blobs={})
+    >>> rd.write(Snapshot(round=1, target_round=5, params=np.ones(3, np.float32), states={}, rows=[{"round": 1}]))
+    >>> snap, skipped = rd.latest()
+    >>> snap.round, snap.params.tolist(), skipped
+    (1, [1.0, 1.0, 1.0], [])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.storage
+
+from .errors import CheckpointError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "RunDirectory", "Snapshot", "SnapshotWriter"]
+
+log = logging.getLogger("flgraph")
+
+FORMAT = "flgraph-run"
+FORMAT_VERSION = 1
+_CHUNK = 8 * 2**20  # elements per params chunk (32 MiB of float32)
+_INT_METRICS = ("clients", "bytes", "samples")  # counts: read back as ints
+
+
+@dataclass
+class CheckpointPolicy:
+    """When to write snapshots and which to keep.
+
+    ``every``: rounds between snapshots (None: only by time); ``minutes``: also write when this much time
+    passed since the last one; ``keep_last``: newest snapshots kept; ``keep_every``: also keep every
+    round divisible by it (milestones).
+    """
+
+    every: int | None = 1
+    minutes: float | None = None
+    keep_last: int = 3
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every is None and self.minutes is None:
+            raise CheckpointError("a checkpoint policy needs every= rounds or minutes=")
+        if self.every is not None and self.every < 1:
+            raise CheckpointError(f"checkpoint_every={self.every}: must be >= 1")
+        if self.keep_last < 1:
+            raise CheckpointError(f"keep_last={self.keep_last}: keep at least the newest snapshot")
+
+    def due(self, rnd: int, last: bool, since_last_s: float) -> bool:
+        """Whether round ``rnd`` ends with a snapshot."""
+        if last:
+            return True
+        if self.every is not None and rnd % self.every == 0:
+            return True
+        return self.minutes is not None and since_last_s >= self.minutes * 60
+
+    def keep(self, rounds: list[int]) -> set[int]:
+        """The rounds to keep among committed snapshot rounds."""
+        kept = set(sorted(rounds)[-self.keep_last:])
+        if self.keep_every:
+            kept |= {r for r in rounds if r % self.keep_every == 0}
+        return kept
+
+
+@dataclass
+class Snapshot:
+    """Everything a round changes: params, stage states, the round counter, the metrics history."""
+
+    round: int
+    target_round: int
+    params: np.ndarray
+    states: dict[str, dict[str, Any]]
+    rows: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _crc(crc: int, a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data, crc)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _storage_hint(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == 28:
+        return "the disk is full: free space (older runs, milestones) and resume; the previous snapshot is intact"
+    if isinstance(e, PermissionError):
+        return "the run directory is not writable: fix its permissions or choose another path"
+    return "check the storage; the previous snapshot is intact"
+
+
+class RunDirectory:
+    """A run directory (a zarr v3 group) holding snapshots of one run."""
+
+    def __init__(self, group: zarr.Group, rows_written: int = 0) -> None:
+        self.group: Any = group  # zarr's typed JSON attributes are used as plain dicts here
+        self.rows_written = rows_written  # metrics rows already in the table (and committed)
+
+    # -- opening ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _store(store: Any) -> Any:
+        return str(Path(store).expanduser()) if isinstance(store, str | os.PathLike) else store
+
+    @classmethod
+    def create(cls, store: Any, *, meta: dict[str, Any], blobs: dict[str, bytes]) -> RunDirectory:
+        """Create a new run directory at ``store`` (a path or a zarr store); refuses to overwrite a run."""
+        target = cls._store(store)
+        if isinstance(target, str):
+            p = Path(target)
+            if p.exists() and any(p.iterdir()):
+                if (p / "zarr.json").exists() and _is_run(p):
+                    raise CheckpointError(f"{target} already holds an flgraph run",
+                                          fix="continue it with flgraph.resume(path) (`flgraph resume PATH`), "
+                                              "or choose a new path")
+                raise CheckpointError(f"{target} exists and is not empty", fix="choose a new path for the run")
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+                probe = p / ".flgraph-write-test"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise CheckpointError(f"cannot create the run directory {target}: {e}",
+                                      fix="choose a writable path for checkpoint=") from e
+        try:
+            g: Any = zarr.open_group(target, mode="w")
+            for name, data in blobs.items():
+                a = g.create_array(f"blobs/{name}", shape=(len(data),), dtype="uint8",
+                                   chunks=(max(1, min(len(data), 64 * 2**20)),))
+                a[:] = np.frombuffer(data, np.uint8)
+            g.create_group("snapshots")
+            g.create_group("metrics")
+            from . import __version__
+
+            g.attrs.update({"flgraph_format": FORMAT, "format_version": FORMAT_VERSION,
+                            "flgraph_version": __version__, "created": time.time(), **meta})
+        except OSError as e:
+            raise CheckpointError(f"cannot write the run directory {target}: {e}", fix=_storage_hint(e)) from e
+        return cls(g)
+
+    @classmethod
+    def open(cls, store: Any, *, mode: Literal["r", "r+"] = "r+") -> RunDirectory:
+        """Open an existing run directory; clear errors for a non-run or a newer format."""
+        target = cls._store(store)
+        if isinstance(target, str) and not Path(target).exists():
+            raise CheckpointError(f"{target} does not exist", fix="pass the path of a run directory (RUN.zarr)")
+        try:
+            g = zarr.open_group(target, mode=mode)
+            attrs: dict[str, Any] = dict(g.attrs.asdict())
+        except Exception as e:
+            raise CheckpointError(f"{target} is not an flgraph run directory (not a zarr group: {e})",
+                                  fix="pass the path given as checkpoint= to the run") from e
+        if attrs.get("flgraph_format") != FORMAT:
+            raise CheckpointError(f"{target} is not an flgraph run directory (it has no flgraph run attributes)",
+                                  fix="pass the path given as checkpoint= to the run")
+        if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{target} was written by a newer flgraph ({attrs.get('flgraph_version')}, checkpoint format "
+                f"{attrs.get('format_version')}); this flgraph reads format {FORMAT_VERSION}",
+                fix="upgrade flgraph to resume this run")
+        return cls(g)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.group.attrs.asdict()
+
+    def blob(self, name: str) -> bytes | None:
+        try:
+            return bytes(np.asarray(self.group[f"blobs/{name}"][:]).tobytes())
+        except KeyError:
+            return None
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def write(self, snap: Snapshot) -> None:
+        """Write and commit ``snap``; the commit (attributes with the checksum) is written last."""
+        name = f"r{snap.round:08d}"
+        snaps = self.group["snapshots"]
+        try:
+            if name in snaps:
+                del snaps[name]  # an uncommitted leftover of a crash, or an older attempt at this round
+            g = snaps.create_group(name)
+            crc = 0
+            flat = np.ascontiguousarray(snap.params)
+            a = g.create_array("params", shape=flat.shape, dtype=flat.dtype, chunks=(max(1, min(flat.size, _CHUNK)),))
+            a[:] = flat
+            crc = _crc(crc, flat)
+            scalars: dict[str, dict[str, Any]] = {}
+            for key in sorted(snap.states):
+                for k in sorted(snap.states[key]):
+                    v = snap.states[key][k]
+                    if isinstance(v, np.ndarray):
+                        arr = np.ascontiguousarray(v)
+                        s = g.create_array(f"state/{key}/{k}", shape=arr.shape, dtype=arr.dtype,
+                                           chunks=arr.shape if arr.ndim and arr.size else None)
+                        s[...] = arr
+                        crc = _crc(crc, arr)
+                    else:
+                        scalars.setdefault(key, {})[k] = v
+            rows = self._append_metrics(snap.rows, min(self.rows_written, len(snap.rows)))
+            commit = {"round": snap.round, "target_round": snap.target_round, "history_len": len(snap.rows),
+                      "scalars": scalars, "rows_other": rows, "extra": snap.extra, "written": time.time()}
+            body = json.dumps(commit, sort_keys=True, default=_json_default)
+            g.attrs.update({**json.loads(body), "checksum": zlib.crc32(body.encode(), crc), "committed": True})
+            self.rows_written = len(snap.rows)
+        except OSError as e:
+            raise CheckpointError(f"writing the snapshot of round {snap.round} failed: {e}",
+                                  fix=_storage_hint(e)) from e
+
+    def _append_metrics(self, rows: list[dict[str, Any]], start: int) -> dict[str, dict[str, Any]]:
+        """Append rows ``start:`` to the metrics table (numeric metrics, one column each, NaN where a round
+        did not report one); return the non-numeric values (lists, strings) of every row by round."""
+        metrics = self.group["metrics"]
+        n = len(rows)
+        if "table" not in metrics:
+            metrics.create_array("table", shape=(0, 0), dtype="float64", chunks=(512, 32), fill_value=math.nan,
+                                 attributes={"columns": []})
+        table = metrics["table"]
+        columns: list[str] = list(table.attrs.get("columns", []))
+        new = sorted({k for r in rows[start:] for k, v in r.items() if _is_number(v)} - set(columns))
+        if new:
+            columns += new
+            table.attrs.update({"columns": columns})
+        if table.shape != (n, len(columns)):
+            table.resize((n, len(columns)))
+        if start < n:
+            block = np.full((n - start, len(columns)), math.nan)
+            for i, r in enumerate(rows[start:]):
+                for j, k in enumerate(columns):
+                    v = r.get(k)
+                    if _is_number(v):
+                        block[i, j] = float(v)
+            table[start:n, :] = block
+        return {str(r["round"]): {k: v for k, v in r.items() if not _is_number(v) and k != "round"}
+                for r in rows if any(not _is_number(v) for v in r.values())}
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def snapshot_rounds(self, committed_only: bool = True) -> list[int]:
+        snaps = self.group["snapshots"]
+        out = []
+        for name in snaps.group_keys():
+            if not name.startswith("r"):
+                continue
+            try:
+                ok = snaps[name].attrs.get("committed") is True
+            except Exception:
+                ok = False
+            if ok or not committed_only:
+                out.append(int(name[1:]))
+        return sorted(out)
+
+    def read(self, rnd: int) -> Snapshot:
+        """Read and verify the snapshot of round ``rnd``; CheckpointError if it is damaged."""
+        name = f"r{rnd:08d}"
+        try:
+            g = self.group[f"snapshots/{name}"]
+            attrs: dict[str, Any] = dict(g.attrs.asdict())
+            if attrs.get("committed") is not True:
+                raise CheckpointError(f"snapshot {name} was never committed")
+            params = np.asarray(g["params"][:])
+            crc = _crc(0, params)
+            states: dict[str, dict[str, Any]] = {}
+            scalars = attrs.get("scalars", {})
+            state_group = g.get("state", None)
+            keys = sorted(set(scalars) | (set(state_group.group_keys()) if state_group is not None else set()))
+            for key in keys:
+                states[key] = {}
+                if state_group is not None and key in state_group:
+                    sg = state_group[key]
+                    for k in sorted(sg.array_keys()):
+                        arr = np.asarray(sg[k][...])
+                        crc = _crc(crc, arr)
+                        states[key][k] = arr
+                states[key].update(scalars.get(key, {}))
+            body = {k: attrs[k] for k in ("round", "target_round", "history_len", "scalars", "rows_other",
+                                          "extra", "written")}
+            want = zlib.crc32(json.dumps(body, sort_keys=True).encode(), crc)
+            if want != attrs.get("checksum"):
+                raise CheckpointError(f"snapshot {name} is damaged (checksum mismatch)")
+            rows = self._read_rows(int(attrs["history_len"]), attrs.get("rows_other", {}))
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"snapshot {name} is damaged or incomplete: {type(e).__name__}: {e}") from e
+        return Snapshot(int(attrs["round"]), int(attrs["target_round"]), params, states, rows,
+                        dict(attrs.get("extra", {})))
+
+    def _read_rows(self, n: int, other: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        if "table" not in self.group["metrics"]:
+            return []
+        table = self.group["metrics/table"]
+        columns: list[str] = list(table.attrs.get("columns", []))
+        values = np.asarray(table[:n, :]) if n else np.zeros((0, len(columns)))
+        rows: list[dict[str, Any]] = []
+        for i in range(n):
+            row: dict[str, Any] = {}
+            for j, k in enumerate(columns):
+                v = float(values[i, j])
+                if not math.isnan(v):
+                    row[k] = int(v) if v.is_integer() and (k == "round" or k.startswith(_INT_METRICS)) else v
+            if "round" in row:
+                row.update(other.get(str(row["round"]), {}))
+            rows.append(dict(sorted(row.items(), key=lambda kv: kv[0] != "round")))
+        return rows
+
+    def latest(self) -> tuple[Snapshot, list[str]]:
+        """The newest intact snapshot, and a line for each newer one that was skipped (damaged)."""
+        skipped: list[str] = []
+        for rnd in reversed(self.snapshot_rounds()):
+            try:
+                snap = self.read(rnd)
+                self.rows_written = len(snap.rows)  # rows past these (from a lost snapshot) get rewritten
+                return snap, skipped
+            except CheckpointError as e:
+                skipped.append(str(e))
+                log.warning("%s; falling back to the previous snapshot", e)
+        raise CheckpointError("the run directory holds no intact snapshot" +
+                              (f" ({'; '.join(skipped)})" if skipped else ""),
+                              fix="start the run again; nothing can be resumed from this directory")
+
+    # -- retention -------------------------------------------------------------------------------------
+    def prune(self, policy: CheckpointPolicy) -> list[int]:
+        """Delete committed snapshots the policy does not keep, and uncommitted leftovers older than the newest."""
+        snaps = self.group["snapshots"]
+        committed = self.snapshot_rounds()
+        keep = policy.keep(committed)
+        newest = max(committed) if committed else 0
+        dropped = []
+        for rnd in self.snapshot_rounds(committed_only=False):
+            if rnd in keep or (rnd not in committed and rnd > newest):
+                continue
+            del snaps[f"r{rnd:08d}"]
+            dropped.append(rnd)
+        return dropped
+
+    def sizes(self) -> dict[int, int]:
+        """Bytes stored per snapshot round (local directories only; 0 elsewhere)."""
+        root = getattr(self.group.store, "root", None)
+        out = {}
+        for rnd in self.snapshot_rounds(committed_only=False):
+            if root is None:
+                out[rnd] = 0
+                continue
+            d = Path(root) / "snapshots" / f"r{rnd:08d}"
+            out[rnd] = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        return out
+
+
+def _is_run(p: Path) -> bool:
+    try:
+        return json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("flgraph_format") == FORMAT
+    except Exception:
+        return False
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"cannot store {type(v).__name__} in a snapshot's attributes")
+
+
+class SnapshotWriter:
+    """Writes snapshots in one background thread: never two at once, errors surface on the next call."""
+
+    def __init__(self, directory: RunDirectory, policy: CheckpointPolicy) -> None:
+        self.directory = directory
+        self.policy = policy
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flgraph-checkpoint")
+        self._pending: Future[float] | None = None
+        self._lock = threading.Lock()
+        self.last_time = time.monotonic()
+        self.last_round = 0
+        self.write_seconds: list[float] = []
+
+    def submit(self, snap: Snapshot) -> None:
+        """Queue ``snap`` after waiting for the previous write (which re-raises its error, if any)."""
+        self.wait()
+        self.last_time = time.monotonic()
+        self._pending = self._pool.submit(self._write, snap)
+
+    def _write(self, snap: Snapshot) -> float:
+        t0 = time.perf_counter()
+        self.directory.write(snap)
+        self.directory.prune(self.policy)
+        self.last_round = snap.round
+        dt = time.perf_counter() - t0
+        self.write_seconds.append(dt)
+        return dt
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise its CheckpointError if it failed."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)

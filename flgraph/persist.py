@@ -1,0 +1,166 @@
+"""Glue between a :class:`~flgraph.run.Run` and its run directory: what is saved, and resume.
+
+Example:
+    >>> import flgraph as fg  # doctest: +SKIP
+    >>> run = fg.resume("runs/exp.zarr")  # doctest: +SKIP
+    >>> run.fit(rounds=run.remaining)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .checkpoint import RunDirectory, Snapshot
+from .errors import CheckpointError, ConfigError
+from .params import ParamSpec
+from .spec import describe, differences, rebuild, unimportable
+
+if TYPE_CHECKING:
+    from .run import Run
+
+__all__ = ["config_of", "create_directory", "load_blob_model", "resume", "snapshot_of"]
+
+
+def _param_spec(spec: ParamSpec) -> list[list[Any]]:
+    return [[e.name, list(e.shape), e.dtype] for e in spec.entries]
+
+
+def config_of(pipeline: Any, seed: int, pspec: ParamSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run's computation: the pipeline spec, the seed, the model layout, the options."""
+    cfg = {"pipeline": describe(pipeline), "seed": int(seed), "params": _param_spec(pspec), "options": options}
+    cfg["config_hash"] = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    return cfg
+
+
+def create_directory(store: Any, run: Run, user_pipeline: Any, options: dict[str, Any]) -> RunDirectory:
+    """A new run directory for ``run``: config in the attributes, model and dataset as blobs."""
+    import torch
+
+    cfg = config_of(user_pipeline, run.seed, run.state.params.spec, options)
+    blobs: dict[str, bytes] = {}
+    notes: dict[str, str] = {}
+    buf = io.BytesIO()
+    try:
+        torch.save(run.adapter.template, buf)
+        blobs["model"] = buf.getvalue()
+    except Exception as e:
+        notes["model"] = f"not saved ({type(e).__name__}: {e}); resume with model=..."
+    try:
+        blobs["dataset"] = pickle.dumps(run.data, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        notes["dataset"] = f"not saved ({type(e).__name__}: {e}); resume with data=..."
+    missing = unimportable(cfg["pipeline"])
+    if missing:
+        notes["pipeline"] = "resume with pipeline=... (not importable: " + "; ".join(missing) + ")"
+    return RunDirectory.create(store, meta={**cfg, "notes": notes}, blobs=blobs)
+
+
+def snapshot_of(run: Run, target_round: int) -> Snapshot:
+    """A snapshot of ``run``'s state now (params are never changed in place, so they are not copied)."""
+    states = {k: {kk: (v.copy() if isinstance(v, np.ndarray) else v) for kk, v in d.items()}
+              for k, d in run.state.stage_states.items()}
+    return Snapshot(run.state.round, target_round, run.state.params.flat, states,
+                    [dict(r) for r in run.history], {"pipeline": run._spec, "changes": run.changes})
+
+
+def load_blob_model(directory: RunDirectory) -> Any:
+    """The model template saved in the run directory."""
+    import torch
+
+    data = directory.blob("model")
+    if data is None:
+        raise CheckpointError("the run directory holds no model (it could not be saved: "
+                              f"{directory.meta.get('notes', {}).get('model', 'unknown reason')})",
+                              fix="resume with model=<a module of the same architecture>")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=False)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"the run's model cannot be loaded: {e}",
+                              fix="install the module that defines the model class, or resume with model=...") from e
+
+
+def _load_dataset(directory: RunDirectory) -> Any:
+    data = directory.blob("dataset")
+    if data is None:
+        raise CheckpointError("the run directory holds no dataset handle (it could not be saved: "
+                              f"{directory.meta.get('notes', {}).get('dataset', 'unknown reason')})",
+                              fix="resume with data=<the same FederatedDataset>")
+    try:
+        return pickle.loads(data)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"the run's dataset cannot be loaded: {e}",
+                              fix="install the module that defines it, or resume with data=...") from e
+
+
+def _allowed(line: str, allow: Sequence[str]) -> bool:
+    # "stage 3 (LocalTrain).lr: 0.05 -> 0.01" is allowed by "LocalTrain.lr" or "lr"
+    path = line.split(":", 1)[0]
+    if "(" in path:
+        path = path.split("(", 1)[1].replace(")", "")
+    return any(path == a or path.endswith("." + a) for a in allow)
+
+
+def resume(
+    store: Any,
+    *,
+    pipeline: Any = None,
+    model: Any = None,
+    data: Any = None,
+    allow_changes: Sequence[str] = (),
+    **run_options: Any,
+) -> Run:
+    """Continue the run saved at ``store`` from its last intact snapshot.
+
+    Everything not passed is rebuilt from the run directory: the pipeline from its spec (built-in stages
+    and importable callables), the model and the dataset from their saved copies. A ``pipeline`` that
+    differs from the saved one is refused with the list of differences, unless each difference is
+    named in ``allow_changes`` (e.g. ``["LocalTrain.lr"]``). ``run_options`` go to :class:`~flgraph.Run`
+    (``cluster=``, ``workers=``, ``progress=``...). ``run.remaining`` is the number of rounds left to
+    reach the target of the interrupted ``fit``.
+    """
+    from .run import Run
+
+    directory = RunDirectory.open(store)
+    meta = directory.meta
+    snap, skipped = directory.latest()
+    saved = snap.extra.get("pipeline") or meta["pipeline"]
+    changes = list(snap.extra.get("changes", []))
+    if pipeline is None:
+        pipeline = rebuild(saved)
+    else:
+        diffs = differences(saved, describe(pipeline))
+        refused = [d for d in diffs if not _allowed(d, allow_changes)]
+        if refused:
+            raise ConfigError("the pipeline differs from the run's:\n    " + "\n    ".join(refused),
+                              fix="resume with the same pipeline, or name what may change: "
+                                  "allow_changes=[" + ", ".join(repr(d.split(":")[0].split("(")[-1].replace(")", ""))
+                                                                for d in refused) + "]")
+        changes += [f"round {snap.round}: {d}" for d in diffs]
+    if model is None:
+        model = load_blob_model(directory)
+    if data is None:
+        data = _load_dataset(directory)
+    opts = dict(meta.get("options", {}))
+    seed = run_options.pop("seed", meta["seed"])
+    if seed != meta["seed"]:
+        raise ConfigError(f"the run's seed is {meta['seed']}, not {seed}",
+                          fix="resume with the run's seed (a different seed is a different run)")
+    for k in ("chunk_size", "on_client_error", "evaluate"):
+        run_options.setdefault(k, opts.get(k))
+    run = Run(pipeline, model=model, data=data, seed=seed, _resume=(directory, snap), **run_options)
+    expected = [tuple(x) for x in meta["params"]]
+    got = [(e.name, list(e.shape), e.dtype) for e in run.state.params.spec.entries]
+    if [tuple(x) for x in got] != expected:
+        raise ConfigError("the model's tensors differ from the run's "
+                          f"({len(got)} tensors now, {len(expected)} in the run)",
+                          fix="resume with a model of the same architecture")
+    run.changes = changes
+    run.resume_notes = skipped
+    return run

@@ -1,0 +1,215 @@
+"""Checkpoints to zarr and exact resume: bit-identical continuation, fallback, full disk, bad directories."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+import zarr.storage
+
+import flgraph as fg
+from flgraph import stages as st
+from flgraph.checkpoint import FORMAT_VERSION, RunDirectory
+
+D, K = 8, 3
+
+
+def data() -> fg.data.FederatedDataset:
+    return fg.data.synthetic_classification(num_clients=40, samples_per_client=16, num_features=D, num_classes=K,
+                                            seed=4, test_samples=60)
+
+
+def pipeline(lr: float = 0.1) -> fg.Pipeline:
+    return fg.recipes.fedavg(clients=5, batch_size=8, lr=lr, evaluate_every=2)
+
+
+def make_run(client, path=None, **kw) -> fg.Run:
+    return fg.Run(kw.pop("pipeline", pipeline()), model=fg.models.mlp(D, [16], K, seed=0), data=data(), seed=9,
+                  cluster=client, progress=False, checkpoint=path, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(client1):
+    """Params after 2, 3 and 5 rounds of a run that never stopped (no checkpoint)."""
+    out = {}
+    with make_run(client1) as run:
+        for r in (2, 1, 2):
+            run.fit(rounds=r)
+            out[run.round] = run.params.flat
+        out["history"] = [dict(r) for r in run.history]
+    return out
+
+
+def test_resume_continues_bit_for_bit(client1, tmp_path, reference):
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path) as run:
+        run.fit(rounds=3)
+    resumed = fg.resume(path, cluster=client1, progress=False)
+    assert resumed.round == 3 and resumed.remaining == 0
+    assert np.array_equal(resumed.params.flat, reference[3])
+    assert [r["round"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[1]["accuracy"] == reference["history"][1]["accuracy"]
+    assert resumed.history[0]["clients_done"] == 5 and isinstance(resumed.history[0]["clients_done"], int)
+    resumed.fit(rounds=2)
+    assert np.array_equal(resumed.params.flat, reference[5])
+    resumed.close()
+    assert RunDirectory.open(path).snapshot_rounds() == [3, 4, 5]  # keep_last=3 by default
+
+
+def test_in_memory_store(client1, reference):
+    store = zarr.storage.MemoryStore()
+    with make_run(client1, store) as run:
+        run.fit(rounds=2)
+    with fg.resume(store, cluster=client1, progress=False) as resumed:
+        resumed.fit(rounds=3)
+        assert np.array_equal(resumed.params.flat, reference[5])
+
+
+def _params_file(path: Path, rnd: int) -> Path:
+    files = sorted((path / "snapshots" / f"r{rnd:08d}" / "params" / "c").rglob("*"))
+    return next(f for f in files if f.is_file())
+
+
+def test_damaged_newest_snapshot_falls_back(client1, tmp_path, reference):
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path) as run:
+        run.fit(rounds=3)
+    f = _params_file(path, 3)
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    resumed = fg.resume(path, cluster=client1, progress=False)
+    assert resumed.round == 2 and np.array_equal(resumed.params.flat, reference[2])
+    assert len(resumed.resume_notes) == 1 and "r00000003" in resumed.resume_notes[0]
+    assert resumed.remaining == 1  # the interrupted fit's target was round 3
+    resumed.fit(rounds=3)
+    assert np.array_equal(resumed.params.flat, reference[5])
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4, 5]
+    resumed.close()
+
+
+def test_uncommitted_snapshot_is_invisible(client1, tmp_path):
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path) as run:
+        run.fit(rounds=2)
+    meta = path / "snapshots" / "r00000002" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["committed"]
+    meta.write_text(json.dumps(doc))
+    assert RunDirectory.open(path).snapshot_rounds() == [1]
+    assert fg.resume(path, cluster=client1, progress=False).round == 1
+
+
+class FullDisk(zarr.storage.LocalStore):
+    """A size-limited store: writes fail with ENOSPC once ``budget`` bytes are spent (a full disk)."""
+
+    budget = 10**9
+
+    async def set(self, key, value):  # type: ignore[override]
+        FullDisk.budget -= len(value)
+        if FullDisk.budget < 0:
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        await super().set(key, value)
+
+
+def test_full_disk_during_a_write_loses_nothing(client1, tmp_path, reference):
+    path = tmp_path / "run.zarr"
+    FullDisk.budget = 10**9
+    run = make_run(client1, FullDisk(str(path)))
+    run.fit(rounds=2)
+    FullDisk.budget = 300  # the next snapshot runs out of space part-way
+    with pytest.raises(fg.CheckpointError) as e:
+        run.fit(rounds=1)
+    assert "round 3" in str(e.value) and "No space left" in str(e.value) and "free space" in e.value.fix
+    assert run.round == 3  # training state in memory is intact
+    assert RunDirectory.open(path).snapshot_rounds() == [1, 2]  # the previous snapshot is still the newest
+    FullDisk.budget = 10**9  # space freed: the run goes on and checkpoints again
+    run.fit(rounds=2)
+    run.close()
+    with fg.resume(path, cluster=client1, progress=False) as resumed:
+        assert resumed.round == 5 and np.array_equal(resumed.params.flat, reference[5])
+
+
+def test_cadence_and_retention(client1, tmp_path):
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path, checkpoint_every=3, keep_last=2, keep_every=3) as run:
+        run.fit(rounds=7)
+        assert run.checkpoint_directory is not None
+    assert RunDirectory.open(path).snapshot_rounds() == [3, 6, 7]  # every 3rd + the last; milestones kept
+
+
+def test_changed_pipeline_is_refused_unless_allowed(client1, tmp_path):
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path) as run:
+        run.fit(rounds=1)
+    with pytest.raises(fg.ConfigError) as e:
+        fg.resume(path, pipeline=pipeline(lr=0.01), cluster=client1, progress=False)
+    assert "stage 3 (LocalTrain).lr: 0.1 -> 0.01" in str(e.value) and "LocalTrain.lr" in e.value.fix
+    with fg.resume(path, pipeline=pipeline(lr=0.01), allow_changes=["LocalTrain.lr"], cluster=client1,
+                   progress=False) as resumed:
+        resumed.fit(rounds=1)
+        assert resumed.changes == ["round 1: stage 3 (LocalTrain).lr: 0.1 -> 0.01"]
+    with pytest.raises(fg.ConfigError, match="seed"):
+        fg.resume(path, seed=1, cluster=client1, progress=False)
+    with pytest.raises(fg.ConfigError, match="tensors differ"):
+        fg.resume(path, model=fg.models.mlp(D, [32], K), cluster=client1, progress=False)
+
+
+def test_unimportable_pipeline_needs_to_be_passed(client1, tmp_path):
+    path = tmp_path / "run.zarr"
+    p = st.Select(clients=3, sampler=lambda r, pop, n, rng: pop[:n]) >> st.Broadcast() >> st.LocalTrain() \
+        >> st.Aggregate()
+    with make_run(client1, path, pipeline=p) as run:
+        run.fit(rounds=1)
+    with pytest.raises(fg.ConfigError, match="cannot be imported again") as e:
+        fg.resume(path, cluster=client1, progress=False)
+    assert "pipeline=" in e.value.fix
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(fg.CheckpointError, match="does not exist"):
+        fg.resume(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file.txt").write_text("x")
+    with pytest.raises(fg.CheckpointError, match="not an flgraph run directory"):
+        fg.resume(tmp_path / "plain")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
+    with pytest.raises(fg.CheckpointError, match="not an flgraph run directory"):
+        fg.resume(tmp_path / "other.zarr")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(fg.CheckpointError, match="cannot create the run directory"):
+        make_run(None, tmp_path / "afile" / "run.zarr")
+
+
+def test_newer_format_and_existing_run_refused(client1, tmp_path):
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path) as run:
+        run.fit(rounds=1)
+    with pytest.raises(fg.CheckpointError, match="already holds an flgraph run") as e:
+        make_run(client1, path)
+    assert "resume" in e.value.fix
+    newer = tmp_path / "newer.zarr"
+    shutil.copytree(path, newer)
+    doc = json.loads((newer / "zarr.json").read_text())
+    doc["attributes"]["format_version"] = FORMAT_VERSION + 1
+    (newer / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(fg.CheckpointError, match="newer flgraph") as e:
+        fg.resume(newer)
+    assert "upgrade" in e.value.fix
+
+
+def test_missing_arrays_fall_back(client1, tmp_path):
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path) as run:
+        run.fit(rounds=2)
+    shutil.rmtree(path / "snapshots" / "r00000002" / "params")
+    snap, skipped = RunDirectory.open(path).latest()
+    assert snap.round == 1 and "damaged or incomplete" in skipped[0]
+    shutil.rmtree(path / "snapshots" / "r00000001" / "params")
+    with pytest.raises(fg.CheckpointError, match="no intact snapshot"):
+        RunDirectory.open(path).latest()
