@@ -258,7 +258,7 @@ class RunDirectory:
             block = np.full((n - start, len(columns)), math.nan)
             for i, r in enumerate(rows[start:]):
                 for j, k in enumerate(columns):
-                    v = r.get(k)
+                    v: Any = r.get(k)
                     if _is_number(v):
                         block[i, j] = float(v)
             table[start:n, :] = block

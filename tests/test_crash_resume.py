@@ -137,9 +137,9 @@ def test_sigkill_the_driver_at_random_moments_and_resume(tmp_path, client1):
     flgraph_cli = str(Path(sys.executable).parent / "flgraph")
     cmd = [sys.executable, str(tmp_path / "crashdriver.py"), str(path), str(ROUNDS)]
     kills = 0
-    for trial in range(4):
-        proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+    for _ in range(4):
+        with open(tmp_path / "driver.log", "ab") as log:  # a file, not a pipe nobody reads
+            proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=log, stderr=log)
         target = min(ROUNDS - 1, _newest_round(path) + rng.randint(2, 5))
         if _kill_when(proc, path, target, rng.uniform(0.0, 0.06)):
             kills += 1
