@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,7 +22,7 @@ from .errors import ClientError, FlgraphError
 from .graph import ClientStage, Reducer
 from .params import Params, ParamSpec
 
-__all__ = ["Bundle", "Partial", "combine_partials", "run_clients"]
+__all__ = ["Bundle", "Partial", "combine_partials", "map_chunk", "run_clients"]
 
 log = logging.getLogger("flgraph")
 OnError = Literal["raise", "drop"]
@@ -113,3 +113,21 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
         return combine_partials(reducer, a, b)
 
     return [((lo, hi), tree.evaluate(lo, hi, leaf, combine)) for lo, hi in nodes]
+
+
+def map_chunk(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet, a: int, b: int,
+              fn: Callable[[ClientWork], Any]) -> list[Any]:
+    """``fn(work)`` for the clients at positions ``a:b`` (client work outside the round's segment)."""
+    gp = Params(bundle.spec, global_flat)
+    out = []
+    for pos in range(a, b):
+        cid = int(clients.ids[pos])
+        work = ClientWork(rnd, cid, pos, bundle.seed, gp, bundle.dataset, clients, bundle.model_source)
+        try:
+            out.append(fn(work))
+        except ClientError:
+            raise
+        except Exception as e:
+            raise ClientError(f"{type(e).__name__}: {e}", client=cid, stage=getattr(fn, "__qualname__", "fn"),
+                              round=rnd) from e
+    return out

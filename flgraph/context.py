@@ -163,4 +163,17 @@ class RoundContext:
     state: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     tag: int = 0
-    emit: Callable[[str, Any], None] | None = None
+    mapper: Callable[[Callable[[ClientWork], Any], np.ndarray, np.ndarray], list[Any]] | None = None
+
+    def map_clients(self, fn: Callable[[ClientWork], Any], ids: np.ndarray | list[int],
+                    params: np.ndarray | None = None) -> list[Any]:
+        """Run ``fn(work)`` where each client of ``ids`` lives (a Dask worker, an edge agent), with the
+        global params (or ``params``), and return the results in the order of ``ids``.
+
+        For server stages that need client-side work outside the round's client segment, e.g. federated
+        or personalized evaluation. ``fn`` must be picklable (a top-level function or a stage method).
+        """
+        if self.mapper is None:
+            raise ConfigError("this round has no transport to run client work on")
+        flat = self.params.flat if params is None else params
+        return self.mapper(fn, np.asarray(ids, dtype=np.int64), flat)

@@ -24,9 +24,23 @@ __all__ = ["RunState", "SyncEngine", "Transport"]
 class Transport(Protocol):
     """Runs a round's client segment somewhere and returns the root partial."""
 
-    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial: ...
+    def start(self, bundle: Any, flat: np.ndarray) -> float:
+        """Ship what does not change between rounds; return the warm-up seconds."""
+        ...
 
-    def places(self) -> int: ...
+    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
+        """Run the client segment for ``clients`` and return the round's root partial (the fixed tree)."""
+        ...
+
+    def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
+        """``fn(work)`` for each client of ``ids``, where it lives; results in the order of ``ids``."""
+        ...
+
+    def places(self) -> int:
+        """Distinct places the broadcast goes to (workers, agents)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -63,6 +77,7 @@ class SyncEngine:
         t_round = time.perf_counter()
         seg = self.segments
         ctx = RoundContext(rnd, self.seed, state.params, self.dataset, self.model_source, last)
+        ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
         new_states = {k: dict(v) for k, v in state.stage_states.items()}
         times: dict[str, float] = {}
         for s in seg.before:

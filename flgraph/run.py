@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -67,6 +68,12 @@ class Run:
         checkpoint_every: rounds between snapshots (the last round of each ``fit`` always gets one).
         checkpoint_minutes: also snapshot when this many minutes passed since the last snapshot.
         keep_last: snapshots kept (the newest); ``keep_every``: also keep every M-th round (milestones).
+        callbacks: objects told about the run: ``on_start(run)`` once the cluster is up,
+            ``on_round(run, row)`` after each completed round, ``on_end(run)`` at the end of each ``fit``
+            (each method optional; an exception in a callback is logged, never stops the run).
+        transport: where client stages run, an object like :class:`flgraph.transports.DaskTransport`
+            (``start``, ``run_round``, ``map_clients``, ``places``, ``close``); default: Dask tasks on
+            ``cluster``.
     """
 
     def __init__(
@@ -88,6 +95,8 @@ class Run:
         checkpoint_minutes: float | None = None,
         keep_last: int = 3,
         keep_every: int | None = None,
+        callbacks: Sequence[Any] = (),
+        transport: Any = None,
         _resume: tuple[RunDirectory, Snapshot] | None = None,
     ) -> None:
         from .models.adapter import ModelAdapter
@@ -122,6 +131,8 @@ class Run:
         self.history = History()
         self.token = uuid.uuid4().hex[:8]
         self._cluster_arg = cluster
+        self.callbacks = list(callbacks)
+        self._custom_transport = transport
         self._workers = workers
         self._connect_timeout = connect_timeout
         self._handle: ClusterHandle | None = None
@@ -148,14 +159,18 @@ class Run:
             return self._transport
         from .transports.dask import DaskTransport
 
-        self._handle = connect(self._cluster_arg, workers=self._workers, timeout=self._connect_timeout)
-        first = self.segments.clients[0].name
-        transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
         bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,
                         self.state.params.spec, self.seed)
+        if self._custom_transport is not None:
+            transport = self._custom_transport
+        else:
+            self._handle = connect(self._cluster_arg, workers=self._workers, timeout=self._connect_timeout)
+            first = self.segments.clients[0].name
+            transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
         self.warmup_s = transport.start(bundle, self.state.params.flat)
         self._transport = transport
-        link = self._handle.dashboard_link
+        self._notify("on_start")
+        link = self.dashboard_link
         if link:
             log.info("flgraph run %s: Dask dashboard at %s", self.token, link)
             if self.progress:
@@ -195,11 +210,23 @@ class Run:
                                                                 time.monotonic() - writer.last_time):
                         writer.submit(snapshot_of(self, end))  # waits for the previous write, never two
                     bar.update(row)
+                    self._notify("on_round", row)
                     log.debug("round %d: %s", rnd, row)
         finally:
             if writer is not None:
                 writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
+            self._notify("on_end")
         return self.history
+
+    def _notify(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, event, None)
+            if method is None:
+                continue
+            try:
+                method(self, *args)
+            except Exception:
+                log.exception("flgraph: callback %r failed in %s; the run goes on", cb, event)
 
     def _restore(self, snap: Snapshot) -> None:
         if snap.params.size != self.state.params.spec.size:

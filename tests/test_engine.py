@@ -153,3 +153,56 @@ def test_fit_needs_rounds(client2, bad):
     run = fg.Run(pipeline(), model=small_model(), data=small_data(), cluster=client2, progress=False)
     with pytest.raises(fg.ConfigError):
         run.fit(rounds=bad)
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def on_start(self, run):
+        self.events.append(("start", run.round))
+
+    def on_round(self, run, row):
+        self.events.append(("round", row["round"]))
+
+    def on_end(self, run):
+        self.events.append(("end", run.round))
+
+
+class Broken:
+    def on_round(self, run, row):
+        raise RuntimeError("a broken callback")
+
+
+def test_callbacks_see_the_run(client2):
+    rec = Recorder()
+    with fg.Run(pipeline(clients=4), model=small_model(), data=small_data(), cluster=client2, progress=False,
+                evaluate="never", callbacks=[Broken(), rec]) as run:
+        run.fit(rounds=2)
+    assert rec.events == [("start", 0), ("round", 1), ("round", 2), ("end", 2)]
+
+
+def count_samples(work):
+    """Client work for map_clients: runs where the client lives."""
+    return (work.client, len(work.data.y), float(work.global_params.flat.sum()))
+
+
+class ClientSizes(fg.ServerStage):
+    """A server stage that asks every selected client for its sample count (client-side work)."""
+
+    def run(self, ctx):
+        res = ctx.map_clients(count_samples, ctx.clients.ids)
+        assert [r[0] for r in res] == ctx.clients.ids.tolist()
+        ctx.metrics["sizes_seen"] = sum(r[1] for r in res)
+        ctx.metrics["params_sum_seen"] = res[0][2]
+
+
+def test_map_clients_runs_on_workers_in_order(client2):
+    p = (st.Select(clients=7) >> ClientSizes() >> st.Broadcast() >> st.LocalTrain(batch_size=8)
+         >> st.Aggregate())
+    with fg.Run(p, model=small_model(), data=small_data(), cluster=client2, chunk_size=2, progress=False,
+                evaluate="never") as run:
+        first = float(run.params.flat.sum())
+        row = run.fit(rounds=1)[0]
+    assert row["sizes_seen"] == 7 * N
+    assert row["params_sum_seen"] == pytest.approx(first)

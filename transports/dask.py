@@ -25,7 +25,7 @@ from distributed import Client, Future
 from distributed.client import FutureCancelledError
 
 from flgraph import tree
-from flgraph.client_runner import Bundle, Partial, combine_partials, run_clients
+from flgraph.client_runner import Bundle, Partial, combine_partials, map_chunk, run_clients
 from flgraph.context import ClientSet
 from flgraph.errors import ClusterError
 
@@ -138,6 +138,27 @@ class DaskTransport:
 
             root: Partial = self._gather([tree.assemble(n, node_futs, combine)])[0]
             return root
+        finally:
+            c.cancel([*futs, params_f], force=True)
+
+    def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
+        """``fn(work)`` for each client of ``ids`` on the workers (one task per chunk); results in order."""
+        if self._bundle is None:
+            raise ClusterError("the transport was not started")
+        c = self.client
+        self._attempt += 1
+        run = f"{self.token}.{self._attempt}"
+        params_f = c.scatter({f"broadcast-r{rnd:05d}-m-{run}": flat}, broadcast=True, hash=False)
+        params_f = next(iter(params_f.values()))
+        slots = self._workers()
+        clients = ClientSet(np.asarray(ids, dtype=np.int64))
+        name = getattr(fn, "__name__", "client-work").replace("_", "-").strip("-") or "client-work"
+        futs = [c.submit(map_chunk, self._bundle, params_f, rnd, clients, a, b, fn,
+                         key=f"{name}-r{rnd:05d}-c{j:04d}-{run}", workers=[slots[j % len(slots)]],
+                         allow_other_workers=True, pure=False)
+                for j, (a, b) in enumerate(tree.chunks(len(clients), len(slots), self.chunk_size))]
+        try:
+            return [r for part in self._gather(futs) for r in part]
         finally:
             c.cancel([*futs, params_f], force=True)
 
