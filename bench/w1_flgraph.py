@@ -54,10 +54,11 @@ def process_start_epoch() -> float:
 class TreeRSS:
     """Peak summed RSS of this process and its descendants (the cluster's nannies and workers).
 
-    A daemon thread samples every ``interval`` seconds; cheap enough not to disturb the rounds.
+    A daemon thread samples every ``interval`` seconds (one sample costs about 1.4 ms of the driver's
+    time, which also runs the Dask scheduler; every 0.5 s that is 0.3%).
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.5) -> None:
         self.peak = 0
         self.interval = interval
         self._stop = threading.Event()
