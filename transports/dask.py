@@ -63,6 +63,9 @@ class DaskTransport:
         self._reducer: Future | None = None
         self._local: Bundle | None = None
         self._attempt = 0
+        self._held: list[Future] = []
+        self._slots: list[str] = []
+        self._slots_at = 0.0
 
     def start(self, bundle: Bundle, flat: np.ndarray) -> float:
         """Ship the bundle to every worker and warm them up; returns the warm-up seconds."""
@@ -79,6 +82,11 @@ class DaskTransport:
         return time.perf_counter() - t0
 
     def _workers(self) -> list[str]:
+        """One entry per worker thread, sorted; cached for 2 s (asking the scheduler is a round trip, and
+        chunks may run elsewhere anyway: ``allow_other_workers``)."""
+        now = time.monotonic()
+        if self._slots and now - self._slots_at < 2.0:
+            return self._slots
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         if not info:
             raise ClusterError("the Dask cluster has no workers",
@@ -86,6 +94,7 @@ class DaskTransport:
         out: list[str] = []
         for addr, w in sorted(info.items()):
             out += [addr] * int(w.get("nthreads", 1))
+        self._slots, self._slots_at = out, now
         return out
 
     def slots(self) -> int:
@@ -118,6 +127,7 @@ class DaskTransport:
                          workers=[slots[j % len(slots)]], allow_other_workers=True, pure=False)
             chunk_futs.append((f, nodes))
         futs: list[Future] = [f for f, _ in chunk_futs]
+        self._release_later([])  # the previous round's futures, now that this round is submitted
         try:
             reducer = self._local.reducer
             if sum(len(nodes) for _, nodes in chunk_futs) <= FAN_IN:
@@ -138,8 +148,21 @@ class DaskTransport:
 
             root: Partial = self._gather([tree.assemble(n, node_futs, combine)])[0]
             return root
+        except BaseException:
+            c.cancel([*futs, params_f], force=True)  # stop the round's remaining work now
+            raise
         finally:
-            c.cancel([*futs, params_f], force=True)
+            self._release_later([*futs, params_f])
+
+    def _release_later(self, futures: list[Future]) -> None:
+        """Release the previous round's futures now, keep this round's until the next round is submitted.
+
+        Releasing sends a message on the client's batched stream, which then holds the next message (the
+        next round's tasks) back for up to 10 ms; released after the next submit, it costs nothing.
+        """
+        previous, self._held = self._held, futures
+        if previous:
+            self.client.cancel(previous, force=True)
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
         """``fn(work)`` for each client of ``ids`` on the workers (one task per chunk); results in order."""
@@ -177,7 +200,8 @@ class DaskTransport:
 
     def close(self) -> None:
         """Release the run's data on the workers and their bound copies of the model."""
-        futs = [f for f in (self._bundle, self._reducer) if f is not None]
+        futs = [f for f in (self._bundle, self._reducer) if f is not None] + self._held
+        self._held = []
         if futs:
             with contextlib.suppress(Exception):
                 self.client.cancel(futs, force=True)
