@@ -17,12 +17,13 @@ from typing import Any, Literal
 import numpy as np
 
 from . import tree
-from .context import ClientSet, ClientWork
+from .context import ClientSet, ClientWork, Update
 from .errors import ClientError, FlgraphError
 from .graph import ClientStage, Reducer
 from .params import Params, ParamSpec
 
-__all__ = ["Bundle", "Partial", "combine_partials", "map_chunk", "run_clients"]
+__all__ = ["Bundle", "Partial", "client_leaf", "combine_partials", "finish_times", "hold_clients", "map_chunk",
+           "reduce_held", "run_clients"]
 
 log = logging.getLogger("flgraph")
 OnError = Literal["raise", "drop"]
@@ -42,11 +43,17 @@ class Bundle:
 
 @dataclass
 class Partial:
-    """The reduction of some clients: the reducer's value, metric sums, and the failures."""
+    """The reduction of some clients: the reducer's value, metric sums and maxima, failures and dropouts.
+
+    ``failures`` are clients whose work raised (``on_client_error="drop"``); ``dropped`` are clients the
+    device simulation left out (a deadline, going offline, over-selection), each with the reason.
+    """
 
     value: Any
     sums: dict[str, float] = field(default_factory=dict)
     failures: list[tuple[int, str]] = field(default_factory=list)
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+    maxes: dict[str, float] = field(default_factory=dict)
 
 
 def combine_partials(reducer: Reducer, left: Partial, right: Partial) -> Partial:
@@ -57,7 +64,10 @@ def combine_partials(reducer: Reducer, left: Partial, right: Partial) -> Partial
         left.value = reducer.combine(left.value, right.value)
     for k, v in right.sums.items():
         left.sums[k] = left.sums.get(k, 0.0) + v
+    for k, v in right.maxes.items():
+        left.maxes[k] = max(left.maxes.get(k, v), v)
     left.failures += right.failures
+    left.dropped += right.dropped
     return left
 
 
@@ -69,48 +79,116 @@ def _as_client_error(e: BaseException, client: int, stage: ClientStage, rnd: int
     return ClientError(f"{type(e).__name__}: {e}", client=client, stage=type(stage).__name__, round=rnd)
 
 
+def _sim_finish(bundle: Bundle, clients: ClientSet, pos: int, update: Update) -> float | None:
+    """The client's simulated finish time in the round (seconds after the round's start), if simulated."""
+    st = clients.settings
+    if "speed" not in st:
+        return None
+    samples = update.metrics.get("samples_processed")
+    if samples is None:
+        samples = float(clients.setting("epochs", pos) if "epochs" in st else 1) * update.num_samples
+    return (bundle.spec.nbytes / float(st["down_bps"][pos]) + float(samples) / float(st["speed"][pos])
+            + update.upload_nbytes / float(st["up_bps"][pos]))
+
+
+def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: int, on_error: OnError,
+                reduce: bool = True) -> Partial:
+    """One client: its stages, then (``reduce``) the reducer's leaf, or a dropout/failure record.
+
+    With ``reduce=False`` the partial's value is the Update itself (for selection after training).
+    """
+    cid = int(clients.ids[pos])
+    work = ClientWork(rnd, cid, pos, bundle.seed, gp, bundle.dataset, clients, bundle.model_source)
+    sums: dict[str, float] = {}
+    stage = bundle.stages[0]
+    t_start = time.perf_counter()
+    try:
+        for stage in bundle.stages:
+            work.tag = stage.tag
+            t0 = time.perf_counter()
+            stage.run(work)
+            sums[f"time_{stage.name}"] = time.perf_counter() - t0
+        update = work.update
+        if update is None:
+            raise ClientError("no client stage produced an update", client=cid,
+                              stage=type(stage).__name__, round=rnd, fix="put LocalTrain in the pipeline")
+        finish = _sim_finish(bundle, clients, pos, update)
+        maxes = {"finish": finish if finish is not None else time.perf_counter() - t_start}
+        if finish is not None:
+            st = clients.settings
+            if "max_samples" in st and update.metrics.get("samples_processed", 1.0) <= 0:
+                return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, "too slow to train before the "
+                               "deadline")], maxes={})
+            if "deadline" in st and finish > float(st["deadline"][pos]):
+                return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, f"missed the deadline "
+                               f"({finish:.1f} s > {float(st['deadline'][pos]):.1f} s)")], maxes={})
+            if "online_until" in st and finish > float(st["online_until"][pos]):
+                return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, "went offline mid-round")], maxes={})
+        up = float(update.upload_nbytes)
+        sums.update(clients_done=1.0, samples=float(update.num_samples), bytes_up=up,
+                    bytes_up_raw=float(update.raw_nbytes or up))
+        n = float(update.num_samples)
+        for k, v in update.metrics.items():
+            sums[f"wsum_{k}"] = float(v) * n
+        value = reducer_leaf(bundle, update) if reduce else update
+    except Exception as e:
+        err = _as_client_error(e, cid, stage, rnd)
+        if on_error == "raise":
+            raise err from (None if e is err else e)
+        log.warning("dropped: %s", err)
+        return Partial(None, {"clients_failed": 1.0}, [(cid, str(err))])
+    return Partial(value, sums, maxes=maxes)
+
+
+def reducer_leaf(bundle: Bundle, update: Update) -> Any:
+    return bundle.reducer.leaf(update, bundle.spec)  # may consume the update's buffers
+
+
 def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet,
                 nodes: Sequence[tuple[int, int]], on_error: OnError = "raise",
                 ) -> list[tuple[tuple[int, int], Partial]]:
     """Run the client stages for every position in ``nodes`` and reduce each node to a Partial.
 
-    ``on_error="raise"`` re-raises the first client failure as a ClientError; ``"drop"`` records it.
+    Leaves are combined as they are produced (memory: O(log n) partials). ``on_error="raise"`` re-raises
+    the first client failure as a ClientError; ``"drop"`` records it.
     """
     gp = Params(bundle.spec, global_flat)
-    reducer = bundle.reducer
-
-    def leaf(pos: int) -> Partial:
-        cid = int(clients.ids[pos])
-        work = ClientWork(rnd, cid, pos, bundle.seed, gp, bundle.dataset, clients, bundle.model_source)
-        sums: dict[str, float] = {}
-        stage = bundle.stages[0]
-        try:
-            for stage in bundle.stages:
-                work.tag = stage.tag
-                t0 = time.perf_counter()
-                stage.run(work)
-                sums[f"time_{stage.name}"] = time.perf_counter() - t0
-            update = work.update
-            if update is None:
-                raise ClientError("no client stage produced an update", client=cid,
-                                  stage=type(stage).__name__, round=rnd, fix="put LocalTrain in the pipeline")
-            up = float(update.upload_nbytes)
-            sums.update(clients_done=1.0, samples=float(update.num_samples), bytes_up=up,
-                        bytes_up_raw=float(update.raw_nbytes or up))
-            value = reducer.leaf(update, bundle.spec)  # may consume the update's buffers
-        except Exception as e:
-            err = _as_client_error(e, cid, stage, rnd)
-            if on_error == "raise":
-                raise err from (None if e is err else e)
-            log.warning("dropped: %s", err)
-            return Partial(None, {"clients_failed": 1.0}, [(cid, str(err))])
-        n = float(update.num_samples)
-        for k, v in update.metrics.items():
-            sums[f"wsum_{k}"] = float(v) * n
-        return Partial(value, sums)
 
     def combine(a: Partial, b: Partial) -> Partial:
-        return combine_partials(reducer, a, b)
+        return combine_partials(bundle.reducer, a, b)
+
+    return [((lo, hi), tree.evaluate(lo, hi, lambda p: client_leaf(bundle, gp, rnd, clients, p, on_error),
+                                     combine)) for lo, hi in nodes]
+
+
+def hold_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet, a: int, b: int,
+                 on_error: OnError = "raise") -> dict[int, Partial]:
+    """Phase 1 of selection after training: run positions ``a:b`` and keep their updates (not reduced)."""
+    gp = Params(bundle.spec, global_flat)
+    return {p: client_leaf(bundle, gp, rnd, clients, p, on_error, reduce=False) for p in range(a, b)}
+
+
+def finish_times(held: dict[int, Partial]) -> list[tuple[int, float]]:
+    """(position, finish time) of the held clients that produced an update."""
+    return [(p, part.maxes["finish"]) for p, part in held.items() if part.value is not None]
+
+
+def reduce_held(bundle: Bundle, held: dict[int, Partial], keep: frozenset[int], n: int,
+                nodes: Sequence[tuple[int, int]], reason: str) -> list[tuple[tuple[int, int], Partial]]:
+    """Phase 2: reduce the kept positions along the round's tree; the others become dropouts."""
+
+    def leaf(p: int) -> Partial:
+        part = held[p]
+        if part.value is None:
+            return part
+        if p not in keep:
+            cid = int(part.value.client)
+            return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, reason)])
+        part.value = reducer_leaf(bundle, part.value)
+        return part
+
+    def combine(a: Partial, b: Partial) -> Partial:
+        return combine_partials(bundle.reducer, a, b)
 
     return [((lo, hi), tree.evaluate(lo, hi, leaf, combine)) for lo, hi in nodes]
 

@@ -34,11 +34,13 @@ class ClientSet:
     """The clients chosen for a round, in order, with optional per-client settings.
 
     ``settings[name]`` is an array aligned with ``ids`` (e.g. ``epochs``, ``deadline``); a client stage
-    reads its own value with ``work.setting(name, default)``.
+    reads its own value with ``work.setting(name, default)``. ``keep_first=N`` (over-selection) keeps only
+    the first N clients to finish (by simulated time where devices are simulated, else by real time).
     """
 
     ids: np.ndarray
     settings: dict[str, np.ndarray] = field(default_factory=dict)
+    keep_first: int | None = None  # over-selection: aggregate only the first N to finish
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64).reshape(-1)

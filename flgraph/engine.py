@@ -87,17 +87,24 @@ class SyncEngine:
         t0 = time.perf_counter()
         root = transport.run_round(rnd, ctx.params.flat, ctx.clients, on_error)
         times["time_clients_wall"] = time.perf_counter() - t0
-        if root.value is None:
-            cid, msg = root.failures[0] if root.failures else (int(ctx.clients.ids[0]), "no update")
+        for s in seg.before:  # e.g. Simulate: advance the virtual clock by the round's simulated time
+            hook = getattr(s, "after_clients", None)
+            if hook is not None:
+                ctx.tag = s.tag
+                ctx.state = new_states.setdefault(keys[id(s)], {})
+                hook(ctx, root)
+        assert seg.reduce is not None
+        t0 = time.perf_counter()
+        if root.value is None and (root.failures or not root.dropped):
+            cid, msg = (root.failures or [(int(ctx.clients.ids[0]), "no update")])[0]
             raise ClientError(f"all {len(ctx.clients)} clients of the round failed; the first: {msg}",
                               client=cid, stage="Aggregate", round=rnd,
                               fix="fix the cause above; the run's state is unchanged")
-        assert seg.reduce is not None
-        t0 = time.perf_counter()
-        delta, weight = seg.reduce.reducer.finalize(root.value, ctx.params.spec)
-        ctx.state = new_states.get(keys[id(seg.reduce)], {})
-        ctx.tag = seg.reduce.tag
-        seg.reduce.apply(ctx, delta, weight)
+        if root.value is not None:  # else every client was dropped by the simulation: the model stays
+            delta, weight = seg.reduce.reducer.finalize(root.value, ctx.params.spec)
+            ctx.state = new_states.get(keys[id(seg.reduce)], {})
+            ctx.tag = seg.reduce.tag
+            seg.reduce.apply(ctx, delta, weight)
         times["time_aggregate"] = time.perf_counter() - t0
         for s in seg.after:
             self._server(s, ctx, new_states, keys, times)
@@ -126,8 +133,11 @@ class SyncEngine:
         row.update(ctx.metrics)
         row["clients_done"] = int(sums.get("clients_done", 0))
         row["clients_failed"] = int(sums.get("clients_failed", 0))
+        row["clients_dropped"] = int(sums.get("clients_dropped", 0))
         if root.failures:
             row["failed_clients"] = [c for c, _ in root.failures]
+        if root.dropped:
+            row["dropped_clients"] = [c for c, _ in root.dropped]
         row["samples"] = int(samples)
         row["bytes_up"] = int(sums.get("bytes_up", 0))
         row["bytes_up_raw"] = int(sums.get("bytes_up_raw", 0))

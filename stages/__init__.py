@@ -15,6 +15,7 @@ from .broadcast import Broadcast
 from .compress import LZ4, Compress, Float16
 from .evaluate import Evaluate
 from .select import Select
+from .simulate import Simulate
 from .train import LocalTrain, TrainContext
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ReduceStage",
     "Reducer",
     "Select",
+    "Simulate",
     "ServerStage",
     "Stage",
     "TrainContext",

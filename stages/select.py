@@ -1,7 +1,9 @@
 """Select: choose the round's clients (server stage).
 
 Uniform without replacement by default, a count or a fraction of the population, seeded per round from
-the run seed (stream ``(tag, round)``). Bring your own sampler with ``sampler=``.
+the run seed (stream ``(tag, round)``). ``weighting="samples"`` draws without replacement with
+probability proportional to each client's sample count (the sample counts are read once per run, in the
+driver). Bring your own sampler with ``sampler=``.
 
 Example:
     >>> import numpy as np
@@ -9,6 +11,8 @@ Example:
     >>> sel = st.Select(clients=3)
     >>> sel.count(10), st.Select(fraction=0.25).count(10)
     (3, 3)
+    >>> st.Select(clients=3, weighting="samples")
+    Select(clients=3, fraction=None, sampler=None, weighting='samples', over_select=1.0)
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Select(ServerStage):
 
     ``sampler(round, population, count, rng)`` replaces the uniform choice; it returns client ids (or a
     :class:`~flgraph.context.ClientSet` with per-client settings). ``rng`` is this round's seeded stream.
+    ``over_select=1.3`` draws ceil(1.3 N) clients and aggregates the first N to finish (by simulated time
+    with :class:`~flgraph.stages.Simulate`, else by real time); the others count as dropped.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset({"clients"})
@@ -44,6 +50,8 @@ class Select(ServerStage):
         *,
         fraction: float | None = None,
         sampler: Sampler | None = None,
+        weighting: str = "uniform",
+        over_select: float = 1.0,
     ) -> None:
         if (clients is None) == (fraction is None):
             raise ConfigError("Select needs exactly one of clients= or fraction=",
@@ -52,9 +60,23 @@ class Select(ServerStage):
             raise ConfigError(f"Select(clients={clients}): the count must be >= 1")
         if fraction is not None and not 0 < fraction <= 1:
             raise ConfigError(f"Select(fraction={fraction}): the fraction must be in (0, 1]")
+        if weighting not in ("uniform", "samples"):
+            raise ConfigError(f"Select(weighting={weighting!r})", fix="use 'uniform' or 'samples'")
+        if weighting != "uniform" and sampler is not None:
+            raise ConfigError("Select(weighting=..., sampler=...): a sampler makes its own choice",
+                              fix="drop weighting= or sampler=")
+        if over_select < 1.0:
+            raise ConfigError(f"Select(over_select={over_select}): must be >= 1 (e.g. 1.3 selects 30% more)")
         self.clients = clients
         self.fraction = fraction
         self.sampler = sampler
+        self.weighting = weighting
+        self._weights: tuple[int, np.ndarray] | None = None
+        self.over_select = over_select
+
+    def _drawn(self, count: int) -> int:
+        """Clients drawn for a round that keeps ``count`` (over-selection draws ceil(f * count))."""
+        return math.ceil(self.over_select * count) if self.over_select > 1.0 else count
 
     def count(self, population: int) -> int:
         """How many clients a round selects from a population of ``population``."""
@@ -63,23 +85,42 @@ class Select(ServerStage):
         assert self.fraction is not None
         return max(1, math.ceil(self.fraction * population))
 
+    def probabilities(self, dataset: Any) -> np.ndarray:
+        """Selection probabilities of ``dataset.client_ids`` under ``weighting="samples"`` (cached per dataset)."""
+        if self._weights is None or self._weights[0] != id(dataset):
+            counts = np.array([dataset.num_samples(int(c)) for c in dataset.client_ids], np.float64)
+            if counts.sum() <= 0:
+                raise ConfigError("Select(weighting='samples'): every client has 0 samples")
+            self._weights = (id(dataset), counts / counts.sum())
+        return self._weights[1]
+
     def prepare(self, dataset: Any, model_source: Any) -> None:
-        if self.sampler is None and self.count(dataset.num_clients) > dataset.num_clients:
+        if self.sampler is None and self._drawn(self.count(dataset.num_clients)) > dataset.num_clients:
             raise ConfigError(
                 f"Select(clients={self.clients}) asks for more clients than the dataset holds "
                 f"({dataset.num_clients})",
                 fix=f"select at most {dataset.num_clients} clients",
             )
+        if self.weighting == "samples":
+            p = self.probabilities(dataset)
+            if np.count_nonzero(p) < self.count(dataset.num_clients):
+                raise ConfigError(f"Select(weighting='samples') needs {self.count(dataset.num_clients)} clients "
+                                  f"with samples, the dataset has {np.count_nonzero(p)}",
+                                  fix="select fewer clients, or use weighting='uniform'")
 
     def run(self, ctx: RoundContext) -> None:
         population = ctx.dataset.client_ids
         count = self.count(len(population))
+        drawn = self._drawn(count)
         rng = stream(ctx.seed, self.tag, ctx.round)
         if self.sampler is None:
-            chosen: Any = rng.choice(population, size=count, replace=False)
+            p = self.probabilities(ctx.dataset) if self.weighting == "samples" else None
+            chosen: Any = rng.choice(population, size=drawn, replace=False, p=p)
         else:
-            chosen = self.sampler(ctx.round, population, count, rng)
+            chosen = self.sampler(ctx.round, population, drawn, rng)
         clients = chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
+        if self.over_select > 1.0 and len(clients) > count:
+            clients.keep_first = count  # the first `count` to finish are aggregated, the rest dropped
         if len(clients) == 0:
             raise ConfigError(f"round {ctx.round}: Select chose no client", fix="check the sampler")
         try:

@@ -114,6 +114,7 @@ class LocalTrain(ClientStage):
             out = self.train_fn(model, data, ctx)
             metrics = dict(out) if isinstance(out, dict) else {"loss": float(out)}
             self._check_loss(metrics.get("loss", 0.0), work, "the training step")
+            metrics.setdefault("samples_processed", float(epochs * n))
         else:
             metrics = self._train(model, data, ctx, work)
         delta = self._delta(bm, work)
@@ -134,8 +135,9 @@ class LocalTrain(ClientStage):
         n = len(y)
         opt = (self.optimizer or _sgd(self.lr))(model.parameters())
         loss_fn = self.loss or F.cross_entropy
-        total, done = 0.0, 0
+        total, done, processed = 0.0, 0, 0
         limit = ctx.steps if ctx.steps is not None else math.inf
+        budget = float(work.setting("max_samples", math.inf))  # a device cut-off: stop in time, send what it has
         epoch = 0
         while done < limit and (ctx.steps is not None or epoch < ctx.epochs):
             perm = torch.from_numpy(ctx.rng.permutation(n)).to(ctx.device)
@@ -143,6 +145,9 @@ class LocalTrain(ClientStage):
                 if done >= limit:
                     break
                 idx = perm[i : i + ctx.batch_size]
+                if processed + len(idx) > budget:
+                    limit = done
+                    break
                 opt.zero_grad(set_to_none=True)
                 try:
                     out = model(x[idx])
@@ -164,8 +169,9 @@ class LocalTrain(ClientStage):
                 self._check_loss(lv, work, f"step {done + 1}")
                 total += lv
                 done += 1
+                processed += len(idx)
             epoch += 1
-        return {"loss": total / max(done, 1), "steps": float(done)}
+        return {"loss": total / max(done, 1), "steps": float(done), "samples_processed": float(processed)}
 
     @staticmethod
     def _check_loss(value: float, work: ClientWork, where: str) -> None:

@@ -25,7 +25,16 @@ from distributed import Client, Future
 from distributed.client import FutureCancelledError
 
 from flgraph import tree
-from flgraph.client_runner import Bundle, Partial, combine_partials, map_chunk, run_clients
+from flgraph.client_runner import (
+    Bundle,
+    Partial,
+    combine_partials,
+    finish_times,
+    hold_clients,
+    map_chunk,
+    reduce_held,
+    run_clients,
+)
 from flgraph.context import ClientSet
 from flgraph.errors import ClusterError
 
@@ -119,6 +128,8 @@ class DaskTransport:
         params_f = c.scatter({pkey: flat}, broadcast=True, hash=False)[pkey]
         slots = self._workers()
         n = len(clients)
+        if clients.keep_first is not None and clients.keep_first < n:
+            return self._over_selected(rnd, params_f, clients, on_error, run, slots)
         chunk_futs: list[tuple[Future, list[tuple[int, int]]]] = []
         for j, (a, b) in enumerate(tree.chunks(n, len(slots), self.chunk_size)):
             nodes = tree.cover(n, a, b)
@@ -150,6 +161,40 @@ class DaskTransport:
             return root
         except BaseException:
             c.cancel([*futs, params_f], force=True)  # stop the round's remaining work now
+            raise
+        finally:
+            self._release_later([*futs, params_f])
+
+    def _over_selected(self, rnd: int, params_f: Future, clients: ClientSet, on_error: str, run: str,
+                       slots: list[str]) -> Partial:
+        """Selection after training: run every drawn client, keep their updates on the workers, gather only
+        the finish times, then aggregate the first ``keep_first`` along the round's tree (two task waves;
+        the updates of a chunk stay in its worker's memory in between)."""
+        assert self._local is not None and clients.keep_first is not None
+        c, n, tag = self.client, len(clients), f"r{rnd:05d}"
+        plan = tree.chunks(n, len(slots), self.chunk_size)
+        held = [c.submit(hold_clients, self._bundle, params_f, rnd, clients, a, b, on_error,
+                         key=f"{self.stage_name}-{tag}-c{j:04d}-{run}", workers=[slots[j % len(slots)]],
+                         allow_other_workers=True, pure=False) for j, (a, b) in enumerate(plan)]
+        futs: list[Future] = list(held)
+        self._release_later([])
+        try:
+            timed = [c.submit(finish_times, h, key=f"finish-times-{tag}-c{j:04d}-{run}", pure=False)
+                     for j, h in enumerate(held)]
+            futs += timed
+            order = sorted((t, p) for part in self._gather(timed) for p, t in part)
+            keep = frozenset(p for _, p in order[: clients.keep_first])
+            reason = f"over-selection: not among the first {clients.keep_first} to finish"
+            reduced = [c.submit(reduce_held, self._bundle, h, keep, n, tree.cover(n, a, b), reason,
+                                key=f"aggregate-{tag}-c{j:04d}-{run}", pure=False)
+                       for j, (h, (a, b)) in enumerate(zip(held, plan))]
+            futs += reduced
+            reducer = self._local.reducer
+            done = {node: part for result in self._gather(reduced) for node, part in result}
+            root: Partial = tree.assemble(n, done, lambda a, b: combine_partials(reducer, a, b))
+            return root
+        except BaseException:
+            c.cancel([*futs, params_f], force=True)
             raise
         finally:
             self._release_later([*futs, params_f])
