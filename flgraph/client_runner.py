@@ -23,7 +23,7 @@ from .graph import ClientStage, Reducer
 from .params import Params, ParamSpec
 
 __all__ = ["Bundle", "Partial", "client_leaf", "combine_partials", "finish_times", "hold_clients", "map_chunk",
-           "reduce_held", "run_clients"]
+           "one_client", "reduce_held", "run_clients"]
 
 log = logging.getLogger("flgraph")
 OnError = Literal["raise", "drop"]
@@ -159,6 +159,12 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
 
     return [((lo, hi), tree.evaluate(lo, hi, lambda p: client_leaf(bundle, gp, rnd, clients, p, on_error),
                                      combine)) for lo, hi in nodes]
+
+
+def one_client(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet,
+               on_error: OnError = "raise") -> Partial:
+    """The leaf Partial of the single client in ``clients`` (the asynchronous engine's task)."""
+    return client_leaf(bundle, Params(bundle.spec, global_flat), rnd, clients, 0, on_error)
 
 
 def hold_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet, a: int, b: int,

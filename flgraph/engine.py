@@ -67,8 +67,10 @@ class SyncEngine:
     def state_key(index: int, stage: Any) -> str:
         return f"{index:02d}-{stage.name}"
 
-    def initial_states(self, params: Params, stages: tuple[Any, ...]) -> dict[str, dict[str, Any]]:
-        return {self.state_key(i, s): s.init_state(params) for i, s in enumerate(stages)
+    @staticmethod
+    def initial_states(params: Params, stages: tuple[Any, ...]) -> dict[str, dict[str, Any]]:
+        """Every stage's explicit state at the start of a run."""
+        return {SyncEngine.state_key(i, s): s.init_state(params) for i, s in enumerate(stages)
                 if hasattr(s, "init_state")}
 
     def run_round(self, state: RunState, rnd: int, last: bool, transport: Transport,

@@ -189,7 +189,9 @@ class Pipeline:
         return Pipeline(self.stages + tuple(more))
 
     def _check(self, final: bool = False) -> Segments:
-        have: set[str] = set()
+        # A pipeline under construction may be a fragment (``a >> (b >> c)`` builds ``b >> c`` first): it
+        # assumes that what its first stage needs comes from upstream. The final check assumes nothing.
+        have: set[str] = set() if final or not self.stages else set(self.stages[0].requires)
         before: list[ServerStage] = []
         clients: list[ClientStage] = []
         after: list[ServerStage] = []

@@ -63,6 +63,16 @@ class History:
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
         return "\n".join(lines)
 
+    def plot(self, *, x: str = "round", **kwargs: Any) -> Any:
+        """The usual curves as a matplotlib Figure: loss, accuracy, bytes per round, time per stage.
+
+        Needs matplotlib (an optional extra); ``x="sim_time"`` plots against simulated time. See
+        :func:`flgraph.plotting.plot_history` for the options.
+        """
+        from .plotting import plot_history
+
+        return plot_history(self, x=x, **kwargs)
+
     def __repr__(self) -> str:
         return f"History({len(self.rows)} rounds)\n{self.table()}" if self.rows else "History(0 rounds)"
 

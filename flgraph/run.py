@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import uuid
@@ -74,6 +75,11 @@ class Run:
         transport: where client stages run, an object like :class:`flgraph.transports.DaskTransport`
             (``start``, ``run_round``, ``map_clients``, ``places``, ``close``); default: Dask tasks on
             ``cluster``.
+        metrics_log: a ``.jsonl`` or ``.csv`` file that gets every round's metrics row as it completes
+            (:class:`flgraph.metrics_log.MetricsLog`); ``"auto"`` (default): ``metrics.jsonl`` inside the run
+            directory when ``checkpoint`` is a local path, no file otherwise; ``None``: no file.
+        dashboard: add the FL page to the Dask dashboard (``/flgraph`` next to ``/status``, see
+            :mod:`flgraph.dashboard`); a page that cannot be set up is logged and the run goes on.
     """
 
     def __init__(
@@ -97,6 +103,8 @@ class Run:
         keep_every: int | None = None,
         callbacks: Sequence[Any] = (),
         transport: Any = None,
+        metrics_log: str | os.PathLike[str] | None = "auto",
+        dashboard: bool = True,
         _resume: tuple[RunDirectory, Snapshot] | None = None,
     ) -> None:
         from .models.adapter import ModelAdapter
@@ -124,14 +132,28 @@ class Run:
         self.progress = progress
         for s in pipeline:
             s.prepare(data, self.adapter)
-        self.engine = SyncEngine(self.segments, seed=self.seed, dataset=data, model_source=self.adapter)
+        self.engine: Any
+        if getattr(self.segments.reduce, "asynchronous", False):
+            from .async_engine import AsyncEngine
+
+            self.engine = AsyncEngine(self.segments, seed=self.seed, dataset=data, model_source=self.adapter)
+        else:
+            self.engine = SyncEngine(self.segments, seed=self.seed, dataset=data, model_source=self.adapter)
         params = self.adapter.initial_params()
-        self.state = RunState(0, params, self.engine.initial_states(params, pipeline.stages))
+        self.state = RunState(0, params, SyncEngine.initial_states(params, pipeline.stages))
         self._keys = {id(s): SyncEngine.state_key(i, s) for i, s in enumerate(pipeline.stages)}
         self.history = History()
         self.token = uuid.uuid4().hex[:8]
         self._cluster_arg = cluster
         self.callbacks = list(callbacks)
+        if metrics_log is not None:
+            from .metrics_log import MetricsLog
+
+            self.callbacks.append(MetricsLog(metrics_log))
+        if dashboard:
+            from .dashboard import Dashboard
+
+            self.callbacks.append(Dashboard())
         self._custom_transport = transport
         self._workers = workers
         self._connect_timeout = connect_timeout
@@ -275,6 +297,8 @@ class Run:
         if self._writer is not None:
             self._writer.close()
         if self._transport is not None:
+            if hasattr(self.engine, "abort"):
+                self.engine.abort(self._transport)
             self._transport.close()
             self._transport = None
         if self._handle is not None:

@@ -71,6 +71,11 @@ def _value(v: Any) -> JSON:
         return [_value(x) for x in v]
     if isinstance(v, dict):
         return {str(k): _value(x) for k, x in v.items()}
+    if hasattr(v, "flgraph_spec") and not isinstance(v, type):  # built by a factory call: record the call
+        path, kwargs = v.flgraph_spec()
+        if path is not None:
+            return {"call": path, "kwargs": {k: _value(x) for k, x in kwargs.items()}}
+        return {"unimportable": repr(v)}
     if isinstance(v, type) or inspect.isfunction(v) or inspect.isbuiltin(v) or inspect.ismethod(v):
         path = import_path(v)
         return {"callable": path} if path else {"unimportable": repr(v)}
@@ -114,6 +119,8 @@ def _build(v: JSON) -> Any:
     if isinstance(v, dict):
         if "callable" in v:
             return load_path(v["callable"])
+        if "call" in v:
+            return load_path(v["call"])(**{k: _build(x) for k, x in v["kwargs"].items()})
         if "unimportable" in v:
             raise ConfigError(f"the run used {v['unimportable']}, which cannot be imported again",
                               fix="resume with the same object passed again: flgraph.resume(path, pipeline=...)")

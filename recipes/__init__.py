@@ -7,5 +7,6 @@ Example:
 """
 
 from .fedavg import fedavg
+from .fedbuff import fedbuff
 
-__all__ = ["fedavg"]
+__all__ = ["fedavg", "fedbuff"]

@@ -12,6 +12,7 @@ from flgraph.graph import ClientStage, Reducer, ReduceStage, ServerStage, Stage
 
 from .aggregate import Aggregate, WeightedMean
 from .broadcast import Broadcast
+from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
 from .compress import LZ4, Compress, Float16
 from .evaluate import Evaluate
 from .select import Select
@@ -22,6 +23,10 @@ __all__ = [
     "LZ4",
     "Aggregate",
     "Broadcast",
+    "BufferedAggregate",
+    "Constant",
+    "Hinge",
+    "Polynomial",
     "ClientStage",
     "Compress",
     "Evaluate",

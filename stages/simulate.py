@@ -60,10 +60,6 @@ class Simulate(ServerStage):
         self.cutoff = cutoff
         self.epochs = epochs
 
-    def settings(self) -> dict[str, Any]:
-        return {"devices": {"unimportable": f"DevicePopulation of {len(self.devices)}"},
-                "deadline": self.deadline, "cutoff": self.cutoff, "epochs": self.epochs}
-
     def prepare(self, dataset: Any, model_source: Any) -> None:
         missing = [int(c) for c in dataset.client_ids[:100_000] if int(c) not in self.devices.profiles]
         if missing:

@@ -83,13 +83,18 @@ def test_pipelines_compose_with_pipelines():
     assert len(head) == 4 and len(tail) == 2
 
 
-def test_a_fragment_is_checked_on_its_own_when_built():
-    # the right operand of >> is itself a Pipeline, checked when built: a tail that needs upstream
-    # capabilities cannot exist on its own, so compose stage by stage instead
+def test_a_fragment_assumes_its_first_stage_needs_come_from_upstream():
+    # ``a >> (b >> c)`` builds ``b >> c`` first: a fragment may start with a stage that needs upstream
+    # capabilities, but what follows is still checked against them, and check() assumes nothing
+    tail = Pipeline([st.LocalTrain(), st.Aggregate()])
     with pytest.raises(PipelineError, match=r"stage 1 \(LocalTrain\) needs the global model"):
-        Pipeline([st.LocalTrain(), st.Aggregate()])
+        tail.check()
+    with pytest.raises(PipelineError, match=r"stage 2 \(LocalTrain\) needs the global model"):
+        Pipeline([st.Compress(), st.LocalTrain()])
     head = st.Select(clients=3) >> st.Broadcast()
-    assert len(head >> st.LocalTrain() >> st.Aggregate()) == 4
+    assert len(head >> tail) == 4 and len((head >> tail).check().clients) == 1
+    with pytest.raises(PipelineError, match=r"stage 2 \(LocalTrain\) needs the global model"):
+        st.Select(clients=3) >> tail
 
 
 def test_partial_pipelines_are_allowed_until_check():
@@ -115,8 +120,9 @@ def test_local_train_without_broadcast():
 
 
 def test_broadcast_without_select():
+    fragment = st.Broadcast() >> st.LocalTrain()  # may still get a Select in front of it
     with pytest.raises(PipelineError, match=r"stage 1 \(Broadcast\) needs the round's clients") as ei:
-        st.Broadcast() >> st.LocalTrain()
+        fragment.check()
     assert "st.Select(clients=...)" in ei.value.fix
 
 
@@ -130,7 +136,7 @@ def test_broadcast_without_select():
 )
 def test_aggregate_before_any_client_stage(build):
     with pytest.raises(PipelineError, match=r"\(Aggregate\) needs a client update") as ei:
-        build()
+        build().check()
     assert ei.value.fix.startswith("insert st.LocalTrain(...) before Aggregate")
 
 
@@ -266,7 +272,7 @@ def test_user_capability_provided_after_is_too_late():
 
 def test_user_server_stage_requiring_aggregate_must_come_after_it():
     with pytest.raises(PipelineError, match=r"stage 1 \(StopRule\) needs 'aggregate'"):
-        StopRule() >> st.Select(clients=3)
+        (StopRule() >> st.Select(clients=3)).check()
 
 
 def test_abstract_stages_cannot_be_instantiated_without_run():
@@ -284,7 +290,8 @@ def test_repr_shows_the_stages_and_segments():
     p = (st.Select(clients=5) >> st.Broadcast() >> st.LocalTrain() >> st.Compress("fp16")
          >> st.Aggregate(st.WeightedMean()) >> st.Evaluate(every=3))
     lines = repr(p).splitlines()
-    assert lines[0].startswith("Pipeline: Select(clients=5, fraction=None, sampler=None) >> Broadcast() >> "
+    assert lines[0].startswith("Pipeline: Select(clients=5, fraction=None, sampler=None, weighting='uniform', "
+                               "over_select=1.0) >> Broadcast() >> "
                                "LocalTrain(epochs=1, ")
     assert " >> Compress(codec=Float16()) >> Aggregate(reducer=WeightedMean(" in lines[0]
     assert lines[0].endswith(" >> Evaluate(every=3, batch_size=1024, device='cpu')")
@@ -321,7 +328,7 @@ def test_html_repr_contains_each_stage():
         assert f"<b>{type(s).__name__}</b><br><small>{s.kind}</small>" in h
     assert h.count("&rarr;") == len(p) - 1
     # the stage repr is in the tooltip, HTML-escaped
-    assert 'title="Select(clients=5, fraction=None, sampler=None)"' in h
+    assert 'title="Select(clients=5, fraction=None, sampler=None, weighting=&#x27;uniform&#x27;, over_select=1.0)"' in h
     assert "device=&#x27;cpu&#x27;" in h and "device='cpu'" not in h
     for kind in ("server", "client", "reduce"):
         assert f">{kind}</span>" in h

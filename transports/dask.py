@@ -32,6 +32,7 @@ from flgraph.client_runner import (
     finish_times,
     hold_clients,
     map_chunk,
+    one_client,
     reduce_held,
     run_clients,
 )
@@ -229,6 +230,24 @@ class DaskTransport:
             return [r for part in self._gather(futs) for r in part]
         finally:
             c.cancel([*futs, params_f], force=True)
+
+    # -- asynchronous engine -----------------------------------------------------------------------
+    def publish(self, version: int, flat: np.ndarray) -> Future:
+        """Ship global version ``version`` to every worker once (clients of that version reuse it)."""
+        self._attempt += 1
+        key = f"broadcast-v{version:06d}-{self.token}.{self._attempt}"
+        return self.client.scatter({key: flat}, broadcast=True, hash=False)[key]
+
+    def submit_client(self, params_f: Future, rnd: int, clients: ClientSet, on_error: str, idx: int) -> Future:
+        """One client's segment as one task (``local-train-d0000042-<run>``); its result is a leaf Partial."""
+        return self.client.submit(one_client, self._bundle, params_f, rnd, clients, on_error,
+                                  key=f"{self.stage_name}-d{idx:07d}-{self.token}.{self._attempt}", pure=False)
+
+    def release(self, futures: list[Future]) -> None:
+        """Let the cluster forget these futures."""
+        if futures:
+            with contextlib.suppress(Exception):
+                self.client.cancel(futures, force=True)
 
     def _gather(self, futures: list[Future]) -> list[Any]:
         try:

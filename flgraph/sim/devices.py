@@ -80,7 +80,8 @@ class DeviceProfile:
 class DevicePopulation:
     """Device profiles for a set of client ids (deterministic from the seed or read from a trace)."""
 
-    def __init__(self, profiles: dict[int, DeviceProfile]) -> None:
+    def __init__(self, profiles: dict[int, DeviceProfile], *,
+                 source: tuple[str, dict[str, Any]] | None = None) -> None:
         if not profiles:
             raise ConfigError("a device population needs at least one profile")
         for cid, p in profiles.items():
@@ -88,6 +89,12 @@ class DevicePopulation:
                 raise ConfigError(f"client {cid}'s device has a non-positive speed or bandwidth: {p}",
                                   fix="speeds and bandwidths must be > 0")
         self.profiles = profiles
+        self._source = source
+
+    def flgraph_spec(self) -> tuple[str | None, dict[str, Any]]:
+        """How to make this population again (for checkpoints): a factory's import path and arguments,
+        or ``(None, {})`` for profiles given directly."""
+        return self._source if self._source is not None else (None, {})
 
     def profile(self, client: int) -> DeviceProfile:
         try:
@@ -106,7 +113,7 @@ class DevicePopulation:
 
     # -- sources ---------------------------------------------------------------------------------------
     @classmethod
-    def lognormal(cls, client_ids: Iterable[int], *, seed: int, speed: float = 100.0, speed_sigma: float = 0.8,
+    def lognormal(cls, client_ids: Iterable[int] | int, *, seed: int, speed: float = 100.0, speed_sigma: float = 0.8,
                   down_bps: float = 2.5e6, down_sigma: float = 0.6, up_bps: float = 1.0e6, up_sigma: float = 0.6,
                   mean_on: float | None = None, mean_off: float | None = None,
                   period: float = 86400.0) -> DevicePopulation:
@@ -116,8 +123,13 @@ class DevicePopulation:
         repeating ``period``; otherwise devices are always online. Client ``k``'s draws come from the stream
         ``(seed, devices, k)``, so a client's device does not depend on which other clients exist.
         """
+        ids = [int(k) for k in (range(client_ids) if isinstance(client_ids, int) else client_ids)]
+        source_ids: int | list[int] = len(ids) if ids == list(range(len(ids))) else ids
+        kwargs = {"client_ids": source_ids, "seed": seed, "speed": speed, "speed_sigma": speed_sigma,
+                  "down_bps": down_bps, "down_sigma": down_sigma, "up_bps": up_bps, "up_sigma": up_sigma,
+                  "mean_on": mean_on, "mean_off": mean_off, "period": period}
         out = {}
-        for k in client_ids:
+        for k in ids:
             g = stream(seed, _TAG, int(k))
             s, d, u = g.standard_normal(3)
             on: tuple[tuple[float, float], ...] | None = None
@@ -131,7 +143,7 @@ class DevicePopulation:
                 on = tuple(intervals)
             out[int(k)] = DeviceProfile(speed * math.exp(speed_sigma * s), down_bps * math.exp(down_sigma * d),
                                         up_bps * math.exp(up_sigma * u), on, period if on is not None else math.inf)
-        return cls(out)
+        return cls(out, source=("flgraph.sim.devices:DevicePopulation.lognormal", kwargs))
 
     @classmethod
     def from_trace(cls, path: str | Path) -> DevicePopulation:
@@ -171,7 +183,7 @@ class DevicePopulation:
                 raise DataError(f"{p}, entry {i + 1}: {type(e).__name__}: {e}",
                                 fix="each entry needs client, speed, down_bps, up_bps (and optionally on, period)"
                                 ) from e
-        return cls(out)
+        return cls(out, source=("flgraph.sim.devices:DevicePopulation.from_trace", {"path": str(p.resolve())}))
 
     @classmethod
     def from_fedscale(cls, capacity: str | Path, behaviour: str | Path | None = None, *,
@@ -207,7 +219,10 @@ class DevicePopulation:
                 period = float(b.get("finish_time", 0)) or math.inf
                 on = tuple((float(a), float(z)) for a, z in zip(active, inactive)) or None
             out[int(cid)] = DeviceProfile(1000.0 / (batch_factor * ms), bps, bps, on, period)
-        return cls(out)
+        return cls(out, source=("flgraph.sim.devices:DevicePopulation.from_fedscale", {
+            "capacity": str(Path(capacity).resolve()),
+            "behaviour": str(Path(behaviour).resolve()) if behaviour is not None else None,
+            "client_ids": [int(c) for c in ids], "batch_factor": batch_factor}))
 
 
 class _PlainUnpickler(pickle.Unpickler):

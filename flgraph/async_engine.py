@@ -1,0 +1,270 @@
+"""The asynchronous engine (FedBuff): ``concurrency`` clients in flight, a server step every K updates.
+
+Each dispatched client trains from the global version current at its dispatch and takes a simulated
+duration (its device's download + compute + upload, with the real byte counts; without a ``Simulate``
+stage every device trains one sample per virtual second and transfers instantly). Arrivals are processed
+in virtual-clock order, ``(finish time, dispatch index)``, never in real completion order: a completed
+update is processed only once no client still running could finish before it (its lower bound is its
+start plus its download time). So an asynchronous run with the same seed is bit-identical whatever the
+number of workers. After each processed arrival a new client is dispatched at that virtual time, with
+the then-current version. ``run_round`` returns when the server has stepped once.
+
+The engine never imports torch. Its state (buffer, clock, dispatch counter, clients in flight) is
+explicit in the BufferedAggregate stage's state, so checkpoints hold it; after a resume the clients that
+were in flight are dispatched again (from the current version) and none is counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from distributed import Future, as_completed
+
+from .client_runner import Partial
+from .context import ClientSet, RoundContext
+from .errors import ConfigError
+from .graph import Segments
+from .params import Params
+from .rng import stream
+
+__all__ = ["AsyncEngine"]
+
+
+@dataclass
+class _Flight:
+    idx: int
+    client: int
+    version: int
+    start: float
+    lower: float
+    future: Future | None = None
+    result: Partial | None = None
+
+
+class AsyncEngine:
+    """Runs asynchronous server steps of a pipeline whose reduce stage is a BufferedAggregate."""
+
+    def __init__(self, segments: Segments, *, seed: int, dataset: Any, model_source: Any) -> None:
+        from .stages import Select, Simulate
+
+        self.segments = segments
+        self.seed = seed
+        self.dataset = dataset
+        self.model_source = model_source
+        self.stage: Any = segments.reduce
+        sel = [s for s in segments.before if isinstance(s, Select)]
+        if not sel:
+            raise ConfigError("an asynchronous pipeline needs a Select stage: its clients= is the concurrency")
+        self.select = sel[0]
+        if self.select.over_select > 1.0 or self.select.sampler is not None:
+            raise ConfigError("asynchronous runs draw clients uniformly one at a time",
+                              fix="use st.Select(clients=CONCURRENCY) without sampler= or over_select=")
+        sims = [s for s in segments.before if isinstance(s, Simulate)]
+        self.simulate: Any = sims[0] if sims else None
+        if self.simulate is not None and self.simulate.deadline is not None:
+            raise ConfigError("deadlines apply to synchronous rounds", fix="use Simulate(devices) without deadline=")
+        self.concurrency = self.select.count(dataset.num_clients)
+        if self.concurrency >= dataset.num_clients:
+            raise ConfigError(f"concurrency {self.concurrency} needs more clients than the dataset's "
+                              f"{dataset.num_clients}", fix="keep fewer clients in flight")
+        self.flights: dict[int, _Flight] = {}
+        self.versions: dict[int, Future] = {}
+        self.completed: Any = None
+        self.spec = None
+
+    @staticmethod
+    def state_key(index: int, stage: Any) -> str:
+        return f"{index:02d}-{stage.name}"
+
+    # -- dispatch ------------------------------------------------------------------------------------
+    def _version_future(self, transport: Any, version: int, params: Params) -> Future:
+        if version not in self.versions:
+            self.versions[version] = transport.publish(version, params.flat)
+        return self.versions[version]
+
+    def _release_versions(self, transport: Any, current: int) -> None:
+        used = {f.version for f in self.flights.values()} | {current}
+        old = [v for v in self.versions if v not in used]
+        if old:
+            transport.release([self.versions.pop(v) for v in old])
+
+    def _settings(self, cid: int, start: float) -> tuple[dict[str, np.ndarray], float]:
+        if self.simulate is None:
+            st = {"speed": np.array([1.0]), "down_bps": np.array([math.inf]), "up_bps": np.array([math.inf])}
+            return st, start
+        p = self.simulate.devices.profile(cid)
+        st = {"speed": np.array([p.speed]), "down_bps": np.array([p.down_bps]), "up_bps": np.array([p.up_bps]),
+              "online_until": np.array([p.online_until(start) - start])}
+        return st, start + float(self.spec.nbytes) / p.down_bps if self.spec is not None else start
+
+    def _dispatch(self, transport: Any, state: dict[str, Any], params: Params, version: int, at: float,
+                  on_error: str, idx: int | None = None, cid: int | None = None) -> None:
+        if idx is None:
+            idx = int(state["dispatched"])
+            state["dispatched"] = idx + 1
+        if cid is None:
+            population = self.dataset.client_ids
+            busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
+            free = population[~np.isin(population, busy)]
+            cid = int(stream(self.seed, self.select.tag, 0, idx).choice(free))
+        settings, lower = self._settings(cid, at)
+        clients = ClientSet(np.array([cid], np.int64), settings)
+        fut = transport.submit_client(self._version_future(transport, version, params), idx + 1, clients,
+                                      on_error, idx)
+        self.flights[idx] = _Flight(idx, cid, version, at, lower, fut)
+        self.completed.add(fut)
+
+    # -- one server step -----------------------------------------------------------------------------
+    def run_round(self, state_obj: Any, rnd: int, last: bool, transport: Any, keys: dict[int, str],
+                  on_error: str = "raise") -> dict[str, Any]:
+        """Process arrivals until the server steps once (server step ``rnd``); return its metrics row."""
+        t_round = time.perf_counter()
+        self.spec = state_obj.params.spec
+        key = keys[id(self.stage)]
+        st = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state_obj.stage_states[key].items()}
+        st.setdefault("time", 0.0)
+        st.setdefault("dispatched", 0)
+        version = state_obj.round
+        params = state_obj.params
+        if self.completed is None:
+            self.completed = as_completed(loop=transport.client.loop)
+        try:
+            if not self.flights:  # first step, or after a resume: (re)fill the flight
+                for fl in np.asarray(st.get("inflight", np.zeros((0, 4)))).reshape(-1, 4):
+                    self._dispatch(transport, st, params, version, float(fl[3]), on_error,
+                                   idx=int(fl[0]), cid=int(fl[1]))
+                while len(self.flights) < self.concurrency:
+                    self._dispatch(transport, st, params, version, float(st["time"]), on_error)
+            sums: dict[str, float] = {}
+            stale: list[int] = []
+            dropped_stale = 0
+            failed: list[int] = []
+            dropped: list[int] = []
+            arrivals: list[int] = []
+            dispatched_before = int(st["dispatched"])
+            step_start = float(st["time"])
+            while not self.stage.full(st):
+                flight = self._next_safe()
+                if flight is None:
+                    self._wait_one()
+                    continue
+                part = flight.result
+                assert part is not None
+                del self.flights[flight.idx]
+                arrivals.append(flight.idx)
+                finish = flight.start + part.maxes["finish"] if part.value is not None else flight.lower
+                st["time"] = max(float(st["time"]), finish)
+                failed += [c for c, _ in part.failures]
+                dropped += [c for c, _ in part.dropped]
+                accepted = part.value is not None and self.stage.add(st, part.value, version - flight.version)
+                if accepted:
+                    stale.append(version - flight.version)
+                elif part.value is not None:
+                    dropped_stale += 1  # too stale: its work is timed, its update and metrics are not used
+                for k, v in part.sums.items():
+                    if accepted or part.value is None or k.startswith("time_"):
+                        sums[k] = sums.get(k, 0.0) + v
+                if not self.stage.full(st):
+                    self._dispatch(transport, st, params, version, float(st["time"]), on_error)
+            ctx = RoundContext(rnd, self.seed, params, self.dataset, self.model_source, last)
+            ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
+            ctx.tag = self.stage.tag
+            t0 = time.perf_counter()
+            self.stage.step(ctx, st)
+            t_agg = time.perf_counter() - t0
+            new_version = version + 1
+            # the client that filled the buffer is replaced with the new model
+            self._dispatch(transport, st, ctx.params, new_version, float(st["time"]), on_error)
+            new_states = {k: dict(v) for k, v in state_obj.stage_states.items()}
+            new_states[key] = st
+            times: dict[str, float] = {"time_aggregate": t_agg}
+            for s in self.segments.after:
+                t0 = time.perf_counter()
+                ctx.tag = s.tag
+                ctx.state = new_states.setdefault(keys[id(s)], {})
+                s.run(ctx)
+                times[f"time_{s.name}"] = time.perf_counter() - t0
+        except BaseException:
+            self.abort(transport)
+            raise
+        st["inflight"] = np.array([[f.idx, f.client, f.version, f.start] for f in self.flights.values()],
+                                  np.float64).reshape(-1, 4)
+        self._release_versions(transport, new_version)
+        row = self._row(rnd, ctx, sums, stale, dropped_stale, failed, dropped, st, step_start,
+                        int(st["dispatched"]) - dispatched_before, transport)
+        row.update(times)
+        row["arrivals"] = arrivals  # dispatch indices processed in this step (each exactly once in a run)
+        row["round_time"] = time.perf_counter() - t_round
+        state_obj.params, state_obj.round, state_obj.stage_states = ctx.params, rnd, new_states
+        return row
+
+    def _next_safe(self) -> _Flight | None:
+        """The completed flight that comes next in virtual time, if no running flight can precede it."""
+        done = [f for f in self.flights.values() if f.result is not None]
+        if not done:
+            return None
+
+        def when(f: _Flight) -> tuple[float, int]:
+            assert f.result is not None
+            t = f.start + f.result.maxes["finish"] if f.result.value is not None else f.lower
+            return (t, f.idx)
+
+        first = min(done, key=when)
+        running = [(f.lower, f.idx) for f in self.flights.values() if f.result is None]
+        if running and min(running) < when(first):
+            return None
+        return first
+
+    def _wait_one(self) -> None:
+        fut: Future = next(self.completed)
+        for f in self.flights.values():
+            if f.future is fut:
+                f.result = fut.result()  # raises the client's error in "raise" mode
+                f.future = None
+                return
+
+    def abort(self, transport: Any) -> None:
+        """Forget the flight (after an error or at close); the explicit state keeps what was in flight."""
+        futs = [f.future for f in self.flights.values() if f.future is not None]
+        futs += list(self.versions.values())
+        if futs:
+            transport.release(futs)
+        self.flights.clear()
+        self.versions.clear()
+        self.completed = None
+
+    @staticmethod
+    def _row(rnd: int, ctx: RoundContext, sums: dict[str, float], stale: list[int], dropped_stale: int,
+             failed: list[int], dropped: list[int], st: dict[str, Any], step_start: float, dispatched: int,
+             transport: Any) -> dict[str, Any]:
+        samples = sums.get("samples", 0.0)
+        row: dict[str, Any] = {"round": rnd}
+        for k, v in sums.items():
+            if k.startswith("wsum_") and samples:
+                row[k[5:]] = v / samples
+        row.update(ctx.metrics)
+        row["clients_done"] = len(stale)
+        row["clients_failed"] = len(failed)
+        row["clients_dropped"] = len(dropped)
+        row["clients_stale"] = dropped_stale
+        if failed:
+            row["failed_clients"] = failed
+        if dropped:
+            row["dropped_clients"] = dropped
+        row["staleness_mean"] = float(np.mean(stale)) if stale else 0.0
+        row["staleness_max"] = int(max(stale)) if stale else 0
+        row["samples"] = int(samples)
+        row["bytes_up"] = int(sums.get("bytes_up", 0))
+        row["bytes_up_raw"] = int(sums.get("bytes_up_raw", 0))
+        row["bytes_down"] = ctx.params.nbytes * dispatched
+        row["sim_time"] = float(st["time"])
+        row["sim_round_time"] = float(st["time"]) - step_start
+        row["clients_dispatched"] = dispatched
+        for k, v in sums.items():
+            if k.startswith("time_"):
+                row[k] = v
+        return row
