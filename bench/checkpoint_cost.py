@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import w1  # noqa: E402
+import w1
 
-import flgraph as fg  # noqa: E402
-from flgraph.checkpoint import CheckpointPolicy, RunDirectory, Snapshot  # noqa: E402
+import flgraph as fg
+from flgraph.checkpoint import CheckpointPolicy, RunDirectory, Snapshot
 
 
 def dir_bytes(path: Path) -> int:
@@ -54,7 +54,7 @@ def big_snapshot(n: int, tmp: Path) -> dict[str, float]:
     d.write(Snapshot(1, 1, params, {}, rows))
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    d.write(Snapshot(2, 2, params, {}, rows + [{"round": 2, "loss": 0.9}]))
+    d.write(Snapshot(2, 2, params, {}, [*rows, {"round": 2, "loss": 0.9}]))
     d.prune(CheckpointPolicy(keep_last=1))
     write2_s = time.perf_counter() - t0
     size = RunDirectory.open(path, mode="r").sizes()[2]

@@ -71,6 +71,10 @@ class AsyncEngine:
         if self.concurrency >= dataset.num_clients:
             raise ConfigError(f"concurrency {self.concurrency} needs more clients than the dataset's "
                               f"{dataset.num_clients}", fix="keep fewer clients in flight")
+        from .stages import LocalTrain
+
+        trains = [s for s in segments.clients if isinstance(s, LocalTrain)]
+        self.train: Any = trains[0] if len(trains) == 1 and trains[0].steps is None else None
         self.flights: dict[int, _Flight] = {}
         self.versions: dict[int, Future] = {}
         self.completed: Any = None
@@ -95,11 +99,20 @@ class AsyncEngine:
     def _settings(self, cid: int, start: float) -> tuple[dict[str, np.ndarray], float]:
         if self.simulate is None:
             st = {"speed": np.array([1.0]), "down_bps": np.array([math.inf]), "up_bps": np.array([math.inf])}
-            return st, start
+            return st, start + self._min_samples(cid)
         p = self.simulate.devices.profile(cid)
         st = {"speed": np.array([p.speed]), "down_bps": np.array([p.down_bps]), "up_bps": np.array([p.up_bps]),
               "online_until": np.array([p.online_until(start) - start])}
-        return st, start + float(self.spec.nbytes) / p.down_bps if self.spec is not None else start
+        down = float(self.spec.nbytes) / p.down_bps if self.spec is not None else 0.0
+        return st, start + down + self._min_samples(cid) / p.speed
+
+    def _min_samples(self, cid: int) -> float:
+        """A lower bound on the samples the client trains on (0 when it cannot be known in advance)."""
+        if self.train is None:
+            return 0.0
+        n = self.dataset.num_samples(cid)
+        kept = math.floor(n * (1.0 - float(getattr(self.train, "holdout", 0.0)))) - 1
+        return float(self.train.epochs * max(kept, 0))
 
     def _dispatch(self, transport: Any, state: dict[str, Any], params: Params, version: int, at: float,
                   on_error: str, idx: int | None = None, cid: int | None = None) -> None:
@@ -157,6 +170,13 @@ class AsyncEngine:
                 del self.flights[flight.idx]
                 arrivals.append(flight.idx)
                 finish = flight.start + part.maxes["finish"] if part.value is not None else flight.lower
+                if finish < flight.lower - 1e-9:
+                    raise ConfigError(
+                        f"client {flight.client} finished at virtual time {finish:.3f}, before its lower bound "
+                        f"{flight.lower:.3f}: it trained on fewer samples than LocalTrain(epochs=...) implies, "
+                        "which would break the virtual-clock order",
+                        fix="report the real count as metrics['samples_processed'] from train_fn, at least "
+                            "epochs x the client's samples, or use LocalTrain(steps=...)")
                 st["time"] = max(float(st["time"]), finish)
                 failed += [c for c, _ in part.failures]
                 dropped += [c for c, _ in part.dropped]

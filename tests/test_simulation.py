@@ -113,7 +113,7 @@ def test_lognormal_population_is_deterministic_and_spread():
     assert p.on and any(p.online(t) for t in np.linspace(0, 86400, 200))
     assert not all(p.online(t) for t in np.linspace(0, 86400, 200))
     t = next(t for t in np.linspace(0, 86400, 2000) if p.online(t))
-    assert p.online_until(t) > t and not p.online(p.online_until(t) + 1e-6) or p.online_until(t) == 86400
+    assert (p.online_until(t) > t and not p.online(p.online_until(t) + 1e-6)) or p.online_until(t) == 86400
 
 
 def test_trace_files(tmp_path):
