@@ -64,6 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run", help="the run directory (RUN.zarr)")
     exp.add_argument("output", help="the file to write (e.g. model.pt)")
     exp.add_argument("--round", type=int, default=None, help="the snapshot's round (default: the newest intact)")
+
+    edge = sub.add_parser("edge", help="run an edge agent: connect to a gateway and train on this device's data",
+                          description="Connect out to a flgraph gateway (ZeroMQ), heartbeat, and run the task "
+                          "function on each round's global params; reconnects with back-off. No code travels over "
+                          "the wire: the task is a function of a module installed here (transports/PROTOCOL.md).")
+    edge.add_argument("--connect", required=True, help="the gateway's endpoint, e.g. tcp://HOST:PORT")
+    edge.add_argument("--task", required=True, help="the task function, package.module:function")
+    edge.add_argument("--client-id", type=int, default=None, help="the client this device stands for "
+                      "(default: the gateway assigns one)")
+    edge.add_argument("--key", default=None, help="this agent's NAME.key_secret (CURVE)")
+    edge.add_argument("--server-key", default=None, help="the gateway's public NAME.key (CURVE)")
+    edge.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat seconds until the gateway says")
+    edge.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnects (s)")
+    edge.add_argument("--give-up-after", type=float, default=None,
+                      help="exit (code 3) when no gateway accepted this agent for this many seconds")
+    edge.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
+    edge.add_argument("--verbose", action="store_true", help="log joins, reconnects and tasks")
+
+    keys = sub.add_parser("keys", help="make a CURVE key pair for a gateway or an agent",
+                          description="Write NAME.key (public: give it to the other side; an agent's goes into the "
+                          "gateway's allow-list directory) and NAME.key_secret (keep it here).")
+    keys.add_argument("directory", help="where to write the pair")
+    keys.add_argument("--name", required=True, help="the pair's name, e.g. gateway or agent-7")
     return p
 
 
@@ -144,13 +167,42 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edge(args: argparse.Namespace) -> int:
+    from .transports.zmq import Agent
+
+    if args.verbose:
+        logging.getLogger("flgraph").setLevel(logging.INFO)
+    agent = Agent(args.connect, args.task, client_id=args.client_id, secret_key=args.key,
+                  server_key=args.server_key, heartbeat_s=args.heartbeat, max_backoff_s=args.max_backoff,
+                  give_up_s=args.give_up_after, max_tasks=args.max_tasks)
+    print(f"flgraph edge: connecting to {args.connect} as "
+          f"{'client ' + str(args.client_id) if args.client_id is not None else 'any client'}", file=sys.stderr,
+          flush=True)
+    try:
+        code = agent.run()
+    except KeyboardInterrupt:
+        agent.stop()
+        code = 0
+    print(f"flgraph edge: stopped after {agent.tasks_done} task(s)", file=sys.stderr, flush=True)
+    return code
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from .transports.zmq import make_keypair
+
+    public, secret = make_keypair(args.directory, args.name)
+    print(f"wrote {public} (public) and {secret} (secret)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flgraph`` command; flgraph errors print their message and fix, exit code 2."""
     from .errors import FlgraphError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"demo": _demo, "resume": _resume, "inspect": _inspect, "export": _export}
+    commands = {"demo": _demo, "resume": _resume, "inspect": _inspect, "export": _export, "edge": _edge,
+                "keys": _keys}
     if args.command not in commands:
         build_parser().print_help()
         return 0

@@ -10,3 +10,7 @@ Example:
 from .dask import DaskTransport
 
 __all__ = ["DaskTransport"]
+
+from .zmq import MixedTransport, ZmqTransport  # edge devices over ZeroMQ (transports/zmq)
+
+__all__ += ["MixedTransport", "ZmqTransport"]

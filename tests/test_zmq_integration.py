@@ -1,0 +1,267 @@
+"""Edge agents over ZeroMQ: real `flgraph edge` processes on 127.0.0.1 against a gateway in the test.
+
+FedAvg with several agents (bit-identical to the in-process reference), agents killed or too slow
+mid-round (the round completes by its deadline, dropouts counted), a gateway restart (agents reconnect),
+an agent whose key is not on the allow-list (refused), and a mixed Dask + edge run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flgraph.transports.zmq import Agent, MixedTransport, ZmqTransport, make_keypair
+from flgraph.transports.zmq.agent import EdgeResult, EdgeTask
+from flgraph.transports.zmq.tasks import synthetic
+
+import flgraph as fg
+from flgraph import stages as st
+from flgraph.client_runner import Partial, combine_partials, run_clients
+from flgraph.context import ClientSet
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = dict(num_clients=6, samples_per_client=16, num_features=8, num_classes=3)
+CONFIG = {**DATA, "hidden": "16", "data_seed": 0, "model_seed": 0}
+HB = 0.5
+
+
+def slow_synthetic(task: EdgeTask) -> EdgeResult:
+    """The synthetic task; clients listed in config["slow"] first sleep config["delay_s"] (a slow device)."""
+    if str(task.client) in str(task.config.get("slow", "")).split(","):
+        end = time.monotonic() + float(task.config.get("delay_s", 0.0))
+        while time.monotonic() < end:  # bounded by delay_s
+            time.sleep(0.05)
+    return synthetic(task)
+
+
+def dataset():
+    return fg.data.synthetic_classification(**DATA, seed=0, test_samples=0)
+
+
+def pipeline(clients):
+    return (st.Select(clients=clients) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8, lr=0.1)
+            >> st.Aggregate(st.WeightedMean()))
+
+
+class LocalTransport:
+    """The reference: the client segment in this process, along the same fixed tree."""
+
+    def start(self, bundle, flat):
+        self.bundle = bundle
+        return 0.0
+
+    def run_round(self, rnd, flat, clients, on_error="raise"):
+        return run_clients(self.bundle, flat, rnd, clients, [(0, len(clients))], on_error)[0][1]
+
+    def map_clients(self, rnd, flat, ids, fn):
+        raise NotImplementedError
+
+    def places(self):
+        return 1
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    allow = d / "allow"
+    allow.mkdir()
+    make_keypair(d, "gateway")
+    for i in range(6):
+        public, _ = make_keypair(d, f"agent-{i}")
+        (allow / public.name).write_bytes(public.read_bytes())
+    make_keypair(d, "rogue")
+    return d
+
+
+class Agents:
+    """`flgraph edge` processes started and stopped by the test."""
+
+    def __init__(self, endpoint, keys, log_dir):
+        self.endpoint, self.keys, self.log_dir = endpoint, keys, log_dir
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def start(self, client, key=None, task="test_zmq_integration:slow_synthetic", extra=()):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": "1"}
+        key = key or f"agent-{client}"
+        cmd = [sys.executable, "-m", "flgraph.cli", "edge", "--connect", self.endpoint, "--task", task,
+               "--client-id", str(client), "--key", str(self.keys / f"{key}.key_secret"),
+               "--server-key", str(self.keys / "gateway.key"), "--heartbeat", str(HB), "--max-backoff", "0.5",
+               "--verbose", *extra]
+        log = open(self.log_dir / f"agent-{client}-{key}.log", "w")  # noqa: SIM115 (closed with the process)
+        self.procs[client] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        self.procs[client].log = log  # type: ignore[attr-defined]
+        return self.procs[client]
+
+    def kill(self, client):
+        self.procs[client].kill()
+        self.procs[client].wait(10)
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+            p.log.close()  # type: ignore[attr-defined]
+
+
+def transport(keys, **kw):
+    return ZmqTransport("tcp://127.0.0.1:0", secret_key=keys / "gateway.key_secret", allow=keys / "allow",
+                        heartbeat_s=HB, liveness=4, config=kw.pop("config", CONFIG), **kw)
+
+
+def test_fedavg_with_agents_matches_the_in_process_run(keys, tmp_path):
+    t = transport(keys, deadline_s=20)
+    t.gateway.start()
+    agents = Agents(t.endpoint, keys, tmp_path)
+    try:
+        for c in range(3):
+            agents.start(c)
+        data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=[0, 1, 2])
+        with fg.Run(pipeline(3), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t, progress=False,
+                    evaluate="never") as run:
+            t.gateway.wait_for(clients=range(3), timeout=40)
+            history = run.fit(rounds=3)
+            edge_params = run.state.params.flat.copy()
+        assert [r["clients_done"] for r in history] == [3, 3, 3]
+        assert all(r["clients_failed"] == 0 for r in history)
+        assert history.column("loss")[-1] < history.column("loss")[0]
+        assert all(r["bytes_broadcast"] == 3 * edge_params.nbytes for r in history)
+        ref = fg.Run(pipeline(3), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=LocalTransport(),
+                     progress=False, evaluate="never")
+        ref.fit(rounds=3)
+        np.testing.assert_array_equal(ref.state.params.flat, edge_params)  # bit for bit
+    finally:
+        agents.stop()
+        t.close()
+
+
+def test_agents_killed_or_late_mid_round_are_counted_dropouts(keys, tmp_path):
+    cfg = {**CONFIG, "slow": "2", "delay_s": 30.0}
+    t = transport(keys, deadline_s=8.0, config=cfg)
+    t.gateway.start()
+    agents = Agents(t.endpoint, keys, tmp_path)
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=[0, 1, 2])
+    try:
+        for c in range(3):
+            agents.start(c)
+        with fg.Run(pipeline(3), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t,
+                    progress=False, evaluate="never", on_client_error="drop") as run:
+            t.gateway.wait_for(clients=range(3), timeout=40)
+            run.fit(rounds=1)  # client 2 sleeps 30 s: it misses the deadline
+            t.deadline_s = 3.0
+            t.config["slow"] = "1,2"  # client 1 is still training when it is killed
+            killer = threading.Timer(0.3, agents.kill, args=(1,))  # client 1 dies mid-round
+            killer.start()
+            t0 = time.monotonic()
+            history = run.fit(rounds=1)
+            took = time.monotonic() - t0
+            killer.join()
+        first, row = history[0], history[1]
+        assert first["clients_done"] == 2 and first["failed_clients"] == [2]
+        assert row["clients_done"] == 1 and row["clients_failed"] == 2
+        assert sorted(row["failed_clients"]) == [1, 2]
+        assert took < 3.0 + 2.0, f"the round took {took:.1f} s, its deadline is 3 s"
+        assert row["samples"] == 16  # no double count
+    finally:
+        agents.stop()
+        t.close()
+
+
+def test_gateway_restart_agents_reconnect_and_the_run_goes_on(keys, tmp_path):
+    t = transport(keys, deadline_s=20)
+    t.gateway.start()
+    agents = Agents(t.endpoint, keys, tmp_path)
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=[0, 1])
+    try:
+        agents.start(0)
+        agents.start(1)
+        with fg.Run(pipeline(2), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t,
+                    progress=False, evaluate="never") as run:
+            t.gateway.wait_for(clients=[0, 1], timeout=40)
+            run.fit(rounds=1)
+            endpoint = t.endpoint
+            t.restart_gateway()
+            assert t.endpoint == endpoint and t.gateway.connected() == {}
+            t.gateway.wait_for(clients=[0, 1], timeout=20)
+            history = run.fit(rounds=2)
+        assert [r["clients_done"] for r in history] == [2, 2, 2]
+        assert all(p.poll() is None for p in agents.procs.values())
+    finally:
+        agents.stop()
+        t.close()
+
+
+def test_an_agent_not_on_the_allow_list_is_refused(keys, tmp_path):
+    t = transport(keys, deadline_s=5)
+    t.gateway.start()
+    agents = Agents(t.endpoint, keys, tmp_path)
+    try:
+        rogue = agents.start(5, key="rogue", extra=("--give-up-after", "2"))
+        assert rogue.wait(60) == 3  # gave up: the CURVE handshake is refused, no accept ever comes
+        assert t.gateway.connected() == {}
+        assert t.gateway.counters["received"] == 0  # not one message of it reached the gateway
+    finally:
+        agents.stop()
+        t.close()
+
+
+def test_mixed_run_dask_and_edge_clients(keys, client1):
+    from flgraph.transports.dask import DaskTransport
+
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(6)))
+    edge = transport(keys, deadline_s=20)
+    edge.gateway.start()
+    agents = [Agent(edge.endpoint, synthetic, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
+                    server_key=keys / "gateway.key", heartbeat_s=HB) for c in (1, 4)]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for th in threads:
+        th.start()
+    try:
+        edge.gateway.wait_for(clients=[1, 4], timeout=20)
+        mixed = MixedTransport(DaskTransport(client1, "mixed-test", "local-train"), edge, route={1, 4})
+        with fg.Run(pipeline(6), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=mixed,
+                    progress=False, evaluate="never") as run:
+            history = run.fit(rounds=2)
+            got = run.state.params.flat.copy()
+        assert [r["clients_done"] for r in history] == [6, 6]
+        assert sum(a.tasks_done for a in agents) == 4
+        # The same rounds in this process: Dask clients' tree, then the edge clients' tree.
+        ref = fg.Run(pipeline(6), model=fg.models.mlp(8, [16], 3), data=data, seed=0,
+                     transport=_SplitLocal({1, 4}), progress=False, evaluate="never")
+        ref.fit(rounds=2)
+        np.testing.assert_array_equal(ref.state.params.flat, got)
+    finally:
+        for a in agents:
+            a.stop()
+        for th in threads:
+            th.join(10)
+        edge.close()
+
+
+class _SplitLocal(LocalTransport):
+    def __init__(self, edge_ids):
+        self.edge_ids = edge_ids
+
+    def run_round(self, rnd, flat, clients, on_error="raise"):
+        dask_pos, edge_pos = MixedTransport.split(clients.ids, lambda c: c in self.edge_ids)
+        parts = []
+        for pos in (dask_pos, edge_pos):
+            sub = ClientSet(clients.ids[pos])
+            parts.append(run_clients(self.bundle, flat, rnd, sub, [(0, len(sub))], on_error)[0][1])
+        return combine_partials(self.bundle.reducer, parts[0], parts[1]) if parts else Partial(None)
+

@@ -1,0 +1,207 @@
+"""The edge wire format and the gateway's checks: every bad message is a clear ProtocolError, never a crash."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from flgraph.transports.zmq import Gateway, Limits, ProtocolError, decode, encode
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+from flgraph.params import ParamSpec
+
+LIMITS = Limits(max_tensor_bytes=1 << 20)
+CODES = {"malformed", "too-large", "version", "unknown-type", "bad-field", "bad-tensor"}
+
+
+def result(seq=1, rnd=1, task=5, tensor=None, **kw):
+    fields = {"round": rnd, "task": task, "num_samples": 8, "kind": "delta", "metrics": {"loss": 0.5}, **kw}
+    return encode("result", seq, fields, [np.zeros(16, np.float32) if tensor is None else tensor])
+
+
+def test_round_trip_raw_and_lz4():
+    x = np.arange(4096, dtype=np.float32)
+    for compress in ("raw", "lz4", "auto"):
+        msg = decode(result(tensor=x, task=9), LIMITS) if compress == "auto" else decode(
+            encode("result", 3, {"round": 1, "task": 9, "num_samples": 1, "kind": "delta", "metrics": {}}, [x],
+                   compress=compress), LIMITS)
+        np.testing.assert_array_equal(msg.tensors[0], x)
+        assert msg.fields["task"] == 9
+    assert len(encode("task", 1, {}, [np.zeros(1 << 16, np.float32)], compress="lz4")[1]) < 2000  # 256 KiB of zeros
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([], "malformed"),
+    ([b"\xc1"], "malformed"),
+    ([msgpack.packb([1, 2])], "malformed"),
+    ([msgpack.packb({"v": 2, "t": "heartbeat", "seq": 1, "tensors": []})], "version"),
+    ([msgpack.packb({"v": 1, "t": "shell", "seq": 1, "tensors": []})], "unknown-type"),
+    ([msgpack.packb({"v": 1, "t": "heartbeat", "seq": -1, "tensors": []})], "bad-field"),
+    ([msgpack.packb({"v": 1, "t": "error", "seq": 1, "code": "x", "tensors": []})], "bad-field"),
+    ([b"\x00" * 70000], "too-large"),
+    ([msgpack.packb({"v": 1, "t": "heartbeat", "seq": 1, "x": msgpack.ExtType(5, b"")})], "malformed"),
+])
+def test_rejections_are_protocol_errors(frames, code):
+    with pytest.raises(ProtocolError) as info:
+        decode(frames, LIMITS)
+    assert info.value.code == code and info.value.fix
+
+
+def test_tensor_rejections():
+    env, frame = result()
+    bad = msgpack.unpackb(env)
+    cases = [
+        ({"tensors": [["object", [16], "raw", 64]]}, frame, "bad-tensor"),
+        ({"tensors": [["float32", [1 << 20], "raw", 64]]}, frame, "too-large"),
+        ({"tensors": [["float32", [15], "raw", 64]]}, frame, "bad-tensor"),
+        ({"tensors": [["float32", [16], "lz4", 64]]}, frame, "bad-tensor"),
+        ({"tensors": [["float32", [16], "zip", 64]]}, frame, "bad-tensor"),
+        ({"tensors": [["float32", [16] * 9, "raw", 64]]}, frame, "bad-tensor"),
+        ({"tensors": []}, frame, "bad-tensor"),
+    ]
+    for patch, f, code in cases:
+        with pytest.raises(ProtocolError) as info:
+            decode([msgpack.packb({**bad, **patch}), f], LIMITS)
+        assert info.value.code == code, patch
+    with pytest.raises(ProtocolError, match="too-large"):
+        decode([env, frame, frame, frame, frame, frame], LIMITS)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hs.lists(hs.binary(max_size=300), min_size=0, max_size=7))
+def test_fuzz_random_frames(frames):
+    try:
+        decode(frames, LIMITS)
+    except ProtocolError as e:
+        assert e.code in CODES
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.integers(0, 200), hs.integers(0, 255), hs.integers(0, 3))
+def test_fuzz_mutated_valid_messages(pos, byte, which):
+    frames = [bytearray(f) for f in result(tensor=np.ones(64, np.float32))]
+    which = which % len(frames)
+    if frames[which]:
+        frames[which][pos % len(frames[which])] = byte
+    try:
+        msg = decode([bytes(f) for f in frames], LIMITS)
+        assert msg.type in ("result", "join", "accept", "task", "error", "heartbeat", "disconnect",
+                            "reconnect-later")
+    except ProtocolError as e:
+        assert e.code in CODES
+
+
+@settings(max_examples=150, deadline=None)
+@given(hs.recursive(hs.none() | hs.booleans() | hs.integers(-(2**63), 2**64 - 1) | hs.floats() | hs.text(max_size=20)
+                    | hs.binary(max_size=20),
+                    lambda kids: hs.lists(kids, max_size=4) | hs.dictionaries(hs.text(max_size=8), kids, max_size=4),
+                    max_leaves=20),
+       hs.sampled_from(["join", "accept", "task", "result", "error", "heartbeat", "disconnect", "reconnect-later"]))
+def test_fuzz_schema_values(value, msg_type):
+    env = {"v": 1, "t": msg_type, "seq": 1, "tensors": []}
+    for name in ("client", "round", "task", "config", "spec", "metrics", "code", "text", "session", "kind"):
+        env[name] = value
+    try:
+        decode([msgpack.packb(env)], LIMITS)
+    except ProtocolError as e:
+        assert e.code in CODES
+
+
+class RawAgent:
+    """A hand-driven DEALER for sending what a real agent never would."""
+
+    def __init__(self, endpoint):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, frames):
+        self.sock.send_multipart(frames)
+
+    def recv(self, want=None, timeout=5.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.sock.poll(100):
+                msg = decode(self.sock.recv_multipart(), Limits())
+                if want is None or msg.type == want:
+                    return msg
+        raise AssertionError(f"no {want} message in {timeout} s")
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def test_gateway_rejects_and_keeps_serving():
+    spec = ParamSpec.from_arrays({"w": np.zeros(16, np.float32)})
+    gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5, limits=LIMITS)
+    gw.start()
+    a = RawAgent(gw.endpoint)
+    try:
+        a.send([b"\x93garbage"])
+        assert a.recv("error").fields["code"] == "malformed"
+        a.send(encode("heartbeat", 1, {}))
+        assert a.recv("error").fields["code"] == "unknown-session"
+        a.send(encode("join", 2, {"client": 3}))
+        acc = a.recv("accept")
+        assert acc.fields["client"] == 3 and gw.wait_for(clients=[3], timeout=5)
+        a.send(encode("heartbeat", 2, {}))  # seq 2 again: a replay
+        assert a.recv("error").fields["code"] == "replay"
+        a.send(result(seq=3, rnd=7))  # no round running
+        assert a.recv("error").fields["code"] == "out-of-round"
+
+        events = gw.begin_round(1, np.zeros(16, np.float32), spec, 0, {3: {"epochs": 1}}, deadline_s=10.0)
+        task = a.recv("task")
+        assert task.fields["round"] == 1 and task.tensors[0].shape == (16,)
+        tid = task.fields["task"]
+        a.send(result(seq=4, rnd=1, task=tid + 1))
+        assert a.recv("error").fields["code"] == "unknown-task"
+        a.send(result(seq=5, rnd=1, task=tid, tensor=np.full(16, np.nan, np.float32)))
+        err = a.recv("error")
+        assert err.fields["code"] == "refused-update" and "non-finite" in err.fields["text"]
+        ev = events.get(timeout=5)
+        assert ev.kind == "failed" and "refused" in ev.reason
+        a.send(result(seq=6, rnd=1, task=tid))  # the slot is closed: no double count
+        assert a.recv("error").fields["code"] == "duplicate"
+        gw.end_round()
+
+        events = gw.begin_round(2, np.zeros(16, np.float32), spec, 0, {3: {}}, deadline_s=10.0)
+        tid = a.recv("task").fields["task"]
+        a.send(result(seq=7, rnd=2, task=tid, tensor=np.zeros(15, np.float32)))
+        assert "shape" in a.recv("error").fields["text"]
+        assert events.get(timeout=5).kind == "failed"
+        gw.end_round()
+
+        events = gw.begin_round(3, np.zeros(16, np.float32), spec, 0, {3: {}}, deadline_s=10.0)
+        tid = a.recv("task").fields["task"]
+        a.send(result(seq=8, rnd=3, task=tid, tensor=np.ones(16, np.float32)))
+        ev = events.get(timeout=5)
+        assert ev.kind == "result" and ev.message is not None and ev.message.tensors[0].sum() == 16
+        gw.end_round()
+        assert gw.counters["rejected"] >= 8
+    finally:
+        a.close()
+        gw.stop()
+
+
+def test_deadline_fails_a_silent_client_and_unknown_clients():
+    spec = ParamSpec.from_arrays({"w": np.zeros(4, np.float32)})
+    gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5)
+    gw.start()
+    a = RawAgent(gw.endpoint)
+    try:
+        a.send(encode("join", 1, {"client": 0}))
+        a.recv("accept")
+        t0 = time.monotonic()
+        events = gw.begin_round(1, np.zeros(4, np.float32), spec, 0, {0: {}, 9: {}}, deadline_s=0.5)
+        got = sorted((events.get(timeout=5), events.get(timeout=5)), key=lambda e: e.client)
+        assert [e.kind for e in got] == ["failed", "failed"] and time.monotonic() - t0 < 3
+        assert "deadline" in got[0].reason and "no agent" in got[1].reason
+    finally:
+        a.close()
+        gw.stop()

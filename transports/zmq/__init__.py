@@ -1,0 +1,44 @@
+"""Edge devices over ZeroMQ: a gateway next to the driver, agents on the devices (``flgraph edge``).
+
+* :mod:`.wire` -- the message format (msgpack envelope + raw/lz4 tensor frames), limits, ``ProtocolError``;
+* :mod:`.gateway` -- the ROUTER side: registry, heartbeats, liveness, tasks, deadlines, checks;
+* :mod:`.agent` -- the DEALER side: join, heartbeat, run the task function, reconnect with back-off;
+* :mod:`.transport` -- ``ZmqTransport`` (``fg.Run(..., transport=...)``) and ``MixedTransport``;
+* :mod:`.keys` -- CURVE key pairs and allow-lists; :mod:`.tasks` -- ready-made task functions.
+
+The protocol is specified in ``transports/PROTOCOL.md``.
+
+Example:
+    >>> from flgraph.transports.zmq import PROTOCOL_VERSION, Limits
+    >>> PROTOCOL_VERSION, Limits().max_tensors
+    (1, 4)
+"""
+
+from .agent import Agent, EdgeResult, EdgeTask, load_task
+from .gateway import AgentInfo, Gateway
+from .keys import allowed_keys, load_public, load_secret, make_keypair
+from .tasks import LocalTrainTask
+from .transport import MixedTransport, ZmqTransport
+from .wire import PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Agent",
+    "AgentInfo",
+    "EdgeResult",
+    "EdgeTask",
+    "Gateway",
+    "Limits",
+    "LocalTrainTask",
+    "Message",
+    "MixedTransport",
+    "ProtocolError",
+    "ZmqTransport",
+    "allowed_keys",
+    "decode",
+    "encode",
+    "load_public",
+    "load_secret",
+    "load_task",
+    "make_keypair",
+]

@@ -1,0 +1,392 @@
+"""The edge agent: connects out to a gateway, heartbeats, runs the client segment on the device's own data.
+
+The work is a *task function* from a module installed on the device (``flgraph edge --task
+my_pkg.tasks:train``); no code travels over the wire and nothing on it is unpickled::
+
+    def train(task: EdgeTask) -> EdgeResult:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in task.arrays().items()})
+        ...                                    # train on this device's data, task.config["epochs"], ...
+        return EdgeResult(num_samples=len(my_data), weights=trained_flat, metrics={"loss": loss})
+
+It gets an :class:`EdgeTask` (round, client id, seed, the global params as a flgraph ``Params`` -- one
+flat float buffer with names, shapes and dtypes -- and the round's config) and returns an
+:class:`EdgeResult` (the new ``weights`` or the ``delta`` from the global params, flat or name -> array,
+the sample count and metrics); a flgraph ``Update`` with a plain ``delta`` works too.
+:func:`flgraph.transports.zmq.tasks.local_train_task` builds one from a torch module and a data loader,
+running flgraph's own ``LocalTrain`` on the device.
+
+The agent stands for one client id of the run's population: ``--client-id N`` (or ``client_id=``), or,
+without one, the lowest free id the gateway serves (the ``accept`` message says which).
+
+Training runs in a background thread so that heartbeats go on during long training; after
+``liveness`` silent heartbeat intervals the agent drops the connection and joins again with exponential
+back-off (up to ``max_backoff_s``), so it survives a gateway restart.
+
+Example:
+    >>> import numpy as np
+    >>> from flgraph.transports.zmq.agent import EdgeResult, EdgeTask
+    >>> from flgraph.params import Params, ParamSpec
+    >>> spec = ParamSpec.from_arrays({"w": np.zeros(3, np.float32)})
+    >>> task = EdgeTask(1, 7, 0, 30.0, Params(spec, np.ones(3, np.float32)), {"epochs": 1})
+    >>> EdgeResult(num_samples=10, weights=task.params.flat * 2).flat_delta(task).tolist()
+    [1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import platform
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from flgraph.errors import ConfigError
+from flgraph.params import Params, ParamSpec
+
+from .keys import load_public, load_secret
+from .wire import Limits, Message, ProtocolError, decode, encode
+
+__all__ = ["Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
+
+log = logging.getLogger("flgraph")
+
+
+@dataclass
+class EdgeTask:
+    """One round's work for this device: the global params (read-only: copy before writing) and the config."""
+
+    round: int
+    client: int
+    seed: int
+    deadline_s: float
+    params: Params
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The global weights as name -> array in each tensor's own dtype (``torch.from_numpy`` ready)."""
+        return self.params.to_arrays()
+
+
+@dataclass
+class EdgeResult:
+    """A device's answer: ``weights`` (trained) or ``delta`` (trained - global), flat or name -> array."""
+
+    num_samples: int
+    weights: np.ndarray | Mapping[str, np.ndarray] | None = None
+    delta: np.ndarray | Mapping[str, np.ndarray] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def flat_delta(self, task: EdgeTask) -> np.ndarray:
+        """The update as one flat buffer in the params' carrier dtype."""
+        if (self.weights is None) == (self.delta is None):
+            raise ConfigError("an EdgeResult needs exactly one of weights= or delta=")
+        spec = task.params.spec
+        value = self.weights if self.weights is not None else self.delta
+        flat = (Params.pack(spec, value).flat if isinstance(value, Mapping)
+                else np.asarray(value, dtype=spec.carrier).reshape(-1))
+        if flat.size != spec.size:
+            raise ConfigError(f"the task returned {flat.size} values; the model has {spec.size}",
+                              fix="return the whole model (every tensor of task.params)")
+        return flat - task.params.flat if self.weights is not None else flat
+
+
+TaskFn = Callable[[EdgeTask], Any]
+
+
+def load_task(ref: str) -> TaskFn:
+    """Import ``"package.module:function"`` (a module installed on the device)."""
+    mod_name, _, attr = ref.partition(":")
+    if not mod_name or not attr:
+        raise ConfigError(f"--task {ref!r}", fix="name a function as package.module:function")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot load the task {ref!r}: {e}",
+                          fix="install the module on the device (pip install ...) and check the name") from None
+    if not callable(fn):
+        raise ConfigError(f"the task {ref!r} is not callable")
+    return fn
+
+
+def _result_of(out: Any, task: EdgeTask) -> tuple[np.ndarray, int, dict[str, float]]:
+    if isinstance(out, EdgeResult):
+        return out.flat_delta(task), int(out.num_samples), {k: float(v) for k, v in out.metrics.items()}
+    if hasattr(out, "delta") and hasattr(out, "num_samples") and getattr(out, "delta", None) is not None:
+        delta = np.asarray(out.delta, dtype=task.params.spec.carrier).reshape(-1)
+        return delta, int(out.num_samples), {k: float(v) for k, v in getattr(out, "metrics", {}).items()}
+    raise ConfigError(f"the task returned {type(out).__name__}",
+                      fix="return an EdgeResult(num_samples=..., weights=... or delta=..., metrics=...)")
+
+
+class Agent:
+    """An edge agent: a DEALER socket to ``connect``, a task function, heartbeats and reconnects.
+
+    Args:
+        connect: the gateway's endpoint, e.g. ``"tcp://127.0.0.1:5555"``.
+        task: the task function (see the module's docstring) or ``"module:function"``.
+        client_id: the client this device stands for; ``None``: the gateway assigns one.
+        secret_key: this agent's ``NAME.key_secret`` file; ``server_key``: the gateway's public ``.key``
+            file (both or neither: CURVE).
+        heartbeat_s, liveness: used until the gateway's ``accept`` says its own.
+        max_backoff_s: the longest wait between reconnect attempts (back-off doubles from 0.1 s, with jitter).
+        give_up_s: stop when no gateway accepted this agent for this long (``None``: never).
+        max_tasks: stop after this many tasks (``None``: never).
+        threaded: run tasks in a background thread (heartbeats continue); ``False`` runs them inline.
+        context: a ``zmq.Context`` to share (many agents in one process); default: a private one.
+    """
+
+    def __init__(self, connect: str, task: TaskFn | str, *, client_id: int | None = None,
+                 secret_key: str | os.PathLike[str] | None = None, server_key: str | os.PathLike[str] | None = None,
+                 heartbeat_s: float = 1.0, liveness: int = 3, limits: Limits | None = None,
+                 max_backoff_s: float = 5.0, give_up_s: float | None = None, max_tasks: int | None = None,
+                 threaded: bool = True, compress: str = "auto", device: Mapping[str, Any] | None = None,
+                 context: zmq.Context[Any] | None = None, name: str = "") -> None:
+        if (secret_key is None) != (server_key is None):
+            raise ConfigError("CURVE needs both the agent's secret key and the gateway's public key",
+                              fix="pass --key AGENT.key_secret and --server-key GATEWAY.key (or neither)")
+        self.connect = connect
+        self.task = load_task(task) if isinstance(task, str) else task
+        self.client_id = client_id
+        self.curve = (load_secret(secret_key), load_public(server_key)) if secret_key and server_key else None
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.limits = limits or Limits()
+        self.max_backoff_s = max_backoff_s
+        self.give_up_s = give_up_s
+        self.max_tasks = max_tasks
+        self.threaded = threaded
+        self.compress = compress
+        self.device = dict(device) if device is not None else {
+            "host": platform.node()[:64], "os": platform.system(), "cpus": os.cpu_count() or 1}
+        self.name = name or f"flgraph-agent-{secrets.token_hex(3)}"
+        self._ctx = context
+        self._own_ctx = context is None
+        self.session = ""
+        self.assigned: int | None = None
+        self.tasks_done = 0
+        self.joins = 0
+        self.errors: list[tuple[str, str]] = []  # (code, text) from the gateway, the newest last (bounded)
+        self.stop_event = threading.Event()
+        self._seq = 0
+        self._done: tuple[Message, Any, BaseException | None] | None = None
+        self._done_lock = threading.Lock()
+        self._busy = False
+        self._queued: Message | None = None
+        self._wake_addr = f"inproc://flgraph-agent-wake-{secrets.token_hex(6)}"
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until stopped, ``max_tasks`` are done or ``give_up_s`` passes; returns an exit code
+        (0: done or stopped; 3: gave up waiting for a gateway)."""
+        ctx = self._ctx or zmq.Context()
+        self._ctx = ctx
+        wake = ctx.socket(zmq.PAIR)
+        wake.bind(self._wake_addr)
+        self._wake_tx = ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(self._wake_addr)
+        backoff = 0.1
+        last_accepted = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                sock = self._socket(ctx)
+                try:
+                    outcome = self._session(sock, wake)
+                finally:
+                    sock.close(0)
+                if outcome == "done":
+                    return 0
+                if outcome == "accepted":
+                    backoff, last_accepted = 0.1, time.monotonic()
+                if self.give_up_s is not None and time.monotonic() - last_accepted > self.give_up_s:
+                    log.error("flgraph agent %s: no gateway accepted this agent for %.0f s; giving up", self.name,
+                              self.give_up_s)
+                    return 3
+                wait = backoff * (0.5 + random.random())
+                log.info("flgraph agent %s: reconnecting in %.2f s", self.name, wait)
+                self.stop_event.wait(wait)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            return 0
+        finally:
+            wake.close(0)
+            self._wake_tx.close(0)
+            if self._own_ctx:
+                ctx.term()
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread-safe); it says ``disconnect`` to the gateway first."""
+        self.stop_event.set()
+
+    def _socket(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_tensor_bytes * self.limits.max_tensors
+                        + self.limits.max_envelope_bytes)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.max_backoff_s * 1000))
+        if self.curve is not None:
+            (public, secret), server = self.curve
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            sock.curve_serverkey = server
+        sock.connect(self.connect)
+        return sock
+
+    def _send(self, sock: zmq.Socket[Any], msg_type: str, fields: dict[str, Any],
+              tensors: list[np.ndarray] | None = None) -> None:
+        self._seq += 1
+        frames = encode(msg_type, self._seq, fields, tensors or [], compress=self.compress)
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+        except zmq.Again:
+            log.warning("flgraph agent %s: the gateway is not reachable; %s not sent", self.name, msg_type)
+
+    def _session(self, sock: zmq.Socket[Any], wake: zmq.Socket[Any]) -> str:
+        """One connection: join, then serve. Returns 'done', 'accepted' (then lost) or 'failed'."""
+        join: dict[str, Any] = {"agent": f"flgraph-python {self.name}"[:200], "device": self.device,
+                                "caps": {"codecs": "raw,lz4", "threaded": self.threaded}}
+        if self.client_id is not None:
+            join["client"] = int(self.client_id)
+        self._send(sock, "join", join)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        accepted = False
+        hb = self.heartbeat_s
+        silence = hb * self.liveness
+        last_heard = time.monotonic()
+        next_beat = last_heard + hb
+        while True:
+            if self.stop_event.is_set():
+                self._send(sock, "disconnect", {"reason": "the agent is stopping"})
+                return "done"
+            now = time.monotonic()
+            ready = dict(poller.poll(int(max(0.0, min(next_beat, last_heard + silence) - now) * 1000) + 1))
+            if wake in ready:
+                while wake.poll(0):
+                    wake.recv()
+                if self._finish(sock):
+                    self._send(sock, "disconnect", {"reason": "max_tasks done"})
+                    return "done"
+            if sock in ready:
+                for _ in range(100):
+                    try:
+                        frames = [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
+                    except zmq.Again:
+                        break
+                    last_heard = time.monotonic()
+                    verdict = self._handle(sock, frames)
+                    if verdict == "accepted":
+                        accepted = True
+                        hb, silence = self.heartbeat_s, self.heartbeat_s * self.liveness
+                    elif verdict is not None:
+                        return "accepted" if accepted else verdict
+            if self.max_tasks is not None and self.tasks_done >= self.max_tasks:
+                self._send(sock, "disconnect", {"reason": "max_tasks done"})
+                return "done"
+            now = time.monotonic()
+            if now - last_heard > silence:
+                log.warning("flgraph agent %s: no word from the gateway for %.1f s; reconnecting", self.name,
+                            now - last_heard)
+                return "accepted" if accepted else "failed"
+            if accepted and now >= next_beat:
+                self._send(sock, "heartbeat", {})
+                next_beat = now + hb
+
+    def _handle(self, sock: zmq.Socket[Any], frames: list[memoryview]) -> str | None:
+        try:
+            msg = decode(frames, self.limits)
+        except ProtocolError as e:
+            # Logged, never answered: an error answered with an error could ping-pong forever.
+            log.warning("flgraph agent %s: rejected a message from the gateway: %s", self.name, e.message)
+            return None
+        if msg.type == "accept":
+            self.session = msg.fields["session"]
+            self.assigned = msg.fields["client"]
+            self.heartbeat_s = max(0.05, msg.fields["heartbeat_s"])
+            self.liveness = max(1, msg.fields["liveness"])
+            self.joins += 1
+            log.info("flgraph agent %s: joined as client %d", self.name, self.assigned)
+            return "accepted"
+        if msg.type == "task":
+            if self.assigned is None or msg.fields["client"] != self.assigned:
+                self._send(sock, "error", {"code": "bad-field", "text": "a task for another client",
+                                           "round": msg.fields["round"], "task": msg.fields["task"]})
+            elif self._busy:
+                self._queued = msg  # the newest task waits for the one in progress (bounded: one slot)
+            else:
+                self._start(sock, msg)
+            return None
+        if msg.type == "error":
+            code, text = msg.fields["code"], msg.fields["text"]
+            self.errors = [*self.errors[-31:], (code, text)]
+            log.warning("flgraph agent %s: the gateway says %s: %s", self.name, code, text[:300])
+            return "rejoin" if code == "unknown-session" else None
+        if msg.type == "reconnect-later":
+            wait = min(msg.fields["retry_s"], 60.0)
+            log.info("flgraph agent %s: the gateway asks to reconnect in %.1f s (%s)", self.name, wait,
+                     msg.fields["reason"][:200])
+            self.stop_event.wait(wait)
+            return "later"
+        if msg.type == "disconnect":
+            log.info("flgraph agent %s: the gateway disconnected (%s)", self.name, msg.fields.get("reason", ""))
+            return "disconnected"
+        return None  # heartbeat
+
+    # -- tasks ------------------------------------------------------------------------------------------
+    def _start(self, sock: zmq.Socket[Any], msg: Message) -> None:
+        self._busy = True
+        if self.threaded:
+            threading.Thread(target=self._work, args=(msg,), name=f"{self.name}-task", daemon=True).start()
+        else:
+            self._work(msg)
+            self._finish(sock)
+
+    def _work(self, msg: Message) -> None:
+        out: Any = None
+        err: BaseException | None = None
+        try:
+            f = msg.fields
+            spec = ParamSpec.from_shapes([(n, shape, d) for n, shape, d in f["spec"]])
+            flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
+            task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"])
+            out = _result_of(self.task(task), task)
+        except BaseException as e:  # reported to the gateway as this client's failure
+            err = e
+        with self._done_lock:
+            self._done = (msg, out, err)
+        if self.threaded:
+            with contextlib.suppress(zmq.ZMQError):
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def _finish(self, sock: zmq.Socket[Any]) -> bool:
+        """Send the finished task's result (or error); start the queued one. True when max_tasks are done."""
+        with self._done_lock:
+            done, self._done = self._done, None
+        if done is None:
+            return False
+        msg, out, err = done
+        self._busy = False
+        ref = {"round": msg.fields["round"], "task": msg.fields["task"]}
+        if err is not None:
+            text = f"{type(err).__name__}: {err}"
+            log.warning("flgraph agent %s: the task failed in round %d: %s", self.name, ref["round"], text[:300])
+            self._send(sock, "error", {"code": "task-failed", "text": text[:4000], **ref})
+        else:
+            delta, n, metrics = out
+            self._send(sock, "result", {**ref, "num_samples": n, "kind": "delta",
+                                        "metrics": dict(list(metrics.items())[: self.limits.max_map])}, [delta])
+        self.tasks_done += 1
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            self._start(sock, queued)
+        return self.max_tasks is not None and self.tasks_done >= self.max_tasks

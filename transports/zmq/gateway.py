@@ -1,0 +1,562 @@
+"""The gateway: a ROUTER socket next to the driver that edge agents connect out to.
+
+One background thread owns the socket. It accepts agents (``join`` -> ``accept``), keeps the registry
+(session, client id, device info, last message), answers and sends heartbeats, expires silent agents,
+sends each round's task (the global params once per agent per round), checks every arriving message
+(:mod:`.wire`: sizes, schema, sequence numbers, round and task ids) and hands good results to the driver
+through a queue. A round's deadline is applied here: clients that have not answered by then, or whose agent
+vanished, become failures; a result that arrives later, or twice, is refused (never a hang, never a double
+count). A malformed, oversized, replayed or out-of-round message is logged, answered with an ``error``
+message, and the gateway goes on serving.
+
+Example:
+    >>> from flgraph.transports.zmq.gateway import Gateway
+    >>> gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5)  # doctest: +SKIP
+    >>> gw.start(); gw.endpoint  # doctest: +SKIP
+    'tcp://127.0.0.1:41234'
+    >>> gw.stop()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from flgraph.errors import ConfigError
+from flgraph.params import ParamSpec
+
+from .keys import allowed_keys, load_secret
+from .wire import PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
+
+__all__ = ["AgentInfo", "Gateway", "RoundEvent"]
+
+log = logging.getLogger("flgraph")
+
+MAX_BATCH = 2000  # messages handled per poll before housekeeping runs again
+
+
+@dataclass
+class AgentInfo:
+    """One connected agent, as the gateway's registry holds it."""
+
+    routing_id: bytes
+    session: str
+    client: int
+    key: str
+    device: dict[str, Any]
+    caps: dict[str, Any]
+    joined: float
+    last_seen: float
+    last_seq: int = -1
+    tasks_done: int = 0
+
+
+@dataclass
+class RoundEvent:
+    """What the gateway hands the driver: a ``result`` message, or a ``failed`` client with its reason."""
+
+    kind: str
+    position: int
+    client: int
+    message: Message | None = None
+    reason: str = ""
+
+
+@dataclass
+class _Task:
+    position: int
+    client: int
+    task_id: int
+    config: dict[str, Any]
+    sent_to: bytes | None = None
+    finished: bool = False
+
+
+@dataclass
+class _Round:
+    rnd: int
+    seed: int
+    spec: ParamSpec
+    params_frame: list[bytes | memoryview]
+    deadline: float
+    deadline_s: float
+    tasks: dict[int, _Task]  # client -> task
+    events: queue.Queue[RoundEvent] = field(default_factory=queue.Queue)
+    open: bool = True
+
+
+class Gateway:
+    """Accepts agents on ``bind`` and runs rounds' tasks on them.
+
+    Args:
+        bind: a loopback or interface endpoint such as ``"tcp://127.0.0.1:5555"`` (port 0: any free port;
+            the bound one is :attr:`endpoint`).
+        secret_key: the gateway's ``NAME.key_secret`` file; with it the socket is a CURVE server.
+        allow: a directory of agents' public ``.key`` files, or a set of Z85 public keys: only they may
+            connect (CURVE needed). ``None`` with a ``secret_key``: any key may connect (encrypted only).
+        heartbeat_s, liveness: heartbeat interval; an agent silent for ``liveness`` intervals is gone.
+        limits: bounds on every message (:class:`~flgraph.transports.zmq.wire.Limits`).
+        max_agents: agents beyond this are told ``reconnect-later``.
+        client_ids: ids handed out to agents that join without asking for one, lowest free first.
+        compress: tensor frames' codec for tasks (``"auto"``, ``"raw"``, ``"lz4"``).
+    """
+
+    def __init__(self, bind: str = "tcp://127.0.0.1:0", *, secret_key: str | os.PathLike[str] | None = None,
+                 allow: str | os.PathLike[str] | Iterable[bytes] | None = None, heartbeat_s: float = 1.0,
+                 liveness: int = 3, limits: Limits | None = None, max_agents: int = 10_000,
+                 client_ids: Iterable[int] | None = None, compress: str = "auto") -> None:
+        if heartbeat_s <= 0 or liveness < 1:
+            raise ConfigError(f"heartbeat_s={heartbeat_s}, liveness={liveness}",
+                              fix="use heartbeat_s > 0 and liveness >= 1")
+        if allow is not None and secret_key is None:
+            raise ConfigError("an allow-list needs CURVE", fix="pass secret_key= (the gateway's NAME.key_secret)")
+        self.bind = bind
+        self.secret_key = secret_key
+        self.allow = allow
+        self.heartbeat_s = float(heartbeat_s)
+        self.liveness = int(liveness)
+        self.limits = limits or Limits()
+        self.max_agents = max_agents
+        self.pool = sorted(int(c) for c in client_ids) if client_ids is not None else None
+        self.compress = compress
+        self.endpoint = ""
+        self.agents: dict[bytes, AgentInfo] = {}  # touched only by the gateway thread; read a copy
+        self.by_client: dict[int, bytes] = {}
+        self.counters: dict[str, int] = {"received": 0, "sent": 0, "rejected": 0, "joins": 0, "lost": 0}
+        self._ctx: zmq.Context[Any] | None = None
+        self._auth: ThreadAuthenticator | None = None
+        self._thread: threading.Thread | None = None
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._wake_addr = f"inproc://flgraph-gateway-wake-{secrets.token_hex(6)}"
+        self._wake: zmq.Socket[Any] | None = None
+        self._wake_lock = threading.Lock()
+        self._round: _Round | None = None
+        self._seq = 0
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()  # guards the registry snapshot
+        self._snapshot: dict[int, AgentInfo] = {}
+
+    # -- lifetime (driver thread) ---------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> str:
+        """Bind and start serving; returns the bound endpoint."""
+        if self._thread is not None:
+            return self.endpoint
+        self._ctx = zmq.Context()
+        self._stopping.clear()
+        self._ready.clear()
+        self._error = None
+        if self.secret_key is not None:
+            self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("flgraph.zap"))
+            self._auth.start()
+            if self.allow is None:
+                self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            else:
+                allow = self.allow
+                keys = (allowed_keys(allow) if isinstance(allow, (str, os.PathLike))
+                        else {bytes(k) for k in allow})
+                self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(keys))
+        self._wake = self._ctx.socket(zmq.PAIR)
+        self._wake.bind(self._wake_addr)
+        self._thread = threading.Thread(target=self._serve, name="flgraph-gateway", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise ConfigError("the gateway did not start in time")
+        if self._error is not None:
+            err = self._error
+            self.stop()
+            raise ConfigError(f"the gateway cannot bind {self.bind}: {err}",
+                              fix="choose a free port, or port 0 for any") from err
+        return self.endpoint
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Tell the agents (``disconnect``), close the socket and stop the thread."""
+        if self._thread is None:
+            return
+        self._command("stop", None)
+        self._thread.join(timeout)
+        self._thread = None
+        if self._wake is not None:
+            self._wake.close(linger=0)
+            self._wake = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        with self._lock:
+            self._snapshot = {}
+        self.agents, self.by_client = {}, {}
+
+    def _command(self, what: str, arg: Any) -> None:
+        self._commands.put((what, arg))
+        with self._wake_lock:
+            if self._wake is not None:
+                self._wake.send(b"", zmq.NOBLOCK)
+
+    # -- registry (any thread) -------------------------------------------------------------------------
+    def connected(self) -> dict[int, AgentInfo]:
+        """Client id -> agent, for the agents connected now (a snapshot)."""
+        with self._lock:
+            return dict(self._snapshot)
+
+    def wait_for(self, count: int | None = None, clients: Iterable[int] | None = None,
+                 timeout: float = 30.0) -> dict[int, AgentInfo]:
+        """Wait until ``count`` agents, or agents for all of ``clients``, are connected; raise after ``timeout``."""
+        want = set(int(c) for c in clients) if clients is not None else None
+        end = time.monotonic() + timeout
+        while True:
+            now = self.connected()
+            if (want is None or want <= now.keys()) and (count is None or len(now) >= count):
+                return now
+            if time.monotonic() >= end:
+                raise ConfigError(f"{len(now)} agent(s) connected after {timeout:.0f} s; waited for "
+                                  f"{count if want is None else sorted(want - now.keys())[:10]}",
+                                  fix="start the agents (`flgraph edge --connect ...`) and check their keys")
+            time.sleep(0.02)
+
+    # -- rounds (driver thread) ------------------------------------------------------------------------
+    def begin_round(self, rnd: int, flat: np.ndarray, spec: ParamSpec, seed: int,
+                    configs: dict[int, dict[str, Any]], deadline_s: float) -> queue.Queue[RoundEvent]:
+        """Post round ``rnd`` (client id -> task config, in position order); returns the event queue."""
+        if self._thread is None:
+            raise ConfigError("the gateway is not started", fix="call start() first")
+        frames = encode("task", 0, {}, [flat], compress=self.compress)
+        tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
+        job = _Round(rnd, seed, spec, frames[1:], time.monotonic() + deadline_s, deadline_s, tasks)
+        self._command("round", job)
+        return job.events
+
+    def end_round(self) -> None:
+        """Close the current round: later results for it are refused as out-of-round."""
+        self._command("end-round", None)
+
+    # -- the gateway thread ----------------------------------------------------------------------------
+    def _serve(self) -> None:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.ROUTER)
+        wake = self._ctx.socket(zmq.PAIR)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_tensor_bytes * self.limits.max_tensors
+                            + self.limits.max_envelope_bytes)
+            sock.setsockopt(zmq.RCVHWM, 10_000)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            if self.secret_key is not None:
+                public, secret = load_secret(self.secret_key)
+                sock.curve_server = True
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
+            sock.bind(self.bind)
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            wake.connect(self._wake_addr)
+        except zmq.ZMQError as e:
+            self._error = e
+            sock.close(0)
+            wake.close(0)
+            self._ready.set()
+            return
+        self._ready.set()
+        log.info("flgraph gateway: serving on %s (CURVE %s)", self.endpoint,
+                 "on" if self.secret_key else "off")
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        next_tick = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                wait = max(0.0, next_tick - now)
+                if self._round is not None and self._round.open:
+                    wait = min(wait, max(0.0, self._round.deadline - now))
+                ready = dict(poller.poll(int(wait * 1000) + 1))
+                if wake in ready:
+                    while wake.poll(0):
+                        wake.recv()
+                    self._drain_commands(sock)
+                if sock in ready:
+                    for _ in range(MAX_BATCH):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(sock, frames)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(sock, now)
+                    next_tick = now + self.heartbeat_s / 2
+                if self._round is not None and self._round.open and now >= self._round.deadline:
+                    self._expire_round(self._round)
+        except Exception as e:  # a bug here must not hang the driver: it sees the thread gone
+            log.exception("flgraph gateway: the serving thread failed")
+            self._error = e
+        finally:
+            for info in list(self.agents.values()):
+                self._send(sock, info.routing_id, "disconnect", {"reason": "the gateway is shutting down"})
+            sock.close(0)
+            wake.close(0)
+
+    def _drain_commands(self, sock: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                what, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if what == "stop":
+                self._stopping.set()
+            elif what == "round":
+                if self._round is not None and self._round.open:
+                    self._expire_round(self._round, "the next round started")
+                self._round = arg
+                for task in arg.tasks.values():
+                    self._dispatch(sock, task)
+            elif what == "end-round" and self._round is not None:
+                self._round.open = False
+
+    def _publish(self) -> None:
+        with self._lock:
+            self._snapshot = {a.client: a for a in self.agents.values()}
+
+    def _send(self, sock: zmq.Socket[Any], rid: bytes, msg_type: str, fields: dict[str, Any],
+              tensor_frames: list[bytes | memoryview] | None = None, descs: list[Any] | None = None) -> None:
+        self._seq += 1
+        if tensor_frames is None:
+            frames = encode(msg_type, self._seq, fields)
+        else:  # the round's params, encoded once, travel with each agent's own envelope
+            env = {"v": PROTOCOL_VERSION, "t": msg_type, "seq": self._seq, **fields, "tensors": descs}
+            frames = [msgpack.packb(env, use_bin_type=True), *tensor_frames]
+        try:
+            sock.send_multipart([rid, *frames], zmq.NOBLOCK, copy=False)
+            self.counters["sent"] += 1
+        except zmq.ZMQError as e:
+            log.debug("flgraph gateway: cannot send %s to an agent: %s", msg_type, e)
+
+    def _reject(self, sock: zmq.Socket[Any], rid: bytes, err: ProtocolError, who: str, **ref: Any) -> None:
+        self.counters["rejected"] += 1
+        log.warning("flgraph gateway: rejected a message from %s: %s", who, err.message)
+        self._send(sock, rid, "error", {"code": err.code, "text": err.message[: self.limits.max_text], **ref})
+
+    def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
+        self.counters["received"] += 1
+        rid = bytes(frames[0].bytes)
+        info = self.agents.get(rid)
+        who = f"client {info.client}" if info else f"connection {rid.hex()[:10]}"
+        try:
+            msg = decode([f.buffer for f in frames[1:]], self.limits)
+        except ProtocolError as e:
+            self._reject(sock, rid, e, who)
+            return
+        now = time.monotonic()
+        if msg.type == "join":
+            key = frames[1].get("User-Id") if self.secret_key is not None else ""
+            self._join(sock, rid, msg, str(key or ""), now)
+            return
+        if info is None:
+            if msg.type not in ("disconnect", "error"):
+                self._reject(sock, rid, ProtocolError("unknown-session", f"a {msg.type} before join",
+                                                      fix="join first (the gateway may have restarted)"), who)
+            return
+        if msg.seq <= info.last_seq:
+            self._reject(sock, rid, ProtocolError("replay", f"seq {msg.seq} after {info.last_seq} ({msg.type})"), who)
+            return
+        info.last_seq = msg.seq
+        info.last_seen = now
+        if msg.type == "heartbeat":
+            return
+        if msg.type == "result":
+            self._result(sock, info, msg)
+        elif msg.type == "error":
+            log.warning("flgraph gateway: client %d reports %s: %s", info.client, msg.fields["code"],
+                        msg.fields["text"][:300])
+            task = self._task_of(info, msg.fields.get("round"), msg.fields.get("task"))
+            if task is not None:
+                self._fail(task, f"the agent reported {msg.fields['code']}: {msg.fields['text'][:500]}")
+        elif msg.type == "disconnect":
+            self._drop(info, f"the agent disconnected ({msg.fields.get('reason', '')[:200]})")
+        else:
+            self._reject(sock, rid, ProtocolError("unknown-type", f"an agent may not send {msg.type}"), who)
+
+    def _join(self, sock: zmq.Socket[Any], rid: bytes, msg: Message, key: str, now: float) -> None:
+        self.counters["joins"] += 1
+        old = self.agents.pop(rid, None)
+        if old is not None:
+            self.by_client.pop(old.client, None)
+        want = msg.fields.get("client")
+        if want is None:
+            if self.pool is None:
+                self._reject(sock, rid, ProtocolError("bad-field", "join without a client id",
+                                                      fix="start the agent with --client-id N"), "a new agent")
+                return
+            taken = self.by_client.keys()
+            free = [c for c in self.pool if c not in taken]
+            if not free:
+                self._send(sock, rid, "reconnect-later", {"retry_s": 5.0, "reason": "every client id is taken"})
+                return
+            want = free[0]
+        elif self.pool is not None and want not in self.pool:
+            self._reject(sock, rid, ProtocolError("bad-field", f"client id {want} is not one this gateway serves"),
+                         "a new agent")
+            return
+        holder = self.by_client.get(want)
+        if holder is not None:
+            prev = self.agents[holder]
+            if prev.key != key:
+                self._reject(sock, rid, ProtocolError("duplicate-client", f"client {want} is connected with "
+                                                      "another key", fix="give each agent its own --client-id"),
+                             "a new agent")
+                return
+            self.agents.pop(holder)  # the same key joins again (a restarted agent): the new session wins
+        if len(self.agents) >= self.max_agents:
+            self._send(sock, rid, "reconnect-later", {"retry_s": 5.0, "reason": "the gateway is full"})
+            return
+        device = {k: v for k, v in msg.fields.get("device", {}).items()}
+        info = AgentInfo(rid, secrets.token_hex(8), int(want), key, device, msg.fields.get("caps", {}), now, now,
+                         msg.seq)
+        self.agents[rid] = info
+        self.by_client[info.client] = rid
+        self._publish()
+        log.info("flgraph gateway: client %d joined (%s)", info.client, msg.fields.get("agent", "agent"))
+        self._send(sock, rid, "accept", {"session": info.session, "client": info.client,
+                                         "heartbeat_s": self.heartbeat_s, "liveness": self.liveness,
+                                         "max_tensor_bytes": self.limits.max_tensor_bytes})
+        job = self._round
+        if job is not None and job.open and info.client in job.tasks:
+            task = job.tasks[info.client]
+            if not task.finished:
+                self._dispatch(sock, task)
+
+    def _dispatch(self, sock: zmq.Socket[Any], task: _Task) -> None:
+        job = self._round
+        assert job is not None
+        rid = self.by_client.get(task.client)
+        if rid is None or task.finished:
+            return  # sent when an agent for the client joins, or failed at the deadline
+        task.sent_to = rid
+        remaining = max(0.0, job.deadline - time.monotonic())
+        env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
+               "seed": job.seed, "config": task.config, "spec": [[e.name, list(e.shape), e.dtype]
+                                                                  for e in job.spec.entries]}
+        self._send(sock, rid, "task", env, job.params_frame, self._param_descs(job))
+
+    @staticmethod
+    def _param_descs(job: _Round) -> list[Any]:
+        frame = job.params_frame[0]
+        codec = "raw" if len(frame) == job.spec.nbytes else "lz4"
+        return [[job.spec.carrier, [job.spec.size], codec, len(frame)]]
+
+    def _task_of(self, info: AgentInfo, rnd: Any, task_id: Any) -> _Task | None:
+        job = self._round
+        if job is None or not job.open or rnd != job.rnd:
+            return None
+        task = job.tasks.get(info.client)
+        if task is None or task.task_id != task_id or task.sent_to != info.routing_id or task.finished:
+            return None
+        return task
+
+    def _result(self, sock: zmq.Socket[Any], info: AgentInfo, msg: Message) -> None:
+        rnd, task_id = msg.fields["round"], msg.fields["task"]
+        job = self._round
+        ref = {"round": rnd, "task": task_id}
+        if job is None or not job.open or rnd != job.rnd:
+            self._reject(sock, info.routing_id, ProtocolError("out-of-round", f"a result for round {rnd}; the "
+                                                              "gateway is not running that round"),
+                         f"client {info.client}", **ref)
+            return
+        task = job.tasks.get(info.client)
+        if task is None or task.task_id != task_id or task.sent_to != info.routing_id:
+            self._reject(sock, info.routing_id, ProtocolError("unknown-task", f"task {task_id} was not given to "
+                                                              "this session"), f"client {info.client}", **ref)
+            return
+        if task.finished:
+            self._reject(sock, info.routing_id, ProtocolError("duplicate", f"round {rnd} already counts this "
+                                                              "client"), f"client {info.client}", **ref)
+            return
+        problem = _check_update(msg, job.spec, self.limits)
+        if problem is not None:
+            self._reject(sock, info.routing_id, ProtocolError("refused-update", problem,
+                                                              fix="send a finite flat update of the model's size"),
+                         f"client {info.client}", **ref)
+            self._fail(task, f"its update was refused: {problem}")
+            return
+        task.finished = True
+        info.tasks_done += 1
+        job.events.put(RoundEvent("result", task.position, task.client, msg))
+
+    def _fail(self, task: _Task, reason: str) -> None:
+        job = self._round
+        if task.finished or job is None:
+            return
+        task.finished = True
+        job.events.put(RoundEvent("failed", task.position, task.client, None, reason))
+
+    def _drop(self, info: AgentInfo, reason: str) -> None:
+        self.agents.pop(info.routing_id, None)
+        if self.by_client.get(info.client) == info.routing_id:
+            self.by_client.pop(info.client)
+        self._publish()
+        log.warning("flgraph gateway: client %d is gone: %s", info.client, reason)
+        job = self._round
+        if job is not None and job.open:
+            task = job.tasks.get(info.client)
+            if task is not None and task.sent_to == info.routing_id:
+                self._fail(task, f"its agent was lost mid-round: {reason}")
+
+    def _tick(self, sock: zmq.Socket[Any], now: float) -> None:
+        limit = self.heartbeat_s * self.liveness
+        for info in list(self.agents.values()):
+            if now - info.last_seen > limit:
+                self.counters["lost"] += 1
+                self._drop(info, f"no message for {now - info.last_seen:.1f} s")
+            else:
+                self._send(sock, info.routing_id, "heartbeat", {})
+
+    def _expire_round(self, job: _Round, why: str = "") -> None:
+        for task in job.tasks.values():
+            if not task.finished:
+                self._fail(task, why or (f"no result by the round's deadline ({job.deadline_s:g} s)"
+                                         + ("" if task.sent_to else "; no agent for this client was connected")))
+        job.open = False
+
+
+class _AllowList:
+    """ZAP credentials provider: a CURVE public key is allowed when it is in the set."""
+
+    def __init__(self, keys: set[bytes]) -> None:
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = bytes(key) in self.keys  # pyzmq passes the Z85 form
+        if not ok:
+            log.warning("flgraph gateway: refused a connection with a key not on the allow-list")
+        return ok
+
+
+def _check_update(msg: Message, spec: ParamSpec, limits: Limits) -> str | None:
+    """Why a result's update cannot be aggregated, or None."""
+    kind = msg.fields["kind"]
+    if kind not in ("delta", "weights"):
+        return f"kind {kind!r} (use 'delta' or 'weights')"
+    t = msg.tensors[0]
+    if t.shape != (spec.size,):
+        return f"an update of shape {t.shape}; the model's flat buffer is ({spec.size},)"
+    if t.dtype != np.dtype(spec.carrier):
+        return f"an update of dtype {t.dtype}; the model's is {spec.carrier}"
+    if not np.isfinite(t).all():
+        return f"the update holds {int((~np.isfinite(t)).sum())} non-finite values"
+    if msg.fields["num_samples"] > limits.max_num_samples:
+        return f"num_samples {msg.fields['num_samples']} is beyond {limits.max_num_samples}"
+    return None

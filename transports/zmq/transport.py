@@ -1,0 +1,320 @@
+"""``ZmqTransport``: a round's clients are edge agents behind a :class:`~.gateway.Gateway`;
+``MixedTransport``: some clients simulated on Dask, the others edge agents, in one round.
+
+To the engine an edge client is a client like any other: ``run_round`` posts the round's tasks (the
+global params once per agent, and each client's config: the run's ``LocalTrain`` settings, the
+ClientSet's per-client settings, then ``config=``), turns each arriving update into the reducer's leaf in
+the driver, and combines leaves along the round's fixed tree by client position as they arrive, so the
+result is deterministic and memory stays O(model x tree depth). Clients that miss the deadline, whose agent
+vanishes or whose update is refused become failures: the round's ``clients_failed`` / ``failed_clients``
+(``on_client_error="drop"``), or a :class:`~flgraph.errors.ClientError` (``"raise"``).
+
+Example:
+    >>> from flgraph.transports.zmq import ZmqTransport
+    >>> t = ZmqTransport("tcp://127.0.0.1:0", deadline_s=30, config={"epochs": 2})
+    >>> t.deadline_s, t.config
+    (30.0, {'epochs': 2})
+    >>> import flgraph as fg  # doctest: +SKIP
+    >>> with fg.Run(pipeline, model=model, data=population, transport=t,  # doctest: +SKIP
+    ...             on_client_error="drop") as run:
+    ...     t.gateway.wait_for(count=10)
+    ...     run.fit(rounds=5)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flgraph.client_runner import Bundle, Partial, combine_partials
+from flgraph.context import ClientSet, Update
+from flgraph.errors import ClientError, ClusterError, ConfigError
+
+from .gateway import Gateway, RoundEvent
+from .wire import Limits
+
+__all__ = ["MixedTransport", "ZmqTransport"]
+
+log = logging.getLogger("flgraph")
+
+
+class _Tree:
+    """Combines leaves of the round's fixed tree (:mod:`flgraph.tree`) as they arrive, in any order."""
+
+    def __init__(self, n: int, combine: Callable[[Any, Any], Any]) -> None:
+        self.n = n
+        self.combine = combine
+        self.done: dict[tuple[int, int], Any] = {}
+
+    def add(self, pos: int, value: Any) -> None:
+        path = [(0, self.n)]
+        while path[-1][1] - path[-1][0] > 1:
+            lo, hi = path[-1]
+            mid = (lo + hi) // 2
+            path.append((lo, mid) if pos < mid else (mid, hi))
+        node = path[-1]
+        for lo, hi in reversed(path[:-1]):
+            mid = (lo + hi) // 2
+            sibling = (mid, hi) if node == (lo, mid) else (lo, mid)
+            if sibling not in self.done:
+                break
+            other = self.done.pop(sibling)
+            value = self.combine(value, other) if node[0] < sibling[0] else self.combine(other, value)
+            node = (lo, hi)
+        self.done[node] = value
+
+    def root(self) -> Any:
+        return self.done[(0, self.n)]
+
+
+@dataclass
+class _Pending:
+    rnd: int
+    flat: np.ndarray
+    clients: ClientSet
+    events: queue.Queue[RoundEvent]
+    end: float
+
+
+class ZmqTransport:
+    """Runs rounds' client segments on edge agents connected to a gateway on ``bind``.
+
+    Args:
+        bind: the gateway's endpoint (``"tcp://127.0.0.1:0"``: any free port; see ``endpoint``).
+        deadline_s: seconds a round waits for its clients; the missing ones are failures.
+        config: extra per-round config for the agents' task functions (numbers, bools, short strings).
+        secret_key, allow, heartbeat_s, liveness, limits, max_agents, client_ids, compress: the
+            :class:`~flgraph.transports.zmq.gateway.Gateway`'s.
+    """
+
+    def __init__(self, bind: str = "tcp://127.0.0.1:0", *, deadline_s: float = 60.0,
+                 config: dict[str, Any] | None = None, secret_key: str | os.PathLike[str] | None = None,
+                 allow: str | os.PathLike[str] | Iterable[bytes] | None = None, heartbeat_s: float = 1.0,
+                 liveness: int = 3, limits: Limits | None = None, max_agents: int = 10_000,
+                 client_ids: Iterable[int] | None = None, compress: str = "auto") -> None:
+        if deadline_s <= 0:
+            raise ConfigError(f"deadline_s={deadline_s}", fix="give rounds a positive deadline in seconds")
+        self.deadline_s = float(deadline_s)
+        self.config = dict(config or {})
+        self.gateway = Gateway(bind, secret_key=secret_key, allow=allow, heartbeat_s=heartbeat_s, liveness=liveness,
+                               limits=limits, max_agents=max_agents, client_ids=client_ids, compress=compress)
+        self._bundle: Bundle | None = None
+        self._base: dict[str, Any] = {}
+        self._places = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The address agents connect to (after ``start`` or ``gateway.start()``)."""
+        return self.gateway.endpoint
+
+    def start(self, bundle: Bundle, flat: np.ndarray) -> float:
+        """Start the gateway (if not yet) and keep what rounds need; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self._bundle = bundle
+        self._base = _stage_config(bundle)
+        self.gateway.start()
+        return time.perf_counter() - t0
+
+    def restart_gateway(self) -> str:
+        """Stop and start the gateway on the same endpoint (agents reconnect by themselves)."""
+        endpoint = self.gateway.endpoint
+        self.gateway.stop()
+        if endpoint:
+            self.gateway.bind = endpoint
+        return self.gateway.start()
+
+    def configs(self, clients: ClientSet) -> dict[int, dict[str, Any]]:
+        """Each client's task config: the run's client-stage settings, its ClientSet settings, ``config``."""
+        out = {}
+        for pos, cid in enumerate(clients.ids.tolist()):
+            cfg = dict(self._base)
+            for name in clients.settings:
+                v = clients.setting(name, pos)
+                if isinstance(v, (int, float, bool, str)):
+                    cfg[name] = v
+            cfg.update(self.config)
+            out[int(cid)] = cfg
+        return out
+
+    def submit(self, rnd: int, flat: np.ndarray, clients: ClientSet) -> _Pending:
+        """Post round ``rnd``'s tasks; collect with :meth:`collect`."""
+        if self._bundle is None:
+            raise ClusterError("the transport was not started", fix="use it through fg.Run(..., transport=...)")
+        events = self.gateway.begin_round(rnd, flat, self._bundle.spec, self._bundle.seed, self.configs(clients),
+                                          self.deadline_s)
+        present = self.gateway.connected().keys()
+        self._places = sum(1 for c in clients.ids.tolist() if c in present)
+        grace = max(5.0, 2 * self.gateway.heartbeat_s * self.gateway.liveness)
+        return _Pending(rnd, flat, clients, events, time.monotonic() + self.deadline_s + grace)
+
+    def collect(self, pending: _Pending, on_error: str = "raise") -> Partial:
+        """Wait for every client of the round (result or failure) and return the root partial."""
+        assert self._bundle is not None
+        reducer = self._bundle.reducer
+        n = len(pending.clients)
+        acc = _Tree(n, lambda a, b: combine_partials(reducer, a, b))
+        try:
+            for _ in range(n):
+                ev = self._next(pending)
+                if ev.kind == "result":
+                    try:
+                        part = self._leaf(ev, pending)
+                    except Exception as e:  # a reducer that refuses this update: the client failed
+                        part = self._failed(ev.client, f"{type(e).__name__}: {e}", pending.rnd, on_error)
+                else:
+                    part = self._failed(ev.client, ev.reason, pending.rnd, on_error)
+                acc.add(ev.position, part)
+        finally:
+            self.gateway.end_round()
+        return acc.root() if n else Partial(None)
+
+    def _next(self, pending: _Pending) -> RoundEvent:
+        while True:
+            left = pending.end - time.monotonic()
+            if left <= 0:
+                raise ClusterError(f"round {pending.rnd}: the gateway did not close the round after its deadline",
+                                   fix="check the gateway's log; the run's state is unchanged")
+            try:
+                return pending.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                thread = self.gateway._thread
+                if thread is None or not thread.is_alive():
+                    raise ClusterError(f"round {pending.rnd}: the gateway stopped",
+                                       fix="start it again (restart_gateway()) and call fit() again") from None
+
+    @staticmethod
+    def _failed(client: int, reason: str, rnd: int, on_error: str) -> Partial:
+        if on_error == "raise":
+            raise ClientError(reason, client=client, stage="edge", round=rnd,
+                              fix="pass on_client_error='drop' to Run to count edge dropouts as failures")
+        log.warning("dropped: round %d, client %d: %s", rnd, client, reason)
+        return Partial(None, {"clients_failed": 1.0}, [(client, f"round {rnd}, client {client}, edge: {reason}")])
+
+    def _leaf(self, ev: RoundEvent, pending: _Pending) -> Partial:
+        assert self._bundle is not None and ev.message is not None
+        msg = ev.message
+        wire = np.asarray(msg.tensors[0])
+        delta = wire - pending.flat if msg.fields["kind"] == "weights" else np.array(wire, copy=True)
+        n = int(msg.fields["num_samples"])
+        metrics = msg.fields["metrics"]
+        update = Update(ev.client, n, pending.rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
+        sums = {"clients_done": 1.0, "samples": float(n), "bytes_up": float(msg.wire_nbytes),
+                "bytes_up_raw": float(delta.nbytes)}
+        value = self._bundle.reducer.leaf(update, self._bundle.spec)
+        for k, v in metrics.items():
+            sums[f"wsum_{k}"] = float(v) * n
+        return Partial(value, sums)
+
+    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
+        """Run the client segment for ``clients`` on their agents and return the round's root partial."""
+        return self.collect(self.submit(rnd, flat, clients), on_error)
+
+    def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
+        """Not possible on edge agents: no code travels over the wire."""
+        raise ConfigError(f"{getattr(fn, '__qualname__', 'client work')} cannot run on edge agents (no code "
+                          "travels to them)", fix="evaluate on the driver's test split (st.Evaluate), or run this "
+                                                  "stage's clients on Dask with MixedTransport")
+
+    def places(self) -> int:
+        """Agents that received the last round's params."""
+        return self._places
+
+    def close(self) -> None:
+        """Stop the gateway (agents are told ``disconnect`` and keep trying to reconnect)."""
+        self.gateway.stop()
+
+
+def _stage_config(bundle: Bundle) -> dict[str, Any]:
+    """The client stages' scalar settings (first stage wins on a shared name), and LocalTrain's tag."""
+    cfg: dict[str, Any] = {}
+    for stage in bundle.stages:
+        for k, v in stage.settings().items():
+            if isinstance(v, (bool, int, float, str)) and k not in cfg:
+                cfg[k] = v
+        if type(stage).__name__ == "LocalTrain" and "tag" not in cfg:
+            cfg["tag"] = int(stage.tag)
+    return cfg
+
+
+class MixedTransport:
+    """Some clients on Dask (simulated), the others on edge agents, in the same rounds.
+
+    ``route`` says which clients are edge agents: a collection of ids, a function ``id -> bool``, or
+    ``None`` (the clients with an agent connected when the round starts). A round's root is the Dask
+    clients' tree combined with the edge clients' tree (in that order), each over its clients in round
+    order: deterministic for a given routing.
+
+    Example:
+        >>> from flgraph.transports.zmq import MixedTransport
+        >>> MixedTransport.split(np.array([5, 1, 7, 2]), lambda c: c % 2 == 1)
+        (array([3]), array([0, 1, 2]))
+    """
+
+    def __init__(self, dask: Any, edge: ZmqTransport,
+                 route: Collection[int] | Callable[[int], bool] | None = None) -> None:
+        self.dask = dask
+        self.edge = edge
+        self.route = route
+        self._reducer: Any = None
+
+    def start(self, bundle: Bundle, flat: np.ndarray) -> float:
+        """Start both transports; returns the warm-up seconds."""
+        self._reducer = bundle.reducer
+        return float(self.dask.start(bundle, flat)) + self.edge.start(bundle, flat)
+
+    @staticmethod
+    def split(ids: np.ndarray, on_edge: Callable[[int], bool]) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (not ids) of the Dask clients and of the edge clients, each in round order."""
+        mask = np.array([bool(on_edge(int(c))) for c in ids], dtype=bool)
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+    def _on_edge(self) -> Callable[[int], bool]:
+        route = self.route
+        if route is None:
+            present = set(self.edge.gateway.connected())
+            return lambda c: c in present
+        if callable(route):
+            return route
+        members = {int(c) for c in route}
+        return lambda c: c in members
+
+    @staticmethod
+    def _subset(clients: ClientSet, positions: np.ndarray) -> ClientSet:
+        return ClientSet(clients.ids[positions], {k: v[positions] for k, v in clients.settings.items()})
+
+    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
+        """Post the edge tasks, run the Dask clients meanwhile, then collect the edge results."""
+        on_dask, on_edge = self.split(clients.ids, self._on_edge())
+        pending = self.edge.submit(rnd, flat, self._subset(clients, on_edge)) if len(on_edge) else None
+        try:
+            left = (self.dask.run_round(rnd, flat, self._subset(clients, on_dask), on_error) if len(on_dask)
+                    else Partial(None))
+        except BaseException:
+            if pending is not None:
+                self.edge.gateway.end_round()
+            raise
+        right = self.edge.collect(pending, on_error) if pending is not None else Partial(None)
+        return combine_partials(self._reducer, left, right)
+
+    def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
+        """Client work outside the round's segment: possible for the Dask clients only."""
+        _, on_edge = self.split(np.asarray(ids), self._on_edge())
+        if len(on_edge):
+            return self.edge.map_clients(rnd, flat, ids, fn)
+        return list(self.dask.map_clients(rnd, flat, ids, fn))
+
+    def places(self) -> int:
+        return int(self.dask.places()) + self.edge.places()
+
+    def close(self) -> None:
+        try:
+            self.dask.close()
+        finally:
+            self.edge.close()
