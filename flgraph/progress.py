@@ -11,7 +11,11 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from tqdm.auto import tqdm
+try:  # the notebook widget when it can be drawn, plain text otherwise (no "IProgress not found" warning)
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm
+except ImportError:
+    from tqdm import tqdm
 
 __all__ = ["RoundProgress"]
 
