@@ -1,12 +1,21 @@
 """Recipes (importable as ``flgraph.recipes``): functions returning pipelines with a paper's defaults.
 
+Each recipe derives from :func:`fedavg` by swapping or inserting stages (:mod:`flgraph.recipes.compose`).
+
 Example:
-    >>> from flgraph.recipes import fedavg
-    >>> len(fedavg(clients=10))
-    5
+    >>> from flgraph.recipes import fedavg, fedprox
+    >>> len(fedavg(clients=10)), len(fedprox(clients=10, stragglers=0.5))
+    (5, 6)
 """
 
+from .fedadagrad import fedadagrad
+from .fedadam import fedadam
 from .fedavg import fedavg
+from .fedavgm import fedavgm
+from .fedbabu import fedbabu
 from .fedbuff import fedbuff
+from .fedprox import fedprox
+from .fedyogi import fedyogi
+from .robust import robust_fedavg
 
-__all__ = ["fedavg", "fedbuff"]
+__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fedprox", "fedyogi", "robust_fedavg"]

@@ -13,31 +13,52 @@ from flgraph.graph import ClientStage, Reducer, ReduceStage, ServerStage, Stage
 from .aggregate import Aggregate, WeightedMean
 from .broadcast import Broadcast
 from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
-from .compress import LZ4, Compress, Float16
+from .byzantine import Byzantine
+from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
 from .evaluate import Evaluate
+from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
+from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
+from .robust import Krum, Median, TrimmedMean
 from .select import Select
+from .server_opt import ServerOpt
 from .simulate import Simulate
+from .stragglers import Stragglers
 from .train import LocalTrain, TrainContext
 
 __all__ = [
     "LZ4",
     "Aggregate",
+    "BFloat16",
     "Broadcast",
     "BufferedAggregate",
+    "Byzantine",
     "ClientStage",
+    "ClipNorm",
     "Compress",
     "Constant",
     "Evaluate",
+    "FederatedEvaluate",
     "Float16",
+    "GaussianNoise",
     "Hinge",
+    "Int8",
+    "Krum",
     "LocalTrain",
+    "Median",
+    "PersonalizedEvaluate",
     "Polynomial",
+    "PrivacyAccountant",
     "ReduceStage",
     "Reducer",
     "Select",
+    "ServerOpt",
     "ServerStage",
     "Simulate",
     "Stage",
+    "Stragglers",
+    "TopK",
     "TrainContext",
+    "TrimmedMean",
     "WeightedMean",
+    "dp_mean",
 ]

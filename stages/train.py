@@ -5,20 +5,30 @@ Any torch module, loss function and optimizer factory; ``epochs`` or ``steps``; 
 cuda. Bring your own training step with ``train_fn(model, data, ctx) -> loss`` (a float, or a dict of
 metrics with a ``"loss"`` key).
 
+Options: ``mu > 0`` adds FedProx's proximal term ``mu/2 ||w - w_global||^2`` to the local objective (its
+gradient ``mu (w - w_global)`` is added to each step's gradient; the reported ``loss`` is the task loss);
+``freeze=("head",)`` keeps parameters frozen by name or module prefix (``"head"`` matches ``head.weight``;
+shell wildcards work too): they get no gradient and their delta is exactly zero; ``holdout=f`` trains on
+the samples the evaluators do not hold out (:mod:`flgraph.stages.split`). Per-client ``epochs`` or
+``steps`` come from the ClientSet's settings when present (stragglers, device profiles); the metrics
+report the ``steps`` actually done.
+
 The update is ``trained - global`` (a flat delta) with the client's sample count. A non-finite loss, a
 non-finite update, an empty client, or a model whose output does not fit the labels stops the client
 with a :class:`~flgraph.errors.ClientError` that names the client, the round and the stage.
 
 Example:
     >>> from flgraph import stages as st
-    >>> st.LocalTrain(epochs=2, batch_size=16, lr=0.1)
-    LocalTrain(epochs=2, steps=None, batch_size=16, lr=0.1, optimizer=None, loss=None, train_fn=None, device='cpu')
+    >>> st.LocalTrain(epochs=2, batch_size=16, lr=0.1, mu=0.01, freeze=["head"])  # doctest: +NORMALIZE_WHITESPACE
+    LocalTrain(epochs=2, steps=None, batch_size=16, lr=0.1, optimizer=None, loss=None, train_fn=None,
+               device='cpu', mu=0.01, freeze=('head',), holdout=0.0)
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,12 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from flgraph.context import ClientWork, Update
+from flgraph.data import ClientData
 from flgraph.errors import ClientError, ConfigError
 from flgraph.graph import ClientStage
 from flgraph.models.adapter import BoundModel, ModelAdapter
 from flgraph.rng import stream, torch_seed
 
-__all__ = ["LocalTrain", "TrainContext"]
+from .split import check_fraction, heldout
+
+__all__ = ["LocalTrain", "TrainContext", "frozen_names"]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +82,20 @@ class LocalTrain(ClientStage):
         loss: LossFn | None = None,
         train_fn: Callable[[torch.nn.Module, Any, TrainContext], float | dict[str, float]] | None = None,
         device: str = "cpu",
+        mu: float = 0.0,
+        freeze: Sequence[str] | None = None,
+        holdout: float = 0.0,
     ) -> None:
+        if not (mu >= 0 and math.isfinite(mu)):
+            raise ConfigError(f"LocalTrain(mu={mu}): the proximal weight must be finite and >= 0",
+                              fix="mu=0 is FedAvg; the FedProx paper uses mu in {0.001, 0.01, 0.1, 1}")
+        if mu > 0 and train_fn is not None:
+            raise ConfigError("LocalTrain(mu=..., train_fn=...): the proximal term is added by the built-in "
+                              "training loop, which a train_fn replaces",
+                              fix="add mu/2 ||w - w_global||^2 in your train_fn, or drop train_fn")
+        if isinstance(freeze, str):
+            freeze = (freeze,)
+        check_fraction("LocalTrain", holdout)
         if epochs < 1 and steps is None:
             raise ConfigError(f"LocalTrain(epochs={epochs}): train at least one epoch, or give steps=")
         if steps is not None and steps < 1:
@@ -86,11 +112,26 @@ class LocalTrain(ClientStage):
         self.loss = loss
         self.train_fn = train_fn
         self.device = device
+        self.mu = float(mu)
+        self.freeze: tuple[str, ...] | None = tuple(freeze) if freeze else None
+        self.holdout = holdout
 
     def prepare(self, dataset: Any, model_source: Any) -> None:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"LocalTrain(device={self.device!r}) but this machine has no CUDA device",
                               fix="use device='cpu', or run on workers with a GPU")
+        spec = getattr(model_source, "spec", None)
+        if self.freeze and spec is not None:
+            names = [e.name for e in spec.entries]
+            for pattern in self.freeze:
+                if not frozen_names(names, (pattern,)):
+                    modules = sorted({n.rsplit(".", 1)[0] for n in names if "." in n})
+                    raise ConfigError(f"LocalTrain(freeze={list(self.freeze)}): {pattern!r} matches no parameter "
+                                      "of the model", fix=f"name a module or parameter, one of {modules[:12]}")
+            params = [n for n, _ in model_source.template.named_parameters()]
+            if params and set(frozen_names(params, self.freeze)) == set(params):
+                raise ConfigError(f"LocalTrain(freeze={list(self.freeze)}) freezes every parameter: nothing "
+                                  "would train", fix="freeze a part of the model only, e.g. freeze=['head']")
 
     def run(self, work: ClientWork) -> None:
         adapter: ModelAdapter = work.model_source
@@ -105,20 +146,40 @@ class LocalTrain(ClientStage):
                            stream(work.seed, work.tag, work.round, work.client))
         _seed_torch(device, torch_seed(work.seed, work.tag, work.round, work.client))
         data = work.data
+        if self.holdout > 0:
+            keep = ~heldout(work.seed, work.client, len(data.y), self.holdout)
+            data = ClientData(data.x[keep], data.y[keep])
         n = len(data.y)
         if n == 0:
             raise ClientError("the client has no samples", client=work.client, stage="LocalTrain",
                               round=work.round, fix="remove empty clients from the dataset, or "
                               "pass on_client_error='drop' to Run to skip them")
-        if self.train_fn is not None:
-            out = self.train_fn(model, data, ctx)
-            metrics = dict(out) if isinstance(out, dict) else {"loss": float(out)}
-            self._check_loss(metrics.get("loss", 0.0), work, "the training step")
-            metrics.setdefault("samples_processed", float(epochs * n))
-        else:
-            metrics = self._train(model, data, ctx, work)
+        frozen = self._frozen_params(model)
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            if self.train_fn is not None:
+                out = self.train_fn(model, data, ctx)
+                metrics = dict(out) if isinstance(out, dict) else {"loss": float(out)}
+                self._check_loss(metrics.get("loss", 0.0), work, "the training step")
+                metrics.setdefault("samples_processed", float(epochs * n))
+            else:
+                metrics = self._train(model, data, ctx, work)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         delta = self._delta(bm, work)
+        if self.freeze:
+            for e in work.global_params.spec.entries:
+                if frozen_names([e.name], self.freeze):
+                    delta[e.offset : e.offset + e.size] = 0
         work.update = Update(work.client, n, work.round - 1, delta, metrics)
+
+    def _frozen_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        if not self.freeze:
+            return []
+        named = dict(model.named_parameters())
+        return [named[n] for n in frozen_names(list(named), self.freeze) if named[n].requires_grad]
 
     def _delta(self, bm: BoundModel, work: ClientWork) -> np.ndarray:
         delta = np.subtract(bm.read(), work.global_params.flat)
@@ -133,8 +194,10 @@ class LocalTrain(ClientStage):
         x = torch.as_tensor(data.x, device=ctx.device)
         y = torch.as_tensor(data.y, device=ctx.device)
         n = len(y)
-        opt = (self.optimizer or _sgd(self.lr))(model.parameters())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = (self.optimizer or _sgd(self.lr))(trainable)
         loss_fn = self.loss or F.cross_entropy
+        anchors = [p.detach().clone() for p in trainable] if self.mu > 0 else []
         total, done, processed = 0.0, 0, 0
         limit = ctx.steps if ctx.steps is not None else math.inf
         budget = float(work.setting("max_samples", math.inf))  # a device cut-off: stop in time, send what it has
@@ -164,6 +227,11 @@ class LocalTrain(ClientStage):
                 except (IndexError, RuntimeError, ValueError) as e:
                     raise self._misfit(e, out, y, work) from None
                 loss.backward()
+                if anchors:  # FedProx: the gradient of mu/2 ||w - w_global||^2
+                    with torch.no_grad():
+                        for p, p0 in zip(trainable, anchors):
+                            if p.grad is not None:
+                                p.grad.add_(p.detach() - p0, alpha=self.mu)
                 opt.step()
                 lv = float(loss.detach())
                 self._check_loss(lv, work, f"step {done + 1}")
@@ -193,6 +261,18 @@ class LocalTrain(ClientStage):
             fix="make the model's last layer produce one output per class (or pass a loss= that fits "
                 "the labels)",
         )
+
+
+def frozen_names(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The ``names`` matched by ``patterns``: a pattern matches a name equal to it, a name under it as a
+    module (``"head"`` matches ``"head.weight"``), or a shell wildcard (``"*.bias"``).
+
+    Example:
+        >>> frozen_names(["body.0.weight", "head.weight", "head.bias"], ["head"])
+        ['head.weight', 'head.bias']
+    """
+    return [n for n in names
+            if any(n == p or n.startswith(p + ".") or fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def _seed_torch(device: torch.device, seed: int) -> None:

@@ -256,7 +256,7 @@ def test_compress_accepts_a_codec_object_and_validates():
     assert upd.decoded(SPEC32).tolist() == list(range(SPEC32.size))
     with pytest.raises(ConfigError, match="unknown codec 'zip'") as ei:
         st.Compress("zip")
-    assert "['fp16', 'lz4']" in ei.value.fix
+    assert "['bf16', 'fp16', 'int8', 'lz4', 'topk']" in ei.value.fix
     with pytest.raises(ConfigError, match="has no encode"):
         st.Compress(object())  # type: ignore[arg-type]
 
@@ -553,7 +553,10 @@ def test_local_train_custom_train_fn():
     work = _run_local_train(stage, module, ds, gp, rnd=2, client=1, seed=9)
     assert seen["round"] == 2 and seen["client"] == 1 and seen["n"] == len(_client_data(1)[1])
     assert seen["perm"] == stream(9, stage.tag, 2, 1).permutation(3).tolist()
-    assert work.update.metrics == {"loss": 0.25, "custom": 2.0}
+    # the step's own metrics, plus the samples it is taken to have trained on (epochs x samples), which the
+    # device simulation uses unless the step reports its own samples_processed
+    assert work.update.metrics == {"loss": 0.25, "custom": 2.0,
+                                   "samples_processed": float(len(_client_data(1)[1]))}
     e = ModelAdapter.from_module(module).spec.entry("0.bias")
     assert np.allclose(work.update.delta[e.offset : e.offset + e.size], 1.0)
     assert np.count_nonzero(work.update.delta) == e.size

@@ -9,6 +9,7 @@ Example:
 """
 
 from flgraph.data.dataset import ArrayDataset, ClientData, FederatedDataset, FunctionDataset
+from flgraph.data.fedprox_synthetic import fedprox_synthetic
 from flgraph.data.partition import Partition, by_key, dirichlet, iid, shards
 from flgraph.data.synthetic import synthetic_classification
 from flgraph.data.zarr_store import ZarrDataset
@@ -22,6 +23,7 @@ __all__ = [
     "ZarrDataset",
     "by_key",
     "dirichlet",
+    "fedprox_synthetic",
     "iid",
     "shards",
     "synthetic_classification",

@@ -1,0 +1,152 @@
+"""Robust aggregation: coordinate-wise median, trimmed mean, Krum and multi-Krum (reducers).
+
+These are not sums, so they cannot reduce to a partial sum as the mean does: they declare
+``needs_all = True``. Each ``leaf`` keeps its client's decoded delta, ``combine`` concatenates in the
+engine's fixed tree order (so the list is in the round's client order, whatever the chunking) and
+``finalize`` computes on the stacked updates. The memory is paid openly: clients x model values in the
+driver at the end of a round.
+
+* :class:`Median` — coordinate-wise median (Yin et al., ICML 2018).
+* :class:`TrimmedMean` — per coordinate, drop the ``floor(beta * n)`` largest and smallest values and
+  average the rest (Yin et al., ICML 2018).
+* :class:`Krum` — Blanchard et al., NeurIPS 2017: score each update by the summed squared distances to
+  its ``n - f - 2`` nearest others; Krum returns the best-scored update, multi-Krum (``m > 1``) the mean of
+  the ``m`` best.
+
+The returned weight is the total sample count of the round's updates, as for the mean.
+
+Example:
+    >>> import numpy as np
+    >>> from flgraph.context import Update
+    >>> from flgraph.params import ParamSpec
+    >>> from flgraph.stages.robust import Median
+    >>> spec = ParamSpec.from_arrays({"w": np.zeros(2, np.float32)})
+    >>> med = Median()
+    >>> leaves = [med.leaf(Update(i, 1, 0, np.array(v, np.float32)), spec)
+    ...           for i, v in enumerate([[1, 5], [2, -100], [3, 6]])]
+    >>> delta, weight = med.finalize(med.combine(med.combine(leaves[0], leaves[1]), leaves[2]), spec)
+    >>> delta.tolist(), weight
+    ([2.0, 5.0], 3.0)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from flgraph.context import Update
+from flgraph.errors import ConfigError
+from flgraph.graph import Reducer
+from flgraph.params import ParamSpec
+
+__all__ = ["Krum", "Median", "Stacked", "TrimmedMean"]
+
+#: What a needs-all reducer carries: the updates' deltas and sample counts, in client order.
+Stacked = tuple[list[np.ndarray], list[float]]
+
+
+class _AllUpdates(Reducer):
+    """Keeps every update (``needs_all``): leaf -> one-element lists, combine -> concatenation."""
+
+    needs_all: ClassVar[bool] = True
+
+    def leaf(self, update: Update, spec: ParamSpec) -> Stacked:
+        delta = update.decoded(spec)
+        if update.delta is delta:
+            update.delta = None  # consumed: keep the buffer itself, no copy
+        else:
+            delta = np.array(delta, copy=True)
+        return [delta], [float(update.num_samples)]
+
+    def combine(self, left: Any, right: Any) -> Stacked:
+        left[0].extend(right[0])
+        left[1].extend(right[1])
+        out: Stacked = left
+        return out
+
+    def finalize(self, acc: Any, spec: ParamSpec) -> tuple[np.ndarray, float]:
+        deltas, weights = acc
+        if not deltas:
+            raise ConfigError(f"{type(self).__name__} got no update this round")
+        out = self.compute(np.stack(deltas), np.asarray(weights, np.float64))
+        return out.astype(spec.carrier, copy=False), float(sum(weights))
+
+    def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The aggregate of ``stack`` (clients x values)."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Median(_AllUpdates):
+    """Coordinate-wise median of the client deltas (unweighted, as in Yin et al. 2018)."""
+
+    def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return np.median(stack, axis=0)
+
+
+class TrimmedMean(_AllUpdates):
+    """Coordinate-wise ``beta``-trimmed mean: per coordinate, drop the ``floor(beta * n)`` smallest and the as
+    many largest values, average the rest (unweighted)."""
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not 0 <= beta < 0.5:
+            raise ConfigError(f"TrimmedMean(beta={beta}): trim a fraction in [0, 0.5) from each side",
+                              fix="e.g. TrimmedMean(beta=0.1) drops the top and bottom 10% per coordinate")
+        self.beta = beta
+
+    def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        n = stack.shape[0]
+        t = math.floor(self.beta * n)
+        if n - 2 * t < 1:
+            raise ConfigError(f"TrimmedMean(beta={self.beta}) trims all {n} updates of the round",
+                              fix="select more clients or lower beta")
+        if t == 0:
+            return stack.mean(axis=0)
+        part = np.partition(stack, (t, n - t - 1), axis=0) if n - t - 1 > t else np.sort(stack, axis=0)
+        return part[t : n - t].mean(axis=0)
+
+
+class Krum(_AllUpdates):
+    """Krum (``m=1``) and multi-Krum (``m > 1``) of Blanchard et al. 2017, robust to ``f`` Byzantine clients.
+
+    Needs ``n > 2f + 2`` updates in a round. The score of update ``i`` is the sum of its squared Euclidean
+    distances to its ``n - f - 2`` nearest other updates; the ``m`` lowest scores (ties: the earlier client)
+    are averaged, unweighted.
+    """
+
+    def __init__(self, f: int = 1, *, m: int = 1) -> None:
+        if f < 0:
+            raise ConfigError(f"Krum(f={f}): the number of Byzantine clients tolerated must be >= 0")
+        if m < 1:
+            raise ConfigError(f"Krum(m={m}): select at least one update", fix="m=1 is Krum; m>1 multi-Krum")
+        self.f = f
+        self.m = m
+
+    def scores(self, stack: np.ndarray) -> np.ndarray:
+        """Each update's Krum score (float64)."""
+        n = stack.shape[0]
+        if n <= 2 * self.f + 2:
+            raise ConfigError(f"Krum(f={self.f}) needs more than 2f+2 = {2 * self.f + 2} updates, got {n}",
+                              fix=f"select at least {2 * self.f + 3} clients per round, or lower f")
+        x = stack.astype(np.float64)
+        sq = np.einsum("ij,ij->i", x, x)
+        d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+        np.fill_diagonal(d, np.inf)
+        nearest = np.sort(d, axis=1)[:, : n - self.f - 2]
+        scores: np.ndarray = nearest.sum(axis=1)
+        return scores
+
+    def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        if self.m > stack.shape[0]:
+            raise ConfigError(f"Krum(m={self.m}) selects more updates than the round has ({stack.shape[0]})",
+                              fix="lower m or select more clients")
+        chosen = np.argsort(self.scores(stack), kind="stable")[: self.m]
+        return stack[np.sort(chosen)].mean(axis=0)
