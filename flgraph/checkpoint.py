@@ -128,6 +128,19 @@ class RunDirectory:
     def __init__(self, group: zarr.Group, rows_written: int = 0) -> None:
         self.group: Any = group  # zarr's typed JSON attributes are used as plain dicts here
         self.rows_written = rows_written  # metrics rows already in the table (and committed)
+        # round -> committed?, for every snapshot group; read from the store once, then kept up to date by
+        # write and prune (a writer is the directory's only writer), so a snapshot costs few store calls
+        self._known: dict[int, bool] | None = None
+        self._table: Any = None  # the metrics table, opened once
+
+    def _snapshots(self) -> dict[int, bool]:
+        if self._known is None:
+            self._known = {}
+            for rnd in self.snapshot_rounds(committed_only=False):
+                self._known[rnd] = False
+            for rnd in self.snapshot_rounds():
+                self._known[rnd] = True
+        return self._known
 
     # -- opening ---------------------------------------------------------------------------------------
     @staticmethod
@@ -207,13 +220,18 @@ class RunDirectory:
         """Write and commit ``snap``; the commit (attributes with the checksum) is written last."""
         name = f"r{snap.round:08d}"
         snaps = self.group["snapshots"]
+        known = self._snapshots()
         try:
-            if name in snaps:
+            if snap.round in known:
                 del snaps[name]  # an uncommitted leftover of a crash, or an older attempt at this round
+                del known[snap.round]
             g = snaps.create_group(name)
+            known[snap.round] = False
             crc = 0
             flat = np.ascontiguousarray(snap.params)
-            a = g.create_array("params", shape=flat.shape, dtype=flat.dtype, chunks=(max(1, min(flat.size, _CHUNK)),))
+            # floats barely compress (about 7%): store them raw, which is much cheaper to write and read
+            a = g.create_array("params", shape=flat.shape, dtype=flat.dtype, chunks=(max(1, min(flat.size, _CHUNK)),),
+                               compressors=None)
             a[:] = flat
             crc = _crc(crc, flat)
             scalars: dict[str, dict[str, Any]] = {}
@@ -234,6 +252,7 @@ class RunDirectory:
             body = json.dumps(commit, sort_keys=True, default=_json_default)
             g.attrs.update({**json.loads(body), "checksum": zlib.crc32(body.encode(), crc), "committed": True})
             self.rows_written = len(snap.rows)
+            known[snap.round] = True
         except OSError as e:
             raise CheckpointError(f"writing the snapshot of round {snap.round} failed: {e}",
                                   fix=_storage_hint(e)) from e
@@ -241,12 +260,14 @@ class RunDirectory:
     def _append_metrics(self, rows: list[dict[str, Any]], start: int) -> dict[str, dict[str, Any]]:
         """Append rows ``start:`` to the metrics table (numeric metrics, one column each, NaN where a round
         did not report one); return the non-numeric values (lists, strings) of every row by round."""
-        metrics = self.group["metrics"]
         n = len(rows)
-        if "table" not in metrics:
-            metrics.create_array("table", shape=(0, 0), dtype="float64", chunks=(512, 32), fill_value=math.nan,
-                                 attributes={"columns": []})
-        table = metrics["table"]
+        table = self._table
+        if table is None:
+            metrics = self.group["metrics"]
+            if "table" not in metrics:
+                metrics.create_array("table", shape=(0, 0), dtype="float64", chunks=(512, 32),
+                                     fill_value=math.nan, attributes={"columns": []})
+            table = self._table = metrics["table"]
         columns: list[str] = list(table.attrs.get("columns", []))
         new = sorted({k for r in rows[start:] for k, v in r.items() if _is_number(v)} - set(columns))
         if new:
@@ -353,14 +374,16 @@ class RunDirectory:
     def prune(self, policy: CheckpointPolicy) -> list[int]:
         """Delete committed snapshots the policy does not keep, and uncommitted leftovers older than the newest."""
         snaps = self.group["snapshots"]
-        committed = self.snapshot_rounds()
+        known = self._snapshots()
+        committed = sorted(r for r, ok in known.items() if ok)
         keep = policy.keep(committed)
         newest = max(committed) if committed else 0
         dropped = []
-        for rnd in self.snapshot_rounds(committed_only=False):
+        for rnd in sorted(known):
             if rnd in keep or (rnd not in committed and rnd > newest):
                 continue
             del snaps[f"r{rnd:08d}"]
+            del known[rnd]
             dropped.append(rnd)
         return dropped
 
