@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from flgraph.buffers import POOL
 from flgraph.context import RoundContext, Update
 from flgraph.errors import ConfigError
 from flgraph.graph import Reducer, ReduceStage
@@ -60,6 +61,7 @@ class WeightedMean(Reducer):
     def combine(self, left: Any, right: Any) -> tuple[np.ndarray, float]:
         acc, w = left
         acc += right[0]
+        POOL.give(right[0])  # the right operand is consumed: its buffer serves the next client's delta
         return acc, w + right[1]
 
     def finalize(self, acc: Any, spec: ParamSpec) -> tuple[np.ndarray, float]:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flgraph.buffers import POOL
 from flgraph.context import ClientWork, Update
 from flgraph.data import ClientData
 from flgraph.errors import ClientError, ConfigError
@@ -182,7 +183,8 @@ class LocalTrain(ClientStage):
         return [named[n] for n in frozen_names(list(named), self.freeze) if named[n].requires_grad]
 
     def _delta(self, bm: BoundModel, work: ClientWork) -> np.ndarray:
-        delta = np.subtract(bm.read(), work.global_params.flat)
+        flat = work.global_params.flat
+        delta = np.subtract(bm.read(), flat, out=POOL.take(flat.size, flat.dtype))
         if not np.isfinite(delta).all():
             bad = int((~np.isfinite(delta)).sum())
             raise ClientError(f"the update holds {bad} non-finite values (NaN or inf)", client=work.client,
