@@ -6,6 +6,9 @@ updates the server steps: ``global += server_lr * sum(f(s_i) w_i delta_i) / sum(
 ``w_i = 1`` (``weight="uniform"``, the paper's) or the sample count (``"samples"``). Updates staler than
 ``max_staleness`` are dropped and counted. A pipeline whose reduce stage is a BufferedAggregate runs on
 the asynchronous engine; its ``Select(clients=C)`` is the number of clients kept in flight.
+``clip_norm`` clips each update's norm first (:class:`~flgraph.stages.ClipNorm`); ``optimizer`` (a
+:class:`~flgraph.stages.ServerOpt`, e.g. FedAdam's) takes the buffered mean as its pseudo-gradient, its
+moments kept in this stage's state.
 
 Example:
     >>> from flgraph import stages as st
@@ -28,6 +31,7 @@ from flgraph.graph import Reducer, ReduceStage
 from flgraph.params import Params
 
 from .aggregate import WeightedMean
+from .privacy import ClipNorm
 
 __all__ = ["BufferedAggregate", "Constant", "Hinge", "Polynomial"]
 
@@ -82,7 +86,8 @@ class BufferedAggregate(ReduceStage):
     asynchronous: ClassVar[bool] = True
 
     def __init__(self, buffer: int = 10, *, staleness: Any = None, max_staleness: int | None = None,
-                 server_lr: float = 1.0, weight: str = "uniform") -> None:
+                 server_lr: float = 1.0, weight: str = "uniform", clip_norm: float | None = None,
+                 optimizer: Any = None) -> None:
         if buffer < 1:
             raise ConfigError(f"BufferedAggregate(buffer={buffer}): must be >= 1")
         if max_staleness is not None and max_staleness < 0:
@@ -93,19 +98,29 @@ class BufferedAggregate(ReduceStage):
         if not callable(staleness):
             raise ConfigError(f"staleness={staleness!r} is not callable",
                               fix="use st.Constant(), st.Polynomial(a) or st.Hinge(a, b), or a function s -> weight")
+        if optimizer is not None and not callable(getattr(optimizer, "step", None)):
+            raise ConfigError(f"optimizer={optimizer!r} has no step(state, delta)",
+                              fix="pass a server optimizer such as st.ServerOpt(method='adam', lr=0.01)")
         self.buffer = buffer
         self.staleness = staleness
         self.max_staleness = max_staleness
         self.server_lr = server_lr
         self.weight = weight
-        self.reducer: Reducer = WeightedMean(weight)
+        self.clip_norm = clip_norm
+        self.optimizer = optimizer
+        inner = WeightedMean(weight)
+        self.reducer: Reducer = ClipNorm(inner, max_norm=clip_norm) if clip_norm is not None else inner
 
     def settings(self) -> dict[str, Any]:
         return {"buffer": self.buffer, "staleness": self.staleness, "max_staleness": self.max_staleness,
-                "server_lr": self.server_lr, "weight": self.weight}
+                "server_lr": self.server_lr, "weight": self.weight, "clip_norm": self.clip_norm,
+                "optimizer": self.optimizer}
 
     def init_state(self, params: Params) -> dict[str, Any]:
-        return {"count": 0, "weight": 0.0, "acc": np.zeros(params.spec.size, params.spec.carrier)}
+        state: dict[str, Any] = {"count": 0, "weight": 0.0, "acc": np.zeros(params.spec.size, params.spec.carrier)}
+        if self.optimizer is not None:  # the optimizer's moments, flat in this stage's state ("opt_m", ...)
+            state.update({f"opt_{k}": v for k, v in self.optimizer.init_state(params).items()})
+        return state
 
     def add(self, state: dict[str, Any], value: Any, staleness: int) -> bool:
         """Add one update's leaf value (weighted delta, weight); False if it is too stale (dropped)."""
@@ -132,7 +147,16 @@ class BufferedAggregate(ReduceStage):
         if w <= 0:
             raise ConfigError("the buffer carries no weight (every update had 0 samples)")
         delta = (state["acc"] / w).astype(ctx.params.spec.carrier)
-        self.apply(ctx, delta, w)
+        if self.optimizer is None:
+            self.apply(ctx, delta, w)
+        else:
+            moments = {k[4:]: v for k, v in state.items() if k.startswith("opt_")}
+            inc, new = self.optimizer.step(moments, delta)
+            state.update({f"opt_{k}": v for k, v in new.items()})
+            step = self.server_lr * inc
+            ctx.params = Params(ctx.params.spec, (ctx.params.flat.astype(np.float64) + step).astype(
+                ctx.params.spec.carrier))
+            ctx.metrics["update_norm"] = float(np.linalg.norm(delta))
         state["acc"] = np.zeros_like(state["acc"])
         state["weight"] = 0.0
         state["count"] = 0

@@ -110,3 +110,16 @@ def test_async_pipelines_are_checked():
                >> st.BufferedAggregate(2), model=fg.models.mlp(D, [16], K), data=data(), progress=False)
     with pytest.raises(fg.ConfigError, match="staleness"):
         st.BufferedAggregate(4, staleness=3)
+
+
+def test_fedbuff_composes_with_compression_clipping_and_a_server_optimizer(client1, client2):
+    p = (st.Select(clients=10) >> st.Simulate(devices()) >> st.Broadcast() >> st.LocalTrain(batch_size=8, lr=0.1)
+         >> st.Compress("int8")
+         >> st.BufferedAggregate(4, clip_norm=0.05, optimizer=st.ServerOpt(method="adam", lr=0.01)))
+    a, h = run(p, client1, 4)
+    b, _ = run(p, client2, 4)
+    assert np.array_equal(a, b)
+    assert all(r["bytes_up"] * 3 < r["bytes_up_raw"] for r in h)  # int8 (+ per-tensor scales on a tiny model)
+    assert all(r["update_norm"] <= 0.05 + 1e-6 for r in h)  # a mean of clipped updates is clipped too
+    with pytest.raises(fg.ConfigError, match="step"):
+        st.BufferedAggregate(4, optimizer="adam")
