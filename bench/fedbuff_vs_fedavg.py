@@ -28,10 +28,6 @@ def curve(history: fg.History) -> list[tuple[float, float]]:
     return [(r["sim_time"], r["accuracy"]) for r in history if "accuracy" in r]
 
 
-def time_to(points: list[tuple[float, float]], target: float) -> float | None:
-    return next((t for t, a in points if a >= target), None)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=1000)
@@ -70,7 +66,7 @@ def main() -> None:
     reach: dict[str, dict[str, Any]] = {}
     for name, h in histories.items():
         c = curves[name]
-        t = time_to(c, args.target)
+        t = h.time_to(args.target)
         updates = None
         if t is not None:
             updates = sum(r["clients_done"] + r.get("clients_stale", 0) for r in h if r["sim_time"] <= t)

@@ -53,6 +53,23 @@ class History:
         raise KeyError(f"no round reported {key!r}; metrics reported: {self.keys()}"
                        + (" (add st.Evaluate() to the pipeline for accuracy)" if key == "accuracy" else ""))
 
+    def time_to(self, target: float, *, metric: str = "accuracy", clock: str = "sim_time") -> float | None:
+        """The ``clock`` value (simulated seconds by default; ``"round"`` for rounds) of the first round whose
+        ``metric`` reaches ``target``, or None if none did.
+
+        Example:
+            >>> h = History([{"round": 1, "sim_time": 10.0, "accuracy": 0.4},
+            ...              {"round": 2, "sim_time": 25.0, "accuracy": 0.7}])
+            >>> h.time_to(0.6), h.time_to(0.6, clock="round"), h.time_to(0.9)
+            (25.0, 2, None)
+        """
+        for r in self.rows:
+            if metric in r and r[metric] >= target:
+                if clock not in r:
+                    raise KeyError(f"round {r.get('round')} reports no {clock!r}; metrics reported: {self.keys()}")
+                return r[clock]
+        return None
+
     def table(self, keys: list[str] | None = None) -> str:
         """A text table of the chosen metrics (default: round, loss, accuracy, clients, time)."""
         keys = keys or [k for k in ("round", "loss", "accuracy", "test_loss", "clients_done",
