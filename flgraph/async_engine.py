@@ -26,6 +26,7 @@ from distributed import Future, as_completed
 
 from .client_runner import Partial
 from .context import ClientSet, RoundContext
+from .engine import client_row
 from .errors import ConfigError
 from .graph import Segments
 from .params import Params
@@ -261,30 +262,12 @@ class AsyncEngine:
     def _row(rnd: int, ctx: RoundContext, sums: dict[str, float], stale: list[int], dropped_stale: int,
              failed: list[int], dropped: list[int], st: dict[str, Any], step_start: float, dispatched: int,
              transport: Any) -> dict[str, Any]:
-        samples = sums.get("samples", 0.0)
-        row: dict[str, Any] = {"round": rnd}
-        for k, v in sums.items():
-            if k.startswith("wsum_") and samples:
-                row[k[5:]] = v / samples
-        row.update(ctx.metrics)
-        row["clients_done"] = len(stale)
-        row["clients_failed"] = len(failed)
-        row["clients_dropped"] = len(dropped)
+        row = client_row(rnd, ctx, sums, failed, dropped)
         row["clients_stale"] = dropped_stale
-        if failed:
-            row["failed_clients"] = failed
-        if dropped:
-            row["dropped_clients"] = dropped
         row["staleness_mean"] = float(np.mean(stale)) if stale else 0.0
         row["staleness_max"] = int(max(stale)) if stale else 0
-        row["samples"] = int(samples)
-        row["bytes_up"] = int(sums.get("bytes_up", 0))
-        row["bytes_up_raw"] = int(sums.get("bytes_up_raw", 0))
         row["bytes_down"] = ctx.params.nbytes * dispatched
         row["sim_time"] = float(st["time"])
         row["sim_round_time"] = float(st["time"]) - step_start
         row["clients_dispatched"] = dispatched
-        for k, v in sums.items():
-            if k.startswith("time_"):
-                row[k] = v
         return row

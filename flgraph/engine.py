@@ -18,7 +18,7 @@ from .errors import ClientError, PipelineError
 from .graph import Segments, ServerStage
 from .params import Params
 
-__all__ = ["RunState", "SyncEngine", "Transport"]
+__all__ = ["RunState", "SyncEngine", "Transport", "client_row"]
 
 
 class Transport(Protocol):
@@ -126,25 +126,31 @@ class SyncEngine:
 
     @staticmethod
     def _row(rnd: int, ctx: RoundContext, root: Partial, transport: Transport) -> dict[str, Any]:
-        sums = root.sums
-        samples = sums.get("samples", 0.0)
-        row: dict[str, Any] = {"round": rnd}
-        for k, v in sums.items():
-            if k.startswith("wsum_") and samples:
-                row[k[5:]] = v / samples
-        row.update(ctx.metrics)
-        row["clients_done"] = int(sums.get("clients_done", 0))
-        row["clients_failed"] = int(sums.get("clients_failed", 0))
-        row["clients_dropped"] = int(sums.get("clients_dropped", 0))
-        if root.failures:
-            row["failed_clients"] = [c for c, _ in root.failures]
-        if root.dropped:
-            row["dropped_clients"] = [c for c, _ in root.dropped]
-        row["samples"] = int(samples)
-        row["bytes_up"] = int(sums.get("bytes_up", 0))
-        row["bytes_up_raw"] = int(sums.get("bytes_up_raw", 0))
+        row = client_row(rnd, ctx, root.sums, [c for c, _ in root.failures], [c for c, _ in root.dropped])
         row["bytes_broadcast"] = ctx.params.nbytes * transport.places()
-        for k, v in sums.items():
-            if k.startswith("time_"):
-                row[k] = v
         return row
+
+
+def client_row(rnd: int, ctx: RoundContext, sums: dict[str, float], failed: list[int],
+               dropped: list[int]) -> dict[str, Any]:
+    """A round's (or a server step's) metrics row from the summed client metrics and the server stages'."""
+    samples = sums.get("samples", 0.0)
+    row: dict[str, Any] = {"round": rnd}
+    for k, v in sums.items():
+        if k.startswith("wsum_") and samples:
+            row[k[5:]] = v / samples  # sample-weighted means of the clients' own metrics (loss, steps, ...)
+    row.update(ctx.metrics)
+    row["clients_done"] = int(sums.get("clients_done", 0))
+    row["clients_failed"] = len(failed)
+    row["clients_dropped"] = len(dropped)
+    if failed:
+        row["failed_clients"] = failed
+    if dropped:
+        row["dropped_clients"] = dropped
+    row["samples"] = int(samples)
+    row["bytes_up"] = int(sums.get("bytes_up", 0))
+    row["bytes_up_raw"] = int(sums.get("bytes_up_raw", 0))
+    for k, v in sums.items():
+        if k.startswith("time_"):
+            row[k] = v
+    return row
