@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,9 +74,9 @@ class _AllUpdates(Reducer):
         out = self.compute(np.stack(deltas), np.asarray(weights, np.float64))
         return out.astype(spec.carrier, copy=False), float(sum(weights))
 
+    @abstractmethod
     def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """The aggregate of ``stack`` (clients x values)."""
-        raise NotImplementedError
+        """The aggregate of ``stack`` (clients x values); each robust reducer defines it."""
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
