@@ -70,33 +70,30 @@ def snapshot_of(run: Run, target_round: int) -> Snapshot:
                     [dict(r) for r in run.history], {"pipeline": run._spec, "changes": run.changes})
 
 
+def _load_blob(directory: RunDirectory, name: str, what: str, load: Any, instead: str) -> Any:
+    """Load blob ``name`` with ``load(bytes)``; clear errors when it is missing or cannot be imported."""
+    data = directory.blob(name)
+    if data is None:
+        raise CheckpointError(f"the run directory holds no {what} (it could not be saved: "
+                              f"{directory.meta.get('notes', {}).get(name, 'unknown reason')})",
+                              fix=f"resume with {instead}")
+    try:
+        return load(data)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"the run's {what} cannot be loaded: {e}",
+                              fix=f"install the module that defines it, or resume with {instead}") from e
+
+
 def load_blob_model(directory: RunDirectory) -> Any:
     """The model template saved in the run directory."""
     import torch
 
-    data = directory.blob("model")
-    if data is None:
-        raise CheckpointError("the run directory holds no model (it could not be saved: "
-                              f"{directory.meta.get('notes', {}).get('model', 'unknown reason')})",
-                              fix="resume with model=<a module of the same architecture>")
-    try:
-        return torch.load(io.BytesIO(data), weights_only=False)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"the run's model cannot be loaded: {e}",
-                              fix="install the module that defines the model class, or resume with model=...") from e
+    return _load_blob(directory, "model", "model", lambda b: torch.load(io.BytesIO(b), weights_only=False),
+                      "model=<a module of the same architecture>")
 
 
 def _load_dataset(directory: RunDirectory) -> Any:
-    data = directory.blob("dataset")
-    if data is None:
-        raise CheckpointError("the run directory holds no dataset handle (it could not be saved: "
-                              f"{directory.meta.get('notes', {}).get('dataset', 'unknown reason')})",
-                              fix="resume with data=<the same FederatedDataset>")
-    try:
-        return pickle.loads(data)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"the run's dataset cannot be loaded: {e}",
-                              fix="install the module that defines it, or resume with data=...") from e
+    return _load_blob(directory, "dataset", "dataset handle", pickle.loads, "data=<the same FederatedDataset>")
 
 
 def _allowed(line: str, allow: Sequence[str]) -> bool:

@@ -213,3 +213,20 @@ def test_missing_arrays_fall_back(client1, tmp_path):
     shutil.rmtree(path / "snapshots" / "r00000001" / "params")
     with pytest.raises(fg.CheckpointError, match="no intact snapshot"):
         RunDirectory.open(path).latest()
+
+
+def test_unsaved_dataset_must_be_passed_at_resume(client1, tmp_path):
+    path = tmp_path / "run.zarr"
+    ds = fg.data.FederatedDataset.from_function(lambda k: (np.ones((8, D), np.float32), np.zeros(8, np.int64)),
+                                                num_clients=10)  # a lambda: the handle cannot be pickled
+    p = fg.recipes.fedavg(clients=5, batch_size=8, lr=0.1, evaluate_every=None)  # no test split to evaluate on
+    with fg.Run(p, model=fg.models.mlp(D, [16], K, seed=0), data=ds, seed=9, cluster=client1,
+                progress=False, evaluate="never", checkpoint=path) as run:
+        run.fit(rounds=1)
+        expected = run.params.flat
+    assert "dataset" in RunDirectory.open(path).meta["notes"]
+    with pytest.raises(fg.CheckpointError, match="holds no dataset handle") as e:
+        fg.resume(path, cluster=client1, progress=False)
+    assert "data=" in e.value.fix
+    with fg.resume(path, data=ds, cluster=client1, progress=False) as resumed:
+        assert resumed.round == 1 and np.array_equal(resumed.params.flat, expected)
