@@ -10,21 +10,21 @@ from distributed import Client
 from flgraph.cluster import embedded
 
 
-@pytest.fixture(scope="session")
-def client2() -> Iterator[Client]:
-    """A client of an embedded LocalCluster with 2 single-threaded worker processes."""
-    cluster = embedded(2)
+def _embedded_client(workers: int) -> Iterator[Client]:
+    cluster = embedded(workers)
     client = Client(cluster, set_as_default=False)
     yield client
     client.close()
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def client2() -> Iterator[Client]:
+    """A client of an embedded LocalCluster with 2 single-threaded worker processes."""
+    yield from _embedded_client(2)
 
 
 @pytest.fixture(scope="session")
 def client1() -> Iterator[Client]:
     """A client of an embedded LocalCluster with 1 worker process."""
-    cluster = embedded(1)
-    client = Client(cluster, set_as_default=False)
-    yield client
-    client.close()
-    cluster.close()
+    yield from _embedded_client(1)
