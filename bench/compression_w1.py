@@ -7,8 +7,13 @@ Prints, per codec, the final test accuracy, the upload bytes before / after enco
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/compression_w1.py                 # none, lz4, fp16, bf16, int8, int8 block 256, topk 10%
+    .venv/bin/python bench/compression_w1.py    # none, lz4, fp16, bf16, int8, int8 block 256, topk 10% / 1% (+ef)
     .venv/bin/python bench/compression_w1.py --rounds 5 --codecs int8
+    .venv/bin/python bench/compression_w1.py --codecs none topk-1% topk-1%+ef --rounds 60
+
+``+ef``: with error feedback (``Compress(codec, error_feedback=True)``): each client keeps what the codec
+dropped and adds it to its next update. In W1 a client comes back about every 10 rounds, so the residual
+is re-used about twice in 20 rounds: run more rounds to see it pay.
 """
 
 from __future__ import annotations
@@ -33,15 +38,19 @@ from flgraph.cluster import embedded  # noqa: E402
 
 CODECS: dict[str, Any] = {
     "none": None, "lz4": "lz4", "fp16": "fp16", "bf16": "bf16", "int8": "int8",
-    "int8-b256": st.Int8(block=256), "topk-10%": st.TopK(0.1),
+    "int8-b256": st.Int8(block=256), "topk-10%": st.TopK(0.1), "topk-10%+ef": (st.TopK(0.1), True),
+    "topk-1%": st.TopK(0.01), "topk-1%+ef": (st.TopK(0.01), True),
 }
+"""name -> codec, or (codec, True) for the codec with error feedback (the per-client residual)."""
 
 
 def pipeline(codec: Any, clients: int = 100) -> fg.Pipeline:
     """W1's round with ``Compress(codec)`` before the aggregate (no Compress for ``None``)."""
     p = (st.Select(clients=clients, sampler=w1.sampler) >> st.Broadcast()
          >> st.LocalTrain(1, train_fn=w1.train_fn))
-    if codec is not None:
+    if isinstance(codec, tuple):
+        p = p >> st.Compress(codec[0], error_feedback=codec[1])
+    elif codec is not None:
         p = p >> st.Compress(codec)
     return p >> st.Aggregate(st.WeightedMean())
 

@@ -301,6 +301,10 @@ class RunDirectory:
                 out.append(int(name[1:]))
         return sorted(out)
 
+    def retained_rounds(self) -> tuple[int, ...]:
+        """Rounds of the snapshots in the directory now, committed or being written (any thread)."""
+        return tuple(self._snapshots())
+
     def read(self, rnd: int) -> Snapshot:
         """Read and verify the snapshot of round ``rnd``; CheckpointError if it is damaged."""
         name = f"r{rnd:08d}"

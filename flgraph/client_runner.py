@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import tree
+from .client_state import ROW, ClientStateStore, ClientStateView
 from .context import ClientSet, ClientWork, Update
 from .errors import ClientError, FlgraphError
 from .graph import ClientStage, Reducer
@@ -39,6 +40,14 @@ class Bundle:
     model_source: Any
     spec: ParamSpec
     seed: int
+    client_state: ClientStateStore | None = None  # per-client state of stateful client stages, if any
+    state_fields: list[tuple[int, dict[str, tuple[str, int]]]] = field(default_factory=list)
+
+    def view(self, clients: ClientSet, pos: int, rnd: int) -> ClientStateView | None:
+        """The client's state for this round (``None`` when no stage keeps per-client state)."""
+        if self.client_state is None or ROW not in clients.settings:
+            return None
+        return ClientStateView(self.client_state, clients, pos, rnd)
 
 
 @dataclass
@@ -103,11 +112,14 @@ def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: i
     stage = bundle.stages[0]
     t_start = time.perf_counter()
     try:
+        work.state = bundle.view(clients, pos, rnd)
         for stage in bundle.stages:
             work.tag = stage.tag
             t0 = time.perf_counter()
             stage.run(work)
             sums[f"time_{stage.name}"] = time.perf_counter() - t0
+        if work.state is not None:
+            work.state.finish(bundle.state_fields)
         update = work.update
         if update is None:
             raise ClientError("no client stage produced an update", client=cid,

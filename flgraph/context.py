@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .params import Params, ParamSpec
 
 if TYPE_CHECKING:
+    from .client_state import ClientStateView
     from .data import ClientData, FederatedDataset
 
 __all__ = ["ClientSet", "ClientWork", "Codec", "RoundContext", "Update"]
@@ -131,6 +132,7 @@ class ClientWork:
     update: Update | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     tag: int = 0
+    state: ClientStateView | None = None
     _data: ClientData | None = None
 
     @property
@@ -144,6 +146,21 @@ class ClientWork:
         if name in self.clients.settings:
             return self.clients.setting(name, self.position)
         return default
+
+    def load_state(self, name: str) -> np.ndarray | None:
+        """The running stage's per-client state ``name`` from this client's last counted round, or ``None``
+        the first time (the stage declares its fields with ``client_fields``; see :mod:`flgraph.client_state`)."""
+        if self.state is None:
+            raise ConfigError(f"client {self.client} has no per-client state store in this run",
+                              fix="declare the state with client_fields(spec) on the stage")
+        return self.state.load(self.tag, name)
+
+    def save_state(self, name: str, value: np.ndarray) -> None:
+        """Keep ``value`` as this client's state ``name``; it counts once the round completes."""
+        if self.state is None:
+            raise ConfigError(f"client {self.client} has no per-client state store in this run",
+                              fix="declare the state with client_fields(spec) on the stage")
+        self.state.save(self.tag, name, value)
 
 
 @dataclass

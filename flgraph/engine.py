@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .client_runner import Partial
+from .client_state import ClientStateTable
 from .context import ClientSet, RoundContext
 from .errors import ClientError, PipelineError
 from .graph import Segments, ServerStage
@@ -62,6 +63,8 @@ class SyncEngine:
         self.seed = seed
         self.dataset = dataset
         self.model_source = model_source
+        # per-client state of stateful client stages: the driver's table and the stage-state key it lives in
+        self.client_state: tuple[ClientStateTable, str] | None = None
 
     @staticmethod
     def state_key(index: int, stage: Any) -> str:
@@ -86,6 +89,11 @@ class SyncEngine:
             self._server(s, ctx, new_states, keys, times)
         if ctx.clients is None:
             raise PipelineError("no stage before the client stages chose clients", fix="start with st.Select(...)")
+        table: dict[str, Any] | None = None
+        if self.client_state is not None:
+            states, skey = self.client_state
+            table = new_states.get(skey) or states.initial()
+            ctx.clients = states.prepare(ctx.clients, table, rnd)
         t0 = time.perf_counter()
         root = transport.run_round(rnd, ctx.params.flat, ctx.clients, on_error)
         times["time_clients_wall"] = time.perf_counter() - t0
@@ -110,6 +118,10 @@ class SyncEngine:
         times["time_aggregate"] = time.perf_counter() - t0
         for s in seg.after:
             self._server(s, ctx, new_states, keys, times)
+        if self.client_state is not None and table is not None:
+            gone = [c for c, _ in root.failures] + [c for c, _ in root.dropped]
+            done = np.flatnonzero(~np.isin(ctx.clients.ids, np.asarray(gone, np.int64)))
+            new_states[self.client_state[1]] = ClientStateTable.commit(ctx.clients, done, table, rnd)
         row = self._row(rnd, ctx, root, transport)
         row.update(times)
         row["round_time"] = time.perf_counter() - t_round

@@ -39,8 +39,9 @@ def config_of(pipeline: Any, seed: int, pspec: ParamSpec, options: dict[str, Any
     return cfg
 
 
-def create_directory(store: Any, run: Run, user_pipeline: Any, options: dict[str, Any]) -> RunDirectory:
-    """A new run directory for ``run``: config in the attributes, model and dataset as blobs."""
+def create_directory(store: Any, run: Run, user_pipeline: Any, options: dict[str, Any],
+                     meta: dict[str, Any] | None = None) -> RunDirectory:
+    """A new run directory for ``run``: config (and ``meta``) in the attributes, model and dataset as blobs."""
     import torch
 
     cfg = config_of(user_pipeline, run.seed, run.state.params.spec, options)
@@ -59,7 +60,7 @@ def create_directory(store: Any, run: Run, user_pipeline: Any, options: dict[str
     missing = unimportable(cfg["pipeline"])
     if missing:
         notes["pipeline"] = "resume with pipeline=... (not importable: " + "; ".join(missing) + ")"
-    return RunDirectory.create(store, meta={**cfg, "notes": notes}, blobs=blobs)
+    return RunDirectory.create(store, meta={**cfg, **(meta or {}), "notes": notes}, blobs=blobs)
 
 
 def snapshot_of(run: Run, target_round: int) -> Snapshot:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -29,6 +30,7 @@ import numpy as np
 
 from .checkpoint import CheckpointPolicy, RunDirectory, Snapshot, SnapshotWriter
 from .client_runner import Bundle
+from .client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
 from .cluster import ClusterHandle, connect
 from .engine import RunState, SyncEngine
 from .errors import ConfigError, PipelineError
@@ -80,6 +82,10 @@ class Run:
             directory when ``checkpoint`` is a local path, no file otherwise; ``None``: no file.
         dashboard: add the FL page to the Dask dashboard (``/flgraph`` next to ``/status``, see
             :mod:`flgraph.dashboard`); a page that cannot be set up is logged and the run goes on.
+        client_state: where client stages keep per-client state (e.g. ``Compress(..., error_feedback=True)``),
+            a path every worker can reach. Default: ``client-state`` inside the run directory when
+            ``checkpoint`` is a local path (so resume restores it exactly), else a temporary directory
+            removed by :meth:`close`. See :mod:`flgraph.client_state`.
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class Run:
         transport: Any = None,
         metrics_log: str | os.PathLike[str] | None = "auto",
         dashboard: bool = True,
+        client_state: str | os.PathLike[str] | None = None,
         _resume: tuple[RunDirectory, Snapshot] | None = None,
     ) -> None:
         from .models.adapter import ModelAdapter
@@ -166,14 +173,43 @@ class Run:
         self.target_round = 0
         self._writer: SnapshotWriter | None = None
         options = {"chunk_size": chunk_size, "on_client_error": on_client_error, "evaluate": evaluate}
+        self._state_fields = stateful_stages(self.segments.clients, params.spec)
+        self._client_state: ClientStateTable | None = None
+        self._client_state_tmp: str | None = None
+        place: ClientStatePlace | None = None
+        if self._state_fields:
+            if not isinstance(self.engine, SyncEngine):
+                raise ConfigError("per-client state (" + ", ".join(type(s).__name__ for s in self.segments.clients
+                                                                   if s.client_fields(params.spec)) +
+                                  ") is kept by synchronous rounds; the asynchronous engine does not keep it",
+                                  fix="use a synchronous Aggregate, or a client stage without per-client state")
+            place = ClientStatePlace.choose(client_state, checkpoint, _resume[0] if _resume else None, keep_last)
         if _resume is not None:
             directory, snap = _resume
             self._restore(snap)
         elif checkpoint is not None:
-            directory = create_directory(checkpoint, self, user_pipeline, options)
+            directory = create_directory(checkpoint, self, user_pipeline, options,
+                                         place.meta() if place is not None else {})
         if checkpoint is not None or _resume is not None:
             policy = CheckpointPolicy(checkpoint_every, checkpoint_minutes, keep_last, keep_every)
             self._writer = SnapshotWriter(directory, policy)
+        if place is not None:
+            self._open_client_state(place, _resume)
+
+    def _open_client_state(self, place: ClientStatePlace, resume: tuple[RunDirectory, Snapshot] | None) -> None:
+        store = ClientStateStore(place.path, self.data.num_clients, place.slots)
+        table = ClientStateTable(store, self.data.client_ids, self._state_fields)
+        key = next(self._keys[id(s)] for s in self.segments.clients if s.client_fields(self.state.params.spec))
+        self.state.stage_states.setdefault(key, table.initial())
+        self._client_state_tmp = place.path if place.temporary else None
+        if resume is not None:  # the snapshots that may still be resumed from keep their clients' versions
+            directory, snap = resume
+            for rnd in directory.snapshot_rounds():
+                got = snap if rnd == snap.round else directory.read(rnd)
+                if key in got.states:
+                    table.protect(rnd, got.states[key])
+        self._client_state = table
+        self.engine.client_state = (table, key)
 
     # -- cluster -------------------------------------------------------------------------------------
     def _ensure_started(self) -> Any:
@@ -182,7 +218,8 @@ class Run:
         from .transports.dask import DaskTransport
 
         bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,
-                        self.state.params.spec, self.seed)
+                        self.state.params.spec, self.seed,
+                        self._client_state.store if self._client_state is not None else None, self._state_fields)
         if self._custom_transport is not None:
             transport = self._custom_transport
         else:
@@ -231,6 +268,7 @@ class Run:
                     if writer is not None and writer.policy.due(rnd, rnd == end,
                                                                 time.monotonic() - writer.last_time):
                         writer.submit(snapshot_of(self, end))  # waits for the previous write, never two
+                        self._protect_client_state(writer)
                     bar.update(row)
                     self._notify("on_round", row)
                     log.debug("round %d: %s", rnd, row)
@@ -239,6 +277,14 @@ class Run:
                 writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
             self._notify("on_end")
         return self.history
+
+    def _protect_client_state(self, writer: SnapshotWriter) -> None:
+        """The snapshot just submitted keeps its clients' state versions; pruned snapshots release theirs."""
+        if self._client_state is None or self.engine.client_state is None:
+            return
+        key = self.engine.client_state[1]
+        self._client_state.protect(self.state.round, self.state.stage_states[key])
+        self._client_state.retained(writer.directory.retained_rounds())
 
     def _notify(self, event: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -296,6 +342,9 @@ class Run:
         cluster if the run started one."""
         if self._writer is not None:
             self._writer.close()
+        if self._client_state_tmp is not None:
+            shutil.rmtree(self._client_state_tmp, ignore_errors=True)
+            self._client_state_tmp = None
         if self._transport is not None:
             if hasattr(self.engine, "abort"):
                 self.engine.abort(self._transport)

@@ -257,11 +257,23 @@ class Compress(ClientStage):
 
     A codec with ``for_client(spec, rng)`` gets the params' layout and the client's seeded stream
     ``(tag, round, client)`` first.
+
+    ``error_feedback=True`` keeps, per client, what the lossy codec dropped and adds it back the next time
+    that client trains (Seide et al. 2014; Karimireddy et al., "Error Feedback Fixes SignSGD and other
+    Gradient Compression Schemes", ICML 2019): the client sends ``encode(delta + e)`` and keeps
+    ``e = delta + e - decode(encode(delta + e))``. The residual ``e`` is per-client state
+    (:mod:`flgraph.client_state`): stored on disk, not in memory, and restored exactly on resume. The
+    round reports ``residual_norm``, the clients' mean L2 norm of ``e`` after encoding.
+
+    Example:
+        >>> from flgraph import stages as st
+        >>> st.Compress("topk", error_feedback=True)
+        Compress(codec=TopK(fraction=0.01), error_feedback=True)
     """
 
     requires: ClassVar[frozenset[str]] = frozenset({"update"})
 
-    def __init__(self, codec: str | Codec = "lz4") -> None:
+    def __init__(self, codec: str | Codec = "lz4", *, error_feedback: bool = False) -> None:
         if isinstance(codec, str):
             if codec not in CODECS:
                 raise ConfigError(f"unknown codec {codec!r}", fix=f"use one of {sorted(CODECS)} or a codec object")
@@ -270,11 +282,31 @@ class Compress(ClientStage):
             if not callable(getattr(codec, attr, None)):
                 raise ConfigError(f"codec {codec!r} has no {attr}() method")
         self.codec: Any = codec
+        self.error_feedback = bool(error_feedback)
+
+    def settings(self) -> dict[str, Any]:
+        return {"codec": self.codec, **({"error_feedback": True} if self.error_feedback else {})}
+
+    def client_fields(self, spec: ParamSpec) -> dict[str, tuple[str, int]]:
+        return {"residual": (spec.carrier, spec.size)} if self.error_feedback else {}
 
     def run(self, work: ClientWork) -> None:
-        assert work.update is not None
+        update = work.update
+        assert update is not None
+        spec = work.global_params.spec
         codec = self.codec
         bind = getattr(codec, "for_client", None)
         if callable(bind):
-            codec = bind(work.global_params.spec, stream(work.seed, work.tag, work.round, work.client))
-        work.update.encoded_with(codec)
+            codec = bind(spec, stream(work.seed, work.tag, work.round, work.client))
+        if not self.error_feedback:
+            update.encoded_with(codec)
+            return
+        assert update.delta is not None
+        corrected = update.delta  # the client's own buffer: corrected in place
+        residual = work.load_state("residual")
+        if residual is not None:
+            corrected += residual
+        update.encoded_with(codec)
+        residual = corrected - update.decoded(spec)
+        work.save_state("residual", residual)
+        update.metrics["residual_norm"] = float(np.linalg.norm(residual.astype(np.float64, copy=False)))

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -55,9 +56,12 @@ def _warm(bundle: Bundle, flat: np.ndarray) -> float:
     initialisation (autograd, the optimizer's first step) are paid before round 1."""
     t0 = time.perf_counter()
     ids = bundle.dataset.client_ids
+    # stages with per-client state sit the warm-up out: a throwaway update must not touch a client's state
+    stateless = replace(bundle, stages=tuple(s for s in bundle.stages if not s.client_fields(bundle.spec)),
+                        client_state=None)
     if len(ids):
         with contextlib.suppress(Exception):  # a real error surfaces, with its client, in round 1
-            run_clients(bundle, flat, 0, ClientSet(ids[:1]), [(0, 1)], "drop")
+            run_clients(stateless, flat, 0, ClientSet(ids[:1]), [(0, 1)], "drop")
     return time.perf_counter() - t0
 
 

@@ -117,6 +117,12 @@ class ZmqTransport:
     def start(self, bundle: Bundle, flat: np.ndarray) -> float:
         """Start the gateway (if not yet) and keep what rounds need; returns the seconds it took."""
         t0 = time.perf_counter()
+        if bundle.state_fields:
+            names = ", ".join(type(s).__name__ for s in bundle.stages if s.client_fields(bundle.spec))
+            raise ConfigError(f"{names} keeps per-client state in the run's client-state store, which edge "
+                              "devices cannot reach",
+                              fix="keep such state on the device, inside the agent's task function (e.g. the "
+                                  "error-feedback residual), and drop it from the pipeline's client stages")
         self._bundle = bundle
         self._base = _stage_config(bundle)
         self.gateway.start()

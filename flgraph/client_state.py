@@ -1,0 +1,294 @@
+"""Per-client state of client stages (e.g. error feedback's residual): kept on disk, versioned, resumable.
+
+A client stage that keeps something from one participation of a client to the next declares it with
+``client_fields(spec)`` (name -> (dtype, size)) and, in ``run(work)``, calls ``work.load_state(name)``
+and ``work.save_state(name, value)``. Such state is O(clients x model): it never lives in the driver's
+memory. It is stored in a zarr v3 group on a path every worker can reach (inside the run directory
+when the run checkpoints to a local path), one chunk per (client, slot), uncompressed.
+
+**Versions, and why resume is exact.** A client never overwrites the version the run depends on: each
+participation writes a new *slot* (of a few per client), chosen by the driver, and only once the round
+completes does the driver's table (client row -> slot, round written) point at it. The table is part of
+the stage states, so every snapshot holds its own table; the slots that the retained snapshots point at
+are never handed out for writing. A failed or interrupted round, a retried task, a resume from the
+previous snapshot: each reads exactly the version its table names. A clients' slot also records the
+round it was written in, and a read checks it (so a store that lost data, or is not the run's, is
+refused with a clear error instead of training on the wrong state).
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> store = ClientStateStore(tempfile.mkdtemp(), num_clients=4, slots=3)
+    >>> store.ensure("stage-1", "residual", "float32", 5)
+    >>> store.write("stage-1", "residual", row=2, slot=1, rnd=7, value=np.arange(5, dtype=np.float32))
+    >>> store.read("stage-1", "residual", row=2, slot=1, rnd=7).tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .context import ClientSet
+from .errors import CheckpointError, ClientError, ConfigError
+
+__all__ = ["ClientStatePlace", "ClientStateStore", "ClientStateTable", "ClientStateView", "stateful_stages"]
+
+# ClientSet settings that carry, per client, where its state is read from and written to
+READ_SLOT, READ_ROUND, WRITE_SLOT, ROW = "_state_read_slot", "_state_read_round", "_state_write_slot", "_state_row"
+
+
+def _key(tag: int) -> str:
+    return f"stage-{tag:08x}"
+
+
+class ClientStateStore:
+    """The on-disk store: for each stage and field, values ``(clients, slots, size)`` and the round each
+    slot was written in, ``(clients, slots)`` (-1: never / being written). Picklable (workers open it)."""
+
+    def __init__(self, root: str | os.PathLike[str], num_clients: int, slots: int) -> None:
+        self.root = str(Path(root).expanduser())
+        self.num_clients = int(num_clients)
+        self.slots = int(slots)
+        self._arrays: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "num_clients": self.num_clients, "slots": self.slots}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"], state["num_clients"], state["slots"])  # type: ignore[misc]
+
+    def ensure(self, key: str, name: str, dtype: str, size: int) -> None:
+        """Create the arrays of one field (driver side, before the first round); check existing ones."""
+        path = f"{self.root}/{key}/{name}"
+        try:
+            existing: Any = zarr.open_array(path, mode="r")
+        except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+            existing = None
+        except Exception as e:
+            raise CheckpointError(f"cannot open the client state at {path}: {e}",
+                                  fix="give the run a writable client_state path") from e
+        want = (self.num_clients, self.slots, int(size))
+        if existing is not None:
+            if tuple(existing.shape) != want or str(existing.dtype) != np.dtype(dtype).name:
+                raise CheckpointError(f"the client state at {path} holds {existing.dtype}{list(existing.shape)}, "
+                                      f"this run needs {np.dtype(dtype).name}{list(want)}",
+                                      fix="use a new path for this run's client state")
+            return
+        try:
+            group = zarr.open_group(self.root, mode="a").require_group(key)
+            group.create_array(name, shape=want, chunks=(1, 1, max(1, int(size))), dtype=dtype, fill_value=0,
+                               compressors=None)
+            group.create_array(f"{name}.round", shape=want[:2], chunks=(1, self.slots), dtype="int64",
+                               fill_value=-1)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the client state at {path}: {e}",
+                                  fix="give the run a writable client_state path with room for "
+                                      f"{self.num_clients} x {self.slots} x {size} values") from e
+
+    def _open(self, key: str, name: str) -> tuple[Any, Any]:
+        path = f"{self.root}/{key}/{name}"
+        with self._lock:
+            got = self._arrays.get(path)
+            if got is None:
+                try:
+                    got = (zarr.open_array(path, mode="r+"), zarr.open_array(f"{path}.round", mode="r+"))
+                except Exception as e:
+                    raise ConfigError(f"the run's client state {path} cannot be opened here: {e}",
+                                      fix="every worker must reach the client_state path (a shared file system "
+                                          "for a multi-machine cluster)") from e
+                self._arrays[path] = got
+        return got
+
+    def read(self, key: str, name: str, *, row: int, slot: int, rnd: int) -> np.ndarray:
+        """The version written in round ``rnd`` into ``slot`` of client ``row``; checked."""
+        values, rounds = self._open(key, name)
+        got = int(rounds[row, slot])
+        if got != rnd:
+            raise CheckpointError(f"the client state {key}/{name} of client row {row} should hold round {rnd}'s "
+                                  f"version in slot {slot}, and holds {'nothing' if got < 0 else f'round {got}'}",
+                                  fix="the client-state store was changed or lost outside the run; resume "
+                                      "with the store the run wrote (see the run directory's attributes)")
+        return np.asarray(values[row, slot])
+
+    def write(self, key: str, name: str, *, row: int, slot: int, rnd: int, value: np.ndarray) -> None:
+        """Write a new version: mark the slot invalid, write the values, then stamp the round."""
+        values, rounds = self._open(key, name)
+        rounds[row, slot] = -1
+        values[row, slot] = value
+        rounds[row, slot] = rnd
+
+
+@dataclass(frozen=True)
+class ClientStatePlace:
+    """Where a run keeps its per-client state: ``path``, slots per client, and whether it is temporary."""
+
+    path: str
+    slots: int
+    temporary: bool = False
+    recorded: str = ""  # how the run directory names it: relative to the directory when inside it
+
+    def meta(self) -> dict[str, Any]:
+        """The run directory's attributes that let a resume find the store again."""
+        return {"client_state": {"path": self.recorded or self.path, "slots": self.slots}}
+
+    @classmethod
+    def choose(cls, given: str | os.PathLike[str] | None, checkpoint: Any, resume: Any,
+               keep_last: int) -> ClientStatePlace:
+        """The place for a run: ``given``; else the one a resumed run recorded; else ``client-state`` inside
+        a local run directory; else a temporary directory (no checkpoint)."""
+        slots = keep_last + 3  # the current version, one per protected snapshot (+1 in flight), a free one
+        if resume is not None:
+            rec = resume.meta.get("client_state")
+            root = _local_root(resume.group.store)
+            if rec is None:
+                raise CheckpointError("the run directory records no client-state store, and the pipeline keeps "
+                                      "per-client state", fix="resume with the run's own pipeline")
+            path = str(given) if given is not None else (
+                rec["path"] if Path(rec["path"]).is_absolute() or root is None else str(Path(root) / rec["path"]))
+            if not Path(path).exists():
+                raise CheckpointError(f"the run's client-state store {path} does not exist",
+                                      fix="resume where that path is reachable, or pass client_state= with its "
+                                          "new location")
+            return cls(path, int(rec["slots"]), recorded=rec["path"])
+        if given is not None:
+            return cls(str(Path(given).expanduser().resolve()), slots)
+        if checkpoint is None:
+            return cls(tempfile.mkdtemp(prefix="flgraph-client-state-"), slots, temporary=True)
+        root = (str(Path(checkpoint).expanduser().resolve()) if isinstance(checkpoint, str | os.PathLike)
+                else _local_root(checkpoint))
+        if root is None:
+            raise ConfigError(f"the pipeline keeps per-client state and the checkpoint store {checkpoint!r} is not a "
+                              "local directory", fix="pass client_state=PATH (a directory every worker reaches)")
+        return cls(str(Path(root) / "client-state"), slots, recorded="client-state")
+
+
+def _local_root(store: Any) -> str | None:
+    root = getattr(store, "root", None)
+    return str(root) if root is not None and type(store).__name__ == "LocalStore" else None
+
+
+def stateful_stages(stages: Iterable[Any], spec: Any) -> list[tuple[int, dict[str, tuple[str, int]]]]:
+    """(tag, fields) of each client stage that keeps per-client state."""
+    out = []
+    for s in stages:
+        got = s.client_fields(spec)
+        if got:
+            out.append((int(s.tag), dict(got)))
+    return out
+
+
+class ClientStateTable:
+    """The driver's side: which slot of each client holds its current state, and which slots are free.
+
+    The table (``state_slot``, ``state_round``: one entry per client of the dataset) is kept in the stage
+    state of the run's first stateful client stage under the key given to :meth:`prepare`, so snapshots
+    save it. ``protect(rnd, table)`` records a snapshot's table: its slots are not written while the
+    snapshot is retained (``retained(rounds)`` forgets the others).
+    """
+
+    def __init__(self, store: ClientStateStore, client_ids: np.ndarray,
+                 stages: list[tuple[int, dict[str, tuple[str, int]]]]) -> None:
+        self.store = store
+        self.client_ids = np.asarray(client_ids, dtype=np.int64)
+        self.stages = stages
+        self._protected: dict[int, np.ndarray] = {}
+        for tag, fields in stages:
+            for name, (dtype, size) in fields.items():
+                store.ensure(_key(tag), name, dtype, size)
+
+    def initial(self) -> dict[str, np.ndarray]:
+        """An empty table: no client has state yet."""
+        n = len(self.client_ids)
+        return {"state_slot": np.full(n, -1, np.int8), "state_round": np.full(n, -1, np.int64)}
+
+    def protect(self, rnd: int, table: dict[str, Any]) -> None:
+        """A snapshot of round ``rnd`` holds ``table``: keep its slots until :meth:`retained` drops it."""
+        self._protected[int(rnd)] = np.array(table["state_slot"], copy=True)
+
+    def retained(self, rounds: Iterable[int]) -> None:
+        """Only the snapshots of ``rounds`` (and the newest protected one) still need their slots; of those,
+        the newest ``slots - 2`` keep them (older milestones of ``keep_every`` keep params, not client state:
+        resuming from one is refused by the check on read)."""
+        keep = set(int(r) for r in rounds)
+        newest = max(self._protected, default=None)
+        live = sorted(r for r in self._protected if r in keep or r == newest)[-(self.store.slots - 2):]
+        self._protected = {r: self._protected[r] for r in live}
+
+    def prepare(self, clients: ClientSet, table: dict[str, Any], rnd: int) -> ClientSet:
+        """The round's ClientSet with each client's row, read slot and round, and a free write slot."""
+        rows = np.searchsorted(self.client_ids, clients.ids)
+        rows = np.minimum(rows, len(self.client_ids) - 1)
+        unknown = self.client_ids[rows] != clients.ids
+        if unknown.any():
+            cid = int(clients.ids[np.flatnonzero(unknown)[0]])
+            raise ClientError(f"client {cid} is not in the dataset", client=cid, stage="Select", round=rnd,
+                              fix="select clients from data.client_ids")
+        slot = table["state_slot"][rows].astype(np.int64)
+        used = np.zeros(len(rows), np.int64)
+        for t in (table["state_slot"], *self._protected.values()):
+            s = t[rows].astype(np.int64)
+            used |= np.where(s >= 0, np.left_shift(1, np.maximum(s, 0)), 0)
+        free = np.full(len(rows), -1, np.int64)
+        for k in reversed(range(self.store.slots)):
+            free = np.where((used >> k) & 1 == 0, k, free)
+        if (free < 0).any():
+            raise CheckpointError(f"every one of the {self.store.slots} client-state slots of a client is held by "
+                                  "a retained snapshot", fix="keep fewer snapshots (keep_last) for this run")
+        settings = dict(clients.settings)
+        settings.update({ROW: rows, READ_SLOT: slot, READ_ROUND: table["state_round"][rows],
+                         WRITE_SLOT: free})
+        return ClientSet(clients.ids, settings, clients.keep_first)
+
+    @staticmethod
+    def commit(clients: ClientSet, done: np.ndarray, table: dict[str, Any], rnd: int) -> dict[str, Any]:
+        """A new table where the clients at positions ``done`` (their updates counted) point at this round's
+        versions; the others keep theirs."""
+        slot = np.array(table["state_slot"], copy=True)
+        rounds = np.array(table["state_round"], copy=True)
+        rows = clients.settings[ROW][done]
+        slot[rows] = clients.settings[WRITE_SLOT][done]
+        rounds[rows] = rnd
+        return {**table, "state_slot": slot, "state_round": rounds}
+
+
+class ClientStateView:
+    """What ``work.load_state`` / ``work.save_state`` use for one client in one round (worker side)."""
+
+    def __init__(self, store: ClientStateStore, clients: ClientSet, position: int, rnd: int) -> None:
+        self.store = store
+        self.rnd = rnd
+        st = clients.settings
+        self.row = int(st[ROW][position])
+        self.read_slot = int(st[READ_SLOT][position])
+        self.read_round = int(st[READ_ROUND][position])
+        self.write_slot = int(st[WRITE_SLOT][position])
+        self._saved: set[tuple[int, str]] = set()
+
+    def load(self, tag: int, name: str) -> np.ndarray | None:
+        if self.read_slot < 0:
+            return None
+        return self.store.read(_key(tag), name, row=self.row, slot=self.read_slot, rnd=self.read_round)
+
+    def save(self, tag: int, name: str, value: np.ndarray) -> None:
+        self.store.write(_key(tag), name, row=self.row, slot=self.write_slot, rnd=self.rnd, value=value)
+        self._saved.add((tag, name))
+
+    def finish(self, stages: list[tuple[int, dict[str, tuple[str, int]]]]) -> None:
+        """After the client's stages: a field no stage saved this round carries its old version forward
+        (the table points every field of a counted client at this round's slot)."""
+        for tag, fields in stages:
+            for name, (dtype, size) in fields.items():
+                if (tag, name) in self._saved:
+                    continue
+                old = self.load(tag, name)
+                self.save(tag, name, old if old is not None else np.zeros(size, dtype))
