@@ -124,6 +124,9 @@ class AsyncEngine:
             population = self.dataset.client_ids
             busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
             free = population[~np.isin(population, busy)]
+            if self.select.available is not None:  # draw from those available at the dispatch's start
+                here = free[self.select.available_mask(free, idx + 1, at if self.simulate is not None else None)]
+                free = here if len(here) else free  # none: an offline client is dispatched, and dropped
             cid = int(stream(self.seed, self.select.tag, 0, idx).choice(free))
         settings, lower = self._settings(cid, at)
         clients = ClientSet(np.array([cid], np.int64), settings)

@@ -182,6 +182,7 @@ class RoundContext:
     state: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     tag: int = 0
+    time: float | None = None  # the virtual clock at the round's start (seconds), with a Simulate stage
     mapper: Callable[[Callable[[ClientWork], Any], np.ndarray, np.ndarray], list[Any]] | None = None
 
     def map_clients(self, fn: Callable[[ClientWork], Any], ids: np.ndarray | list[int],

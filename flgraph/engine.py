@@ -85,6 +85,10 @@ class SyncEngine:
         ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
         new_states = {k: dict(v) for k, v in state.stage_states.items()}
         times: dict[str, float] = {}
+        for s in seg.before:  # a stage that keeps a virtual clock (Simulate) tells the round its start time
+            clock = getattr(s, "clock", None)
+            if clock is not None:
+                ctx.time = clock(new_states.get(keys[id(s)], {}))
         for s in seg.before:
             self._server(s, ctx, new_states, keys, times)
         if ctx.clients is None:

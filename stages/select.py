@@ -3,7 +3,8 @@
 Uniform without replacement by default, a count or a fraction of the population, seeded per round from
 the run seed (stream ``(tag, round)``). ``weighting="samples"`` draws without replacement with
 probability proportional to each client's sample count (the sample counts are read once per run, in the
-driver). Bring your own sampler with ``sampler=``.
+driver). Bring your own sampler with ``sampler=``. ``available=`` skips clients that are away: only
+clients available at the round's start are drawn.
 
 Example:
     >>> import numpy as np
@@ -40,6 +41,20 @@ class Select(ServerStage):
     :class:`~flgraph.context.ClientSet` with per-client settings). ``rng`` is this round's seeded stream.
     ``over_select=1.3`` draws ceil(1.3 N) clients and aggregates the first N to finish (by simulated time
     with :class:`~flgraph.stages.Simulate`, else by real time); the others count as dropped.
+
+    ``available`` skips clients that are away. Either a :class:`~flgraph.sim.DevicePopulation` (a client is
+    available when its device is online at the round's start on the virtual clock of the pipeline's
+    :class:`~flgraph.stages.Simulate`), or a function ``available(ids, round=..., time=...)`` returning a
+    bool mask over ``ids`` (``time``: the virtual clock in seconds, ``None`` without Simulate). The round
+    draws from the available clients only (all of them when fewer are available than asked for) and
+    reports ``clients_available``. With asynchronous rounds each dispatch draws from the clients available
+    at its virtual start time.
+
+    Example:
+        >>> import numpy as np
+        >>> even = lambda ids, round, time: ids % 2 == 0   # odd clients are away
+        >>> Select(clients=3, available=even).available_mask(np.arange(6), 1, None).tolist()
+        [True, False, True, False, True, False]
     """
 
     provides: ClassVar[frozenset[str]] = frozenset({"clients"})
@@ -52,6 +67,7 @@ class Select(ServerStage):
         sampler: Sampler | None = None,
         weighting: str = "uniform",
         over_select: float = 1.0,
+        available: Any = None,
     ) -> None:
         if (clients is None) == (fraction is None):
             raise ConfigError("Select needs exactly one of clients= or fraction=",
@@ -67,12 +83,40 @@ class Select(ServerStage):
                               fix="drop weighting= or sampler=")
         if over_select < 1.0:
             raise ConfigError(f"Select(over_select={over_select}): must be >= 1 (e.g. 1.3 selects 30% more)")
+        if available is not None and not callable(available) and not hasattr(available, "online_mask"):
+            raise ConfigError(f"Select(available={available!r}) is neither a DevicePopulation nor a function",
+                              fix="pass a DevicePopulation or a function (ids, round=..., time=...) -> bool mask")
         self.clients = clients
         self.fraction = fraction
         self.sampler = sampler
         self.weighting = weighting
         self._weights: tuple[int, np.ndarray] | None = None
         self.over_select = over_select
+        self.available = available
+
+    def settings(self) -> dict[str, Any]:
+        out = super().settings()
+        if out.get("available") is None:
+            out.pop("available", None)  # the default: every client is always available
+        return out
+
+    def available_mask(self, ids: np.ndarray, rnd: int, time: float | None) -> np.ndarray:
+        """Which of ``ids`` are available in round ``rnd`` at virtual time ``time`` (all without ``available``)."""
+        if self.available is None:
+            return np.ones(len(ids), bool)
+        if hasattr(self.available, "online_mask"):
+            if time is None:
+                raise ConfigError("Select(available=DevicePopulation) reads the virtual clock, and the pipeline "
+                                  "has no Simulate stage", fix="add st.Simulate(devices) after Select, or pass a "
+                                                               "function available(ids, round=..., time=...)")
+            mask = self.available.online_mask(ids, time)
+        else:
+            mask = self.available(ids, round=rnd, time=time)
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (len(ids),):
+            raise ConfigError(f"Select(available=...) returned {mask.dtype}{list(mask.shape)}; expected a bool mask "
+                              f"of shape [{len(ids)}]", fix="return one bool per client id, True when available")
+        return mask
 
     def _drawn(self, count: int) -> int:
         """Clients drawn for a round that keeps ``count`` (over-selection draws ceil(f * count))."""
@@ -111,10 +155,23 @@ class Select(ServerStage):
     def run(self, ctx: RoundContext) -> None:
         population = ctx.dataset.client_ids
         count = self.count(len(population))
-        drawn = self._drawn(count)
+        p = self.probabilities(ctx.dataset) if self.weighting == "samples" and self.sampler is None else None
+        if self.available is not None:
+            mask = self.available_mask(population, ctx.round, ctx.time)
+            population = population[mask]
+            ctx.metrics["clients_available"] = len(population)
+            if p is not None:
+                p = p[mask]
+                population = population[p > 0]
+                p = p[p > 0] / p[p > 0].sum() if p[p > 0].sum() > 0 else None
+            if len(population) == 0:
+                when = f" at virtual time {ctx.time:.0f} s" if ctx.time is not None else ""
+                raise ConfigError(f"round {ctx.round}: no client is available{when}",
+                                  fix="check the availability function or trace (some client must be online)")
+            count = min(count, len(population))
+        drawn = min(self._drawn(count), len(population))
         rng = stream(ctx.seed, self.tag, ctx.round)
         if self.sampler is None:
-            p = self.probabilities(ctx.dataset) if self.weighting == "samples" else None
             chosen: Any = rng.choice(population, size=drawn, replace=False, p=p)
         else:
             chosen = self.sampler(ctx.round, population, drawn, rng)

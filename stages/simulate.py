@@ -69,6 +69,10 @@ class Simulate(ServerStage):
     def init_state(self, params: Params) -> dict[str, Any]:
         return {"time": 0.0}
 
+    def clock(self, state: dict[str, Any]) -> float:
+        """The virtual time (seconds) at the start of the round, from this stage's state."""
+        return float(state.get("time", 0.0))
+
     def run(self, ctx: RoundContext) -> None:
         assert ctx.clients is not None
         now = float(ctx.state.get("time", 0.0))

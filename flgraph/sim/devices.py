@@ -106,6 +106,12 @@ class DevicePopulation:
     def __len__(self) -> int:
         return len(self.profiles)
 
+    def online_mask(self, ids: Any, t: float) -> Any:
+        """Whether each client of ``ids`` is online at virtual time ``t`` (a bool array)."""
+        import numpy as np
+
+        return np.fromiter((self.profile(int(c)).online(t) for c in ids), bool, len(ids))
+
     def spread(self) -> float:
         """Fastest over slowest compute speed."""
         speeds = [p.speed for p in self.profiles.values()]
