@@ -52,13 +52,20 @@ def _key(tag: int) -> str:
 
 class ClientStateStore:
     """The on-disk store: for each stage and field, values ``(clients, slots, size)`` and the round each
-    slot was written in, ``(clients, slots)`` (-1: never / being written). Picklable (workers open it)."""
+    slot was written in, ``(clients, slots)`` (-1: never / being written). Picklable (workers open it).
+
+    Both are ordinary zarr v3 arrays (readable with ``zarr.open_array``), uncompressed, one chunk per
+    (client, slot). Reads and writes of a chunk go straight to its file: zarr's own path costs 3-5 ms per
+    800 KB chunk here against 0.2-0.4 ms for the file, and a chunk of an uncompressed array with the
+    ``bytes`` codec is by the zarr v3 spec just the values' little-endian bytes. ``ensure`` checks that
+    the arrays have exactly that layout. A file is replaced atomically (written aside, then renamed).
+    """
 
     def __init__(self, root: str | os.PathLike[str], num_clients: int, slots: int) -> None:
         self.root = str(Path(root).expanduser())
         self.num_clients = int(num_clients)
         self.slots = int(slots)
-        self._arrays: dict[str, Any] = {}
+        self._dtypes: dict[tuple[str, str], tuple[np.dtype[Any], int]] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -70,6 +77,7 @@ class ClientStateStore:
     def ensure(self, key: str, name: str, dtype: str, size: int) -> None:
         """Create the arrays of one field (driver side, before the first round); check existing ones."""
         path = f"{self.root}/{key}/{name}"
+        want = (self.num_clients, self.slots, int(size))
         try:
             existing: Any = zarr.open_array(path, mode="r")
         except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
@@ -77,55 +85,90 @@ class ClientStateStore:
         except Exception as e:
             raise CheckpointError(f"cannot open the client state at {path}: {e}",
                                   fix="give the run a writable client_state path") from e
-        want = (self.num_clients, self.slots, int(size))
-        if existing is not None:
-            if tuple(existing.shape) != want or str(existing.dtype) != np.dtype(dtype).name:
-                raise CheckpointError(f"the client state at {path} holds {existing.dtype}{list(existing.shape)}, "
-                                      f"this run needs {np.dtype(dtype).name}{list(want)}",
+        if existing is None:
+            try:
+                group = zarr.open_group(self.root, mode="a").require_group(key)
+                existing = group.create_array(name, shape=want, chunks=(1, 1, max(1, int(size))), dtype=dtype,
+                                              fill_value=0, compressors=None)
+                group.create_array(f"{name}.round", shape=want[:2], chunks=(1, 1), dtype="int64", fill_value=-1,
+                                   compressors=None)
+            except OSError as e:
+                raise CheckpointError(f"cannot create the client state at {path}: {e}",
+                                      fix="give the run a writable client_state path with room for "
+                                          f"{self.num_clients} x {self.slots} x {size} values") from e
+        if tuple(existing.shape) != want or str(existing.dtype) != np.dtype(dtype).name:
+            raise CheckpointError(f"the client state at {path} holds {existing.dtype}{list(existing.shape)}, "
+                                  f"this run needs {np.dtype(dtype).name}{list(want)}",
+                                  fix="use a new path for this run's client state")
+        for a in (existing, zarr.open_array(f"{path}.round", mode="r")):
+            md: Any = a.metadata
+            if (md.encode_chunk_key((3, 1, 0)[: a.ndim]) != "c/3/1/0"[: 2 * a.ndim + 1]
+                    or [type(c).__name__ for c in md.codecs] != ["BytesCodec"]
+                    or str(getattr(md.codecs[0].endian, "value", md.codecs[0].endian)) != "little"):
+                raise CheckpointError(f"the client state array {a.path or path} is not laid out as flgraph writes it "
+                                      "(default chunk keys, uncompressed little-endian bytes)",
                                       fix="use a new path for this run's client state")
-            return
-        try:
-            group = zarr.open_group(self.root, mode="a").require_group(key)
-            group.create_array(name, shape=want, chunks=(1, 1, max(1, int(size))), dtype=dtype, fill_value=0,
-                               compressors=None)
-            group.create_array(f"{name}.round", shape=want[:2], chunks=(1, self.slots), dtype="int64",
-                               fill_value=-1)
-        except OSError as e:
-            raise CheckpointError(f"cannot create the client state at {path}: {e}",
-                                  fix="give the run a writable client_state path with room for "
-                                      f"{self.num_clients} x {self.slots} x {size} values") from e
 
-    def _open(self, key: str, name: str) -> tuple[Any, Any]:
-        path = f"{self.root}/{key}/{name}"
+    def _paths(self, key: str, name: str, row: int, slot: int) -> tuple[Path, Path]:
+        base = Path(self.root, key)
+        return base / name / "c" / str(row) / str(slot) / "0", base / f"{name}.round" / "c" / str(row) / str(slot)
+
+    def _layout(self, key: str, name: str) -> tuple[np.dtype[Any], int]:
         with self._lock:
-            got = self._arrays.get(path)
+            got = self._dtypes.get((key, name))
             if got is None:
                 try:
-                    got = (zarr.open_array(path, mode="r+"), zarr.open_array(f"{path}.round", mode="r+"))
+                    a = zarr.open_array(f"{self.root}/{key}/{name}", mode="r")
                 except Exception as e:
-                    raise ConfigError(f"the run's client state {path} cannot be opened here: {e}",
+                    raise ConfigError(f"the run's client state {self.root}/{key}/{name} cannot be opened here: {e}",
                                       fix="every worker must reach the client_state path (a shared file system "
                                           "for a multi-machine cluster)") from e
-                self._arrays[path] = got
+                got = (np.dtype(a.dtype).newbyteorder("<"), int(a.shape[2]))
+                self._dtypes[(key, name)] = got
         return got
 
     def read(self, key: str, name: str, *, row: int, slot: int, rnd: int) -> np.ndarray:
         """The version written in round ``rnd`` into ``slot`` of client ``row``; checked."""
-        values, rounds = self._open(key, name)
-        got = int(rounds[row, slot])
+        dtype, size = self._layout(key, name)
+        values, marker = self._paths(key, name, row, slot)
+        try:
+            got = int(np.frombuffer(marker.read_bytes(), "<i8")[0])
+        except (FileNotFoundError, IndexError):
+            got = -1
         if got != rnd:
             raise CheckpointError(f"the client state {key}/{name} of client row {row} should hold round {rnd}'s "
                                   f"version in slot {slot}, and holds {'nothing' if got < 0 else f'round {got}'}",
                                   fix="the client-state store was changed or lost outside the run; resume "
                                       "with the store the run wrote (see the run directory's attributes)")
-        return np.asarray(values[row, slot])
+        out = np.fromfile(values, dtype=dtype)
+        if out.size != size:
+            raise CheckpointError(f"the client state {key}/{name} of client row {row}, slot {slot} holds {out.size} "
+                                  f"values, expected {size}", fix="the store is damaged: resume from a copy")
+        return out.astype(dtype.newbyteorder("="), copy=False)
 
     def write(self, key: str, name: str, *, row: int, slot: int, rnd: int, value: np.ndarray) -> None:
         """Write a new version: mark the slot invalid, write the values, then stamp the round."""
-        values, rounds = self._open(key, name)
-        rounds[row, slot] = -1
-        values[row, slot] = value
-        rounds[row, slot] = rnd
+        dtype, size = self._layout(key, name)
+        arr = np.ascontiguousarray(value, dtype=dtype).reshape(-1)
+        if arr.size != size:
+            raise ConfigError(f"client state {name!r} must hold {size} values, got {arr.size}")
+        values, marker = self._paths(key, name, row, slot)
+        marker.unlink(missing_ok=True)
+        _replace(values, arr.view(np.uint8).data)
+        _replace(marker, np.array([rnd], "<i8").tobytes())
+
+
+def _replace(path: Path, data: bytes | memoryview) -> None:
+    """Write ``path`` atomically: a crash leaves the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        f = open(tmp, "wb")  # noqa: SIM115 (closed below; the directory is made on first use)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "wb")  # noqa: SIM115
+    with f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
