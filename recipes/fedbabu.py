@@ -16,7 +16,7 @@ personalized evaluation, the paper's baseline.
 
 FedBABU's advantage needs heavy local training: on label-skewed data, a FedAvg client's head overfits its
 few labels and its body follows; the paper's gap grows with E. ``bench/fedbabu.py`` measures it here
-(FedBABU ahead at E = 5 and 10 with momentum 0.9, behind at E = 1 and with plain SGD).
+(FedBABU ahead at E = 5 and 10 with momentum 0.9; level or behind at E = 1, or with momentum 0 or 0.5).
 
 Example:
     >>> from flgraph import recipes
