@@ -23,10 +23,11 @@ from .select import Select
 from .server_opt import ServerOpt
 from .simulate import Simulate
 from .stragglers import Stragglers
-from .train import LocalTrain, TrainContext
+from .train import SGD, LocalTrain, TrainContext
 
 __all__ = [
     "LZ4",
+    "SGD",
     "Aggregate",
     "BFloat16",
     "Broadcast",

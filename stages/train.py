@@ -46,7 +46,7 @@ from flgraph.rng import stream, torch_seed
 
 from .split import check_fraction, heldout
 
-__all__ = ["LocalTrain", "TrainContext", "frozen_names"]
+__all__ = ["SGD", "LocalTrain", "TrainContext", "frozen_names"]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -197,7 +197,7 @@ class LocalTrain(ClientStage):
         y = torch.as_tensor(data.y, device=ctx.device)
         n = len(y)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = (self.optimizer or _sgd(self.lr))(trainable)
+        opt = (self.optimizer or SGD(self.lr))(trainable)
         loss_fn = self.loss or F.cross_entropy
         anchors = [p.detach().clone() for p in trainable] if self.mu > 0 else []
         total, done, processed = 0.0, 0, 0
@@ -288,11 +288,33 @@ def _seed_torch(device: torch.device, seed: int) -> None:
         torch.cuda.manual_seed(seed)
 
 
-class _sgd:
-    """Picklable plain-SGD factory (the default optimizer)."""
+class SGD:
+    """Picklable SGD factory for ``LocalTrain(optimizer=...)``: ``SGD(lr, momentum)(params)``.
 
-    def __init__(self, lr: float) -> None:
+    A fresh optimizer per client and round (the momentum buffer starts at zero each time, as in FedAvg's
+    and FedBABU's reference code). It is saved in the pipeline spec by its settings, so a run that uses it
+    resumes without the pipeline being passed again. The default optimizer of ``LocalTrain`` is
+    ``SGD(lr)``.
+
+    Example:
+        >>> import torch
+        >>> opt = SGD(0.1, momentum=0.9)(torch.nn.Linear(2, 1).parameters())
+        >>> type(opt).__name__, opt.defaults["momentum"]
+        ('SGD', 0.9)
+    """
+
+    def __init__(self, lr: float, momentum: float = 0.0) -> None:
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"SGD(momentum={momentum}): must be in [0, 1)", fix="e.g. momentum=0.9")
         self.lr = lr
+        self.momentum = momentum
+
+    def settings(self) -> dict[str, float]:
+        """The constructor's keyword arguments (saved in the pipeline spec)."""
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def __repr__(self) -> str:
+        return f"SGD(lr={self.lr}, momentum={self.momentum})"
 
     def __call__(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)

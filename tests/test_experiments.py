@@ -13,20 +13,19 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
-import torch
-from flgraph.recipes.compose import swap
 
 import flgraph as fg
-from flgraph import recipes
 from flgraph import stages as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import compression_w1
+import fedbabu
 import fedprox
 import robust_w1
 import w1
 
-cloudpickle.register_pickle_by_value(w1)  # the session's workers were started before bench/ was on the path
+for _bench in (w1, fedbabu):  # the session's workers were started before bench/ was on the path
+    cloudpickle.register_pickle_by_value(_bench)
 
 
 def test_fedprox_with_partial_work_beats_fedavg_that_drops_stragglers(client2):
@@ -88,47 +87,16 @@ def test_codec_bytes_appear_in_the_run_metrics(client2, codec):
         assert row["bytes_up"] < row["bytes_up_raw"] / 10
 
 
-class BodyHead(torch.nn.Module):
-    """A body (two hidden layers) and a linear head named ``head``, as FedBABU splits a network."""
-
-    def __init__(self, d: int = 32, hidden: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
-                                        torch.nn.ReLU())
-        self.head = torch.nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def label_skewed(num_clients: int = 50, per_client: int = 60, d: int = 32, classes: int = 10,
-                 seed: int = 0) -> fg.data.FederatedDataset:
-    """Each class a mixture of 4 Gaussian clusters; two classes per client (McMahan's shards)."""
-    rng = np.random.default_rng(seed)
-    n = num_clients * per_client
-    centers = rng.standard_normal((classes, 4, d)) * 0.9
-    y = np.repeat(np.arange(classes), n // classes)
-    x = (centers[y, rng.integers(0, 4, n)] + rng.standard_normal((n, d))).astype(np.float32)
-    return fg.data.FederatedDataset.from_arrays(x, y.astype(np.int64),
-                                                fg.data.shards(y, num_clients, shards_per_client=2, seed=seed))
-
-
-def test_fedbabu_keeps_the_head_at_its_initial_values_and_personalizes(client2):
-    data = label_skewed()
-    kw = {"epochs": 5, "batch_size": 10, "lr": 0.1, "holdout": 0.3}
-    babu = recipes.fedbabu(10, finetune_epochs=5, finetune_lr=0.1, finetune=["head"], personalize_every=100, **kw)
-    fedavg = swap(babu, st.LocalTrain, st.LocalTrain(**kw))  # the same round and evaluation, the head trained
-    results = {}
-    for name, p in (("fedbabu", babu), ("fedavg", fedavg)):
-        with fg.Run(p, model=BodyHead(), data=data, seed=0, cluster=client2, progress=False, evaluate="never") as r:
-            h = r.fit(rounds=10)
-            head0 = r.adapter.initial_params()
-            results[name] = (h.last("personal_accuracy"), h.last("personal_accuracy_before"),
-                             {n: np.array_equal(r.params[n], head0[n]) for n in ("head.weight", "head.bias")},
-                             np.array_equal(r.params["body.0.weight"], head0["body.0.weight"]))
-    after, before, head_kept, body_kept = results["fedbabu"]
-    assert head_kept == {"head.weight": True, "head.bias": True}, "FedBABU never updates the head"
-    assert not body_kept
-    assert after > before + 0.1, (after, before)  # fine-tuning the head on the client's own data pays
-    assert results["fedavg"][2] == {"head.weight": False, "head.bias": False}
+def test_fedbabu_keeps_the_head_at_its_initial_values_and_beats_fedavg_after_fine_tuning(client2):
+    """Label-skewed data, two classes per client, heavy local training (E = 10, SGD momentum 0.9, as in the
+    paper): FedBABU never updates the head, and its personalized accuracy after fine-tuning the head beats
+    FedAvg's under the same fine-tuning (Oh et al. 2022). bench/fedbabu.py: 8 of 8 seeds at 20 rounds."""
+    rounds = 20
+    ps = fedbabu.pipelines(**{k: fedbabu.SETTINGS[k] for k in ("clients", "epochs", "batch_size", "lr", "momentum",
+                                                                "holdout", "finetune_epochs", "finetune_lr")})
+    babu = fedbabu.run(ps["fedbabu"], seed=0, rounds=rounds, cluster=client2)
+    avg = fedbabu.run(ps["fedavg"], seed=0, rounds=rounds, cluster=client2)
+    assert babu["head_kept"], "FedBABU never updates the head (weight and bias)"
+    assert not avg["head_kept"]
+    assert babu["after"] > babu["before"] + 0.1, babu  # fine-tuning the head on the client's own data pays
+    assert babu["after"] > avg["after"] + 0.01, (babu, avg)
