@@ -3,7 +3,9 @@
 :class:`Byzantine` (a client stage, after LocalTrain and before Compress) replaces the delta of every
 client in a deterministic ``fraction`` of the population (the first ``round(fraction * N)`` ids of a
 permutation seeded by the run seed) with ``-scale * delta`` (``attack="sign_flip"``) or ``scale * delta``
-(``attack="scale"``). The update's ``byzantine`` metric is 1 for them, 0 otherwise.
+(``attack="scale"``). The update's ``byzantine`` metric is 1 for them, 0 otherwise. The set is fixed for
+the run; a round's share of Byzantine clients is then hypergeometric around ``fraction`` (W1: 13 to 25 of
+each round's 100 clients at ``fraction=0.2``).
 
 Example:
     >>> import numpy as np

@@ -13,7 +13,12 @@ driver at the end of a round.
   its ``n - f - 2`` nearest others; Krum returns the best-scored update, multi-Krum (``m > 1``) the mean of
   the ``m`` best.
 
-The returned weight is the total sample count of the round's updates, as for the mean.
+All three are unweighted (one vote per client, as in the papers: a sample-weighted rule would let one
+client claim a majority by reporting many samples); the returned weight is the total sample count of the
+round's updates, as for the mean. ``TrimmedMean``'s guarantee needs ``beta`` at least the share of Byzantine
+updates in the round, and Krum's ``f`` at least their number: with client sampling that share varies from
+round to round around the population's. With non-IID clients the coordinate-wise rules also make less
+progress per round than the mean, attack or not (``bench/robust_w1.py``).
 
 Example:
     >>> import numpy as np

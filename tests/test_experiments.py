@@ -13,15 +13,16 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
+from flgraph.recipes.compose import insert_after, swap
 
 import flgraph as fg
+from flgraph import recipes
 from flgraph import stages as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import compression_w1
 import fedbabu
 import fedprox
-import robust_w1
 import w1
 
 for _bench in (w1, fedbabu):  # the session's workers were started before bench/ was on the path
@@ -52,21 +53,37 @@ def test_int8_cuts_upload_bytes_4x_and_keeps_w1_accuracy(client2):
     assert abs(int8["accuracy"] - plain["accuracy"]) <= 0.01, (int8, plain)
 
 
-def test_robust_aggregators_resist_a_fifth_of_byzantine_clients(client2):
-    """20% of W1's clients send -10x their update: the plain mean collapses to chance; median and trimmed mean
-    keep learning (biased by the attackers: about 2/3 of the clean accuracy here, see bench/robust_w1.py for
-    20 rounds); multi-Krum, which drops the outlying updates, stays at the clean accuracy."""
-    rounds, clients = 8, 40
-    clean = robust_w1.run(st.WeightedMean(), None, rounds, client2, clients=clients)
-    mean = robust_w1.run(st.WeightedMean(), "sign_flip", rounds, client2, clients=clients)
-    median = robust_w1.run(st.Median(), "sign_flip", rounds, client2, clients=clients)
-    trimmed = robust_w1.run(st.TrimmedMean(0.3), "sign_flip", rounds, client2, clients=clients)
-    krum = robust_w1.run(st.Krum(f=10, m=20), "sign_flip", rounds, client2, clients=clients)
-    assert clean > 0.3, clean
-    assert mean < 0.15, mean  # chance is 0.1 (10 classes)
-    for robust in (median, trimmed):
-        assert robust > 0.55 * clean and robust > mean + 0.1, (clean, mean, median, trimmed)
-    assert krum > clean - 0.02, (clean, krum)
+def test_median_and_trimmed_mean_converge_near_clean_accuracy_under_a_fifth_of_sign_flippers(client2):
+    """20% of the clients send -10x their update (``Byzantine(0.2)``, Dirichlet(0.5) label skew): the plain
+    mean collapses to chance, while the median and the trimmed mean (``beta`` = the Byzantine share) and
+    multi-Krum end within 0.05 of clean FedAvg once training has converged (60 rounds here). At a fixed
+    early round budget they lag behind (``bench/robust_w1.py``: W1 after 20 rounds); see recipes/robust.py."""
+    rounds, clients = 60, 20
+    data = fg.data.synthetic_classification(num_clients=100, samples_per_client=32, num_features=20, num_classes=5,
+                                            alpha=0.5, seed=0, signal=1.0, test_samples=500)
+    kw = {"epochs": 1, "batch_size": 16, "lr": 0.05, "evaluate_every": rounds}
+    byzantine = st.Byzantine(0.2, attack="sign_flip", scale=10.0)
+
+    def accuracy(p: fg.Pipeline) -> float:
+        with fg.Run(p, model=fg.models.mlp(20, [32], 5), data=data, seed=0, cluster=client2, progress=False,
+                    on_client_error="drop") as run:
+            try:
+                return float(run.fit(rounds=rounds)[-1]["accuracy"])
+            except fg.FlgraphError:  # every client's update non-finite: the model diverged
+                return 1 / 5
+
+    def attacked(p: fg.Pipeline) -> float:
+        return accuracy(insert_after(p, st.LocalTrain, byzantine))
+
+    clean = accuracy(recipes.fedavg(clients, **kw))
+    mean = attacked(recipes.fedavg(clients, **kw))
+    median = attacked(recipes.robust_fedavg(clients, **kw))
+    trimmed = attacked(recipes.robust_fedavg(clients, aggregator="trimmed_mean", byzantine_fraction=0.2, **kw))
+    krum = attacked(swap(recipes.fedavg(clients, **kw), st.Aggregate, st.Aggregate(st.Krum(f=6, m=8))))
+    assert clean > 0.9, clean
+    assert mean < 0.25, mean  # chance is 0.2 (5 classes)
+    for robust in (median, trimmed, krum):
+        assert robust > clean - 0.05, (clean, mean, median, trimmed, krum)
 
 
 @pytest.mark.parametrize("codec", ["bf16", "int8", "topk"])

@@ -64,6 +64,22 @@ def test_robust_fedavg():
         recipes.robust_fedavg(10, aggregator="krum")
 
 
+def test_robust_fedavg_trims_at_least_the_byzantine_share_and_keeps_the_server_lr():
+    trimmed = recipes.robust_fedavg(10, aggregator="trimmed_mean", byzantine_fraction=0.2)
+    assert trimmed.stages[3].reducer.beta == 0.2  # beta defaults to the assumed Byzantine share
+    assert recipes.robust_fedavg(10, aggregator="trimmed_mean").stages[3].reducer.beta == 0.1
+    with pytest.raises(ConfigError, match="trimming less than the Byzantine share") as ei:
+        recipes.robust_fedavg(10, aggregator="trimmed_mean", byzantine_fraction=0.2, beta=0.1)
+    assert "beta >= 0.2" in ei.value.fix
+    with pytest.raises(ConfigError, match="the median trims nothing"):
+        recipes.robust_fedavg(10, beta=0.2)
+    with pytest.raises(ConfigError, match=r"byzantine_fraction=0.5\)"):
+        recipes.robust_fedavg(10, byzantine_fraction=0.5)
+    for aggregator in ("median", "trimmed_mean"):
+        agg = recipes.robust_fedavg(10, aggregator=aggregator, server_lr=2.0).stages[3]
+        assert isinstance(agg, st.Aggregate) and agg.server_lr == 2.0  # not lost when the mean is swapped out
+
+
 def test_compose_helpers_refuse_ambiguity():
     p = recipes.fedavg(10)
     with pytest.raises(PipelineError, match="0 Stragglers stages"):

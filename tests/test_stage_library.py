@@ -274,6 +274,42 @@ def test_needs_all_reducers_are_in_client_order_for_any_chunking(make):
         assert got.tobytes() == base.tobytes()
 
 
+@pytest.mark.parametrize("make", [st.Median, lambda: st.TrimmedMean(0.2), lambda: st.Krum(2, m=3)],
+                         ids=["median", "trimmed", "krum"])
+def test_robust_reducers_ignore_sample_counts_and_return_their_total(make):
+    """Yin et al.'s and Blanchard et al.'s rules are unweighted: a client with many samples gets one vote."""
+    deltas = _deltas(9, seed=8)
+    counts = [1, 1000, 1, 1, 1, 1, 1, 1, 1]
+    got, w = _reduce(make(), _updates(deltas, counts))
+    same, _ = _reduce(make(), _updates(deltas, [1] * 9))
+    assert w == float(sum(counts))
+    assert got.tobytes() == same.tobytes()
+
+
+def test_robust_reducers_on_a_sign_flipped_round_equal_numpy():
+    """A round of 10 clients of which Byzantine(0.2) corrupts the seeded 20% of the population: the stage
+    flips and scales exactly those deltas, and the median / 0.2-trimmed mean equal numpy's on the result."""
+    ds = FederatedDataset.from_function(_client_data, num_clients=50)
+    stage = st.Byzantine(0.2, attack="sign_flip", scale=10.0)
+    order = stream(7, stage_tag("Byzantine")).permutation(50)
+    assert stage.attackers(7, ds.client_ids) == frozenset(int(c) for c in order[:10])  # round(0.2 * 50) = 10
+    ids = [int(c) for c in order[5:15]]  # 5 attackers, 5 honest clients
+    honest = _deltas(10, seed=9)
+    ups = []
+    for c, d in zip(ids, honest):
+        u = Update(c, 3, 0, d.copy())
+        stage.run(_work(u, client=c, dataset=ds, seed=7))
+        ups.append(u)
+    sent = np.stack([d * np.float32(-10.0 if c in set(order[:10].tolist()) else 1.0) for c, d in zip(ids, honest)])
+    assert [u.metrics["byzantine"] for u in ups] == [1.0] * 5 + [0.0] * 5
+    med, w = _reduce(st.Median(), copy.deepcopy(ups))
+    np.testing.assert_allclose(med, np.median(sent.astype(np.float64), axis=0), rtol=1e-6, atol=1e-7)
+    trimmed, _ = _reduce(st.TrimmedMean(0.2), ups)
+    low_to_high = np.sort(sent.astype(np.float64), axis=0)
+    np.testing.assert_allclose(trimmed, low_to_high[2:8].mean(axis=0), rtol=1e-5, atol=1e-6)  # floor(0.2*10)=2
+    assert w == 30.0
+
+
 # ======================================================================================== clipping and DP
 
 
