@@ -59,15 +59,29 @@ class ClusterHandle:
             self.cluster.close()
 
 
+QUIET = {
+    "distributed.worker.profile.interval": "100ms",
+    "distributed.admin.tick.interval": "200ms",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "500ms",
+}
+"""The embedded cluster's background work, slowed down from distributed's defaults (profile samples every
+10 ms, event-loop ticks every 20 ms, system monitor every 0.5 s, memory monitor every 0.1 s). On a machine
+whose cores all train, these wake-ups in every worker, nanny and the scheduler cost client work 10-15%
+(W1 on 2 cores: median round 0.199 s with the defaults, 0.172 s with these, 5 interleaved runs each).
+The dashboard keeps every page; the Profile page gets 10 samples a second instead of 100."""
+
+
 def embedded(workers: int | None = None) -> LocalCluster:
     """Start the embedded cluster: ``workers`` single-threaded worker processes (default: one per core).
 
-    Its dashboard listens on a free port of 127.0.0.1 (``client.dashboard_link``)."""
+    Its dashboard listens on a free port of 127.0.0.1 (``client.dashboard_link``); background monitoring
+    runs at the slower rates of :data:`QUIET`. Bring your own ``LocalCluster`` for other settings."""
     if multiprocessing.parent_process() is not None and sys.modules["__main__"].__name__ == "__mp_main__":
         raise ClusterError(_MAIN_GUARD, fix=_MAIN_GUARD_FIX)
     n = workers or max(1, min(os.cpu_count() or 1, 8))
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET}):
             return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                 dashboard_address=":0",
                                 silence_logs=logging.ERROR, host="127.0.0.1")
