@@ -58,7 +58,8 @@ class ClientStateStore:
     (client, slot). Reads and writes of a chunk go straight to its file: zarr's own path costs 3-5 ms per
     800 KB chunk here against 0.2-0.4 ms for the file, and a chunk of an uncompressed array with the
     ``bytes`` codec is by the zarr v3 spec just the values' little-endian bytes. ``ensure`` checks that
-    the arrays have exactly that layout. A file is replaced atomically (written aside, then renamed).
+    the arrays have exactly that layout. A write removes the slot's round stamp, overwrites the values,
+    then writes the new stamp atomically (aside, then renamed): a torn write is never read as valid.
     """
 
     def __init__(self, root: str | os.PathLike[str], num_clients: int, slots: int) -> None:
@@ -153,20 +154,31 @@ class ClientStateStore:
         if arr.size != size:
             raise ConfigError(f"client state {name!r} must hold {size} values, got {arr.size}")
         values, marker = self._paths(key, name, row, slot)
-        marker.unlink(missing_ok=True)
-        _replace(values, arr.view(np.uint8).data)
+        marker.unlink(missing_ok=True)  # from here until the new stamp, the slot reads as "nothing"
+        _overwrite(values, arr.view(np.uint8).data)
         _replace(marker, np.array([rnd], "<i8").tobytes())
 
 
-def _replace(path: Path, data: bytes | memoryview) -> None:
-    """Write ``path`` atomically: a crash leaves the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+def _open_for_write(path: Path, mode: str) -> Any:
     try:
-        f = open(tmp, "wb")  # noqa: SIM115 (closed below; the directory is made on first use)
+        return open(path, mode)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(tmp, "wb")  # noqa: SIM115
-    with f:
+        return open(path, "wb" if mode == "r+b" else mode)
+
+
+def _overwrite(path: Path, data: memoryview) -> None:
+    """Write the values in place (reusing the file's pages: a fresh 800 KB file per write costs 3x more);
+    the slot's stamp was removed first, so a torn write is never read."""
+    with _open_for_write(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically: a crash leaves the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with _open_for_write(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 
