@@ -181,6 +181,7 @@ class Agent:
         self._done: tuple[Message, Any, BaseException | None] | None = None
         self._done_lock = threading.Lock()
         self._busy = False
+        self._spec_cache: tuple[Any, ParamSpec] | None = None
         self._queued: Message | None = None
         self._wake_addr = f"inproc://flgraph-agent-wake-{secrets.token_hex(6)}"
 
@@ -356,7 +357,7 @@ class Agent:
         err: BaseException | None = None
         try:
             f = msg.fields
-            spec = ParamSpec.from_shapes([(n, shape, d) for n, shape, d in f["spec"]])
+            spec = self._spec_of(f["spec"])
             flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
             task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"])
             out = _result_of(self.task(task), task)
@@ -367,6 +368,14 @@ class Agent:
         if self.threaded:
             with contextlib.suppress(zmq.ZMQError):
                 self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def _spec_of(self, entries: list[tuple[str, tuple[int, ...], str]]) -> ParamSpec:
+        """The task's ParamSpec; the same model comes every round, so the last one is reused."""
+        key = tuple((n, tuple(shape), d) for n, shape, d in entries)
+        cached = self._spec_cache
+        if cached is None or cached[0] != key:
+            cached = self._spec_cache = (key, ParamSpec.from_shapes(list(key)))
+        return cached[1]
 
     def _finish(self, sock: zmq.Socket[Any]) -> bool:
         """Send the finished task's result (or error); start the queued one. True when max_tasks are done."""

