@@ -64,6 +64,16 @@ def test_robust_fedavg():
         recipes.robust_fedavg(10, aggregator="krum")
 
 
+def test_robust_fedavg_with_server_momentum():
+    p = recipes.robust_fedavg(10, aggregator="trimmed_mean", byzantine_fraction=0.2, momentum=0.9, server_lr=0.5)
+    agg = p.stages[3]
+    assert isinstance(agg, st.ServerOpt) and isinstance(agg.reducer, st.TrimmedMean)
+    assert (agg.method, agg.momentum, agg.lr, agg.reducer.beta) == ("sgd", 0.9, 0.5, 0.2)
+    assert isinstance(recipes.robust_fedavg(10).stages[3], st.Aggregate)  # Yin et al.'s rule as published
+    with pytest.raises(ConfigError, match=r"momentum=1\.0"):
+        recipes.robust_fedavg(10, momentum=1.0)
+
+
 def test_robust_fedavg_trims_at_least_the_byzantine_share_and_keeps_the_server_lr():
     trimmed = recipes.robust_fedavg(10, aggregator="trimmed_mean", byzantine_fraction=0.2)
     assert trimmed.stages[3].reducer.beta == 0.2  # beta defaults to the assumed Byzantine share
