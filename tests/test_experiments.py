@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -53,47 +54,12 @@ def test_int8_cuts_upload_bytes_4x_and_keeps_w1_accuracy(client2):
     assert abs(int8["accuracy"] - plain["accuracy"]) <= 0.01, (int8, plain)
 
 
-def test_median_and_trimmed_mean_converge_near_clean_accuracy_under_a_fifth_of_sign_flippers(client2):
-    """20% of the clients send -10x their update (``Byzantine(0.2)``, Dirichlet(0.5) label skew): the plain
-    mean collapses to chance, while the median and the trimmed mean (``beta`` = the Byzantine share) and
-    multi-Krum end within 0.05 of clean FedAvg once training has converged (60 rounds here). At a fixed
-    early round budget they lag behind (``bench/robust_w1.py``: W1 after 20 rounds); see recipes/robust.py."""
-    rounds, clients = 60, 20
+def _byzantine_accuracy(client2, rounds: int) -> Any:
+    """``accuracy(pipeline, attack=True)``: final test accuracy after ``rounds`` rounds on label-skewed
+    synthetic data (Dirichlet 0.5, 5 classes), with 20% of the clients sending -10x their update
+    (``Byzantine(0.2)``) unless ``attack=False``; a run whose model diverged scores chance, 0.2."""
     data = fg.data.synthetic_classification(num_clients=100, samples_per_client=32, num_features=20, num_classes=5,
                                             alpha=0.5, seed=0, signal=1.0, test_samples=500)
-    kw = {"epochs": 1, "batch_size": 16, "lr": 0.05, "evaluate_every": rounds}
-    byzantine = st.Byzantine(0.2, attack="sign_flip", scale=10.0)
-
-    def accuracy(p: fg.Pipeline) -> float:
-        with fg.Run(p, model=fg.models.mlp(20, [32], 5), data=data, seed=0, cluster=client2, progress=False,
-                    on_client_error="drop") as run:
-            try:
-                return float(run.fit(rounds=rounds)[-1]["accuracy"])
-            except fg.FlgraphError:  # every client's update non-finite: the model diverged
-                return 1 / 5
-
-    def attacked(p: fg.Pipeline) -> float:
-        return accuracy(insert_after(p, st.LocalTrain, byzantine))
-
-    clean = accuracy(recipes.fedavg(clients, **kw))
-    mean = attacked(recipes.fedavg(clients, **kw))
-    median = attacked(recipes.robust_fedavg(clients, **kw))
-    trimmed = attacked(recipes.robust_fedavg(clients, aggregator="trimmed_mean", byzantine_fraction=0.2, **kw))
-    krum = attacked(swap(recipes.fedavg(clients, **kw), st.Aggregate, st.Aggregate(st.Krum(f=6, m=8))))
-    assert clean > 0.9, clean
-    assert mean < 0.25, mean  # chance is 0.2 (5 classes)
-    for robust in (median, trimmed, krum):
-        assert robust > clean - 0.05, (clean, mean, median, trimmed, krum)
-
-
-def test_with_server_momentum_median_and_trimmed_mean_match_clean_accuracy_early(client2):
-    """The same attack with server momentum 0.9 on every aggregate (FedAvgM-style; ``robust_fedavg(momentum=)``):
-    after 15 rounds median and trimmed mean are within 0.05 of the clean run with the same momentum, and the
-    mean with momentum collapses (``bench/robust_w1.py --momentum 0.9`` shows the same on W1 at 20 rounds)."""
-    rounds, clients = 15, 20
-    data = fg.data.synthetic_classification(num_clients=100, samples_per_client=32, num_features=20, num_classes=5,
-                                            alpha=0.5, seed=0, signal=1.0, test_samples=500)
-    kw = {"epochs": 1, "batch_size": 16, "lr": 0.05, "evaluate_every": rounds}
     byzantine = st.Byzantine(0.2, attack="sign_flip", scale=10.0)
 
     def accuracy(p: fg.Pipeline, attack: bool = True) -> float:
@@ -105,6 +71,35 @@ def test_with_server_momentum_median_and_trimmed_mean_match_clean_accuracy_early
             except fg.FlgraphError:  # every client's update non-finite: the model diverged
                 return 1 / 5
 
+    return accuracy
+
+
+def test_median_and_trimmed_mean_converge_near_clean_accuracy_under_a_fifth_of_sign_flippers(client2):
+    """20% of the clients send -10x their update: the plain mean collapses to chance, while the median and
+    the trimmed mean (``beta`` = the Byzantine share) and multi-Krum end within 0.05 of clean FedAvg once
+    training has converged (60 rounds here). At a fixed early round budget they lag behind without server
+    momentum (``bench/robust_w1.py``: W1 after 20 rounds); see recipes/robust.py."""
+    rounds, clients = 60, 20
+    accuracy = _byzantine_accuracy(client2, rounds)
+    kw = {"epochs": 1, "batch_size": 16, "lr": 0.05, "evaluate_every": rounds}
+    clean = accuracy(recipes.fedavg(clients, **kw), attack=False)
+    mean = accuracy(recipes.fedavg(clients, **kw))
+    median = accuracy(recipes.robust_fedavg(clients, **kw))
+    trimmed = accuracy(recipes.robust_fedavg(clients, aggregator="trimmed_mean", byzantine_fraction=0.2, **kw))
+    krum = accuracy(swap(recipes.fedavg(clients, **kw), st.Aggregate, st.Aggregate(st.Krum(f=6, m=8))))
+    assert clean > 0.9, clean
+    assert mean < 0.25, mean  # chance is 0.2 (5 classes)
+    for robust in (median, trimmed, krum):
+        assert robust > clean - 0.05, (clean, mean, median, trimmed, krum)
+
+
+def test_with_server_momentum_median_and_trimmed_mean_match_clean_accuracy_early(client2):
+    """The same attack with server momentum 0.9 on every aggregate (FedAvgM-style; ``robust_fedavg(momentum=)``):
+    after 15 rounds median and trimmed mean are within 0.05 of the clean run with the same momentum, and the
+    mean with momentum collapses (``bench/robust_w1.py --momentum 0.9`` shows the same on W1 at 20 rounds)."""
+    rounds, clients = 15, 20
+    accuracy = _byzantine_accuracy(client2, rounds)
+    kw = {"epochs": 1, "batch_size": 16, "lr": 0.05, "evaluate_every": rounds}
     clean = accuracy(recipes.fedavgm(clients, momentum=0.9, **kw), attack=False)
     mean = accuracy(recipes.fedavgm(clients, momentum=0.9, **kw))
     median = accuracy(recipes.robust_fedavg(clients, momentum=0.9, **kw))
