@@ -101,7 +101,9 @@ def connect(cluster: Any = None, *, workers: int | None = None, timeout: float =
     """A :class:`ClusterHandle` for ``cluster``: None (embedded), a Client, a cluster object, or an address."""
     if cluster is None:
         local = embedded(workers)
-        return ClusterHandle(Client(local, set_as_default=False), local)
+        # scatter and gather straight to and from the workers (all on 127.0.0.1), not through the scheduler:
+        # W1 median round 0.152 s against 0.157 s (4 interleaved runs each)
+        return ClusterHandle(Client(local, set_as_default=False, direct_to_workers=True), local)
     if isinstance(cluster, Client):
         return ClusterHandle(cluster, None, owns_client=False)
     if isinstance(cluster, str):
