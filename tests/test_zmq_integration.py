@@ -265,3 +265,18 @@ class _SplitLocal(LocalTransport):
             parts.append(run_clients(self.bundle, flat, rnd, sub, [(0, len(sub))], on_error)[0][1])
         return combine_partials(self.bundle.reducer, parts[0], parts[1]) if parts else Partial(None)
 
+
+
+def test_edge_transports_refuse_what_they_cannot_run(keys):
+    """Asynchronous pipelines and per-client state run on Dask only: both are refused up front, clearly."""
+    fedbuff = (st.Select(clients=3) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8)
+               >> st.BufferedAggregate(buffer=2))
+    t = transport(keys)
+    with pytest.raises(fg.ConfigError, match="serves synchronous rounds only"):
+        fg.Run(fedbuff, model=fg.models.mlp(8, [16], 3), data=dataset(), seed=0, transport=t, progress=False)
+    stateful = (st.Select(clients=3) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8)
+                >> st.Compress("topk", error_feedback=True) >> st.Aggregate(st.WeightedMean()))
+    with fg.Run(stateful, model=fg.models.mlp(8, [16], 3), data=dataset(), seed=0, transport=t, progress=False,
+                dashboard=False) as run, pytest.raises(fg.ConfigError, match="edge devices cannot reach"):
+        run.fit(rounds=1)
+    t.close()
