@@ -181,7 +181,6 @@ class Run:
         self._writer: SnapshotWriter | None = None
         options = {"chunk_size": chunk_size, "on_client_error": on_client_error, "evaluate": evaluate}
         self._state_fields = stateful_stages(self.segments.clients, params.spec)
-        self._client_state: ClientStateTable | None = None
         self._client_state_tmp: str | None = None
         place: ClientStatePlace | None = None
         if self._state_fields:
@@ -215,7 +214,6 @@ class Run:
                 got = snap if rnd == snap.round else directory.read(rnd)
                 if key in got.states:
                     table.protect(rnd, got.states[key])
-        self._client_state = table
         self.engine.client_state = (table, key)
 
     # -- cluster -------------------------------------------------------------------------------------
@@ -224,9 +222,9 @@ class Run:
             return self._transport
         from .transports.dask import DaskTransport
 
+        states = getattr(self.engine, "client_state", None)
         bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,
-                        self.state.params.spec, self.seed,
-                        self._client_state.store if self._client_state is not None else None, self._state_fields)
+                        self.state.params.spec, self.seed, states[0].store if states else None, self._state_fields)
         if self._custom_transport is not None:
             transport = self._custom_transport
         else:
@@ -287,11 +285,12 @@ class Run:
 
     def _protect_client_state(self, writer: SnapshotWriter) -> None:
         """The snapshot just submitted keeps its clients' state versions; pruned snapshots release theirs."""
-        if self._client_state is None or self.engine.client_state is None:
+        states = getattr(self.engine, "client_state", None)
+        if states is None:
             return
-        key = self.engine.client_state[1]
-        self._client_state.protect(self.state.round, self.state.stage_states[key])
-        self._client_state.retained(writer.directory.retained_rounds())
+        table, key = states
+        table.protect(self.state.round, self.state.stage_states[key])
+        table.retained(writer.directory.retained_rounds())
 
     def _notify(self, event: str, *args: Any) -> None:
         for cb in self.callbacks:
