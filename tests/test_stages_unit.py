@@ -288,6 +288,46 @@ def test_select_count_and_fraction():
     assert st.Select(fraction=1.0).count(50) == 50
 
 
+
+def _set_bias(value: float):
+    def train_fn(model, data, ctx):
+        with torch.no_grad():
+            model[0].bias.fill_(value)
+        return 0.0
+    return train_fn
+
+
+def test_local_train_refuses_a_non_finite_update_and_keeps_a_huge_finite_one():
+    ds = FederatedDataset.from_function(_client_data, num_clients=2)
+    module = _net()
+    gp = ModelAdapter.from_module(module).initial_params()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ClientError) as ei:
+            _run_local_train(st.LocalTrain(train_fn=_set_bias(bad)), module, ds, gp, rnd=1, client=1, seed=0)
+        e = _assert_client_error(ei, client=1, rnd=1)
+        assert f"the update holds {module[0].bias.numel()} non-finite values" in e.message
+    # 1e30 is finite in float32 but its square is not: the fast check must not refuse it
+    work = _run_local_train(st.LocalTrain(train_fn=_set_bias(1e30)), module, ds, gp, rnd=1, client=1, seed=0)
+    e0 = ModelAdapter.from_module(module).spec.entry("0.bias")
+    assert np.all(work.update.delta[e0.offset : e0.offset + e0.size] > 9e29)
+
+
+def test_local_train_puts_the_model_back_in_training_mode():
+    ds = FederatedDataset.from_function(_client_data, num_clients=3)
+    module = _net()
+    gp = ModelAdapter.from_module(module).initial_params()
+    modes: list[bool] = []
+
+    def train_fn(model, data, ctx):
+        modes.append(all(m.training for m in model.modules()))
+        model.eval()  # e.g. a train_fn that evaluates at its end
+        return 0.0
+
+    stage = st.LocalTrain(train_fn=train_fn)
+    for client in (0, 1, 2):
+        _run_local_train(stage, module, ds, gp, rnd=1, client=client, seed=0)
+    assert modes == [True, True, True]
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -135,6 +135,7 @@ class BoundModel:
 
     def __init__(self, module: torch.nn.Module, spec: ParamSpec, device: torch.device) -> None:
         self.module = module.to(device)
+        self.modules = list(self.module.modules())  # to check train/eval mode without walking the tree
         self.spec = spec
         self.device = device
         carrier = getattr(torch, spec.carrier)
