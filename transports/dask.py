@@ -5,6 +5,11 @@ scattered once to every worker. Per round, the global params are scattered once 
 chunk of clients runs the client segment and returns partial aggregates, and partials are combined along
 the round's fixed tree (on the workers when there are many, in the driver when there are few).
 
+When every worker runs on this machine (the embedded cluster), the round's params and partials travel
+over the :mod:`flgraph.dataplane` instead (fetched from and pushed to the driver directly, no scatter or
+gather round trips through the scheduler); Dask still schedules, names and retries the chunk tasks.
+``DaskTransport(..., data_plane=False)`` or ``FLGRAPH_DATA_PLANE=0`` turns it off.
+
 Task keys carry the stage and the round, e.g. ``local-train-r00012-c0001-<run>``,
 ``aggregate-r00012-n0-50-<run>`` and ``broadcast-r00012-<run>-w0`` (one copy per worker), so the dashboard
 groups work by stage.
@@ -27,7 +32,7 @@ import numpy as np
 from distributed import Client, Future
 from distributed.client import FutureCancelledError
 
-from flgraph import tree
+from flgraph import dataplane, tree
 from flgraph.client_runner import (
     Bundle,
     Partial,
@@ -54,6 +59,7 @@ class _LostWork(ClusterError):
     """Client tasks were cancelled: typically a worker died holding the only copy of data they needed."""
 
 
+PUSH_GRACE_S = 0.25  # a chunk task Dask reports done whose partial has not arrived by then is gathered
 FAN_IN = 8  # at most this many partials travel to the driver; more are combined on the workers first
 
 
@@ -78,8 +84,11 @@ def _warm(bundle: Bundle, flat: np.ndarray) -> float:
 class DaskTransport:
     """Runs the client segment of rounds on a Dask cluster through ``client``."""
 
-    def __init__(self, client: Client, run_token: str, stage_name: str, chunk_size: int | None = None) -> None:
+    def __init__(self, client: Client, run_token: str, stage_name: str, chunk_size: int | None = None,
+                 data_plane: bool | None = None) -> None:
         self.client = client
+        self._want_plane = data_plane
+        self._plane: dataplane.DataPlane | None = None
         self.token = run_token
         self.stage_name = stage_name
         self.chunk_size = chunk_size
@@ -103,7 +112,22 @@ class DaskTransport:
         futs = [self.client.submit(_warm, self._bundle, flat, key=f"warm-up-{i}-{self.token}", workers=[w],
                                    pure=False) for i, w in enumerate(sorted(set(workers)))]
         self.client.gather(futs)
+        self._plane = self._open_plane(workers)
         return time.perf_counter() - t0
+
+    def _open_plane(self, workers: list[str]) -> dataplane.DataPlane | None:
+        """The data plane when asked for, or by default when every worker is on this machine's loopback."""
+        if self._want_plane is False or not dataplane.available():
+            return None
+        local = all(w.startswith(("inproc://", "tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:"))
+                    for w in workers)
+        if not local and self._want_plane is None:
+            return None
+        try:
+            return dataplane.DataPlane()
+        except (RuntimeError, OSError) as e:
+            log.warning("the data plane could not start (%s); using Dask's scatter and gather", e)
+            return None
 
     def _workers(self) -> list[str]:
         """One entry per worker thread, sorted; cached for 2 s (asking the scheduler is a round trip, and
@@ -160,10 +184,15 @@ class DaskTransport:
         # hand back the stale erred result while the cancel is still in flight.
         self._attempt += 1
         run = f"{self.token}.{self._attempt}"
-        copies = self._broadcast(f"broadcast-{tag}-{run}", flat)
         slots = self._workers()
         n = len(clients)
-        if clients.keep_first is not None and clients.keep_first < n:
+        over_selected = clients.keep_first is not None and clients.keep_first < n
+        if self._plane is not None and not over_selected:
+            plan = [tree.cover(n, a, b) for a, b in tree.chunks(n, len(slots), self.chunk_size)]
+            if sum(len(nodes) for nodes in plan) <= FAN_IN:
+                return self._plane_round(rnd, flat, clients, on_error, run, slots, plan)
+        copies = self._broadcast(f"broadcast-{tag}-{run}", flat)
+        if over_selected:
             return self._over_selected(rnd, copies, clients, on_error, run, slots)
         chunk_futs: list[tuple[Future, list[tuple[int, int]]]] = []
         for j, (a, b) in enumerate(tree.chunks(n, len(slots), self.chunk_size)):
@@ -198,6 +227,58 @@ class DaskTransport:
             raise
         finally:
             self._release_later([*futs, *copies])
+
+    def _plane_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str, run: str,
+                     slots: list[str], plan: list[list[tuple[int, int]]]) -> Partial:
+        """The round over the data plane: params fetched from the driver, partials pushed back to it."""
+        assert self._plane is not None and self._local is not None
+        plane, c, tag = self._plane, self.client, f"r{rnd:05d}"
+        pkey = f"broadcast-{tag}-{run}"
+        keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(len(plan))]
+        plane.publish(pkey, flat)
+        plane.expect(keys)
+        futs = {key: c.submit(_plane_chunk, self._bundle, (plane.endpoint, pkey, key), rnd, clients, nodes,
+                              on_error, key=key, workers=[slots[j % len(slots)]], allow_other_workers=True,
+                              pure=False)
+                for j, (key, nodes) in enumerate(zip(keys, plan))}
+        self._release_later([])  # the previous round's futures, now that this round is submitted
+        try:
+            results = self._await_plane(futs)
+            reducer = self._local.reducer
+            done = {node: part for key in keys for node, part in results[key]}
+            return tree.assemble(len(clients), done, lambda a, b: combine_partials(reducer, a, b))
+        except BaseException:
+            c.cancel(list(futs.values()), force=True)  # stop the round's remaining work now
+            raise
+        finally:
+            plane.retract([pkey, *keys])
+            self._release_later(list(futs.values()))
+
+    def _await_plane(self, futs: dict[str, Future]) -> dict[str, Any]:
+        """The chunks' partials as the data plane delivers them; a chunk's error or cancellation, from its
+        Dask future, ends the wait (checked every 50 ms)."""
+        assert self._plane is not None
+        got: dict[str, Any] = {}
+        finished_at: dict[str, float] = {}
+        while len(got) < len(futs):
+            missing = [k for k in futs if k not in got]
+            got.update(self._plane.take(missing, timeout=0.05))
+            now = time.monotonic()
+            for key in missing:
+                if key in got:
+                    continue
+                fut = futs[key]
+                if fut.status == "error":
+                    self._gather([fut])  # raises the client's error
+                    raise ClusterError(f"the chunk task {key} failed")
+                if fut.status == "cancelled":
+                    raise _LostWork(f"the chunk task {key} was cancelled")
+                if fut.status == "finished" and now - finished_at.setdefault(key, now) > PUSH_GRACE_S:
+                    result = self._gather([fut])[0]  # the task returned its partial: the push failed
+                    if result is None:
+                        raise ClusterError(f"the chunk task {key} sent its partial, but it never arrived")
+                    got[key] = result
+        return got
 
     def _broadcast(self, name: str, flat: np.ndarray) -> list[Future]:
         """One copy of ``flat`` on each worker (keys ``<name>-w0``, ``-w1``...), in one scatter.
@@ -321,12 +402,25 @@ class DaskTransport:
                 self.client.run(_forget_model, self._local.model_source.token)
         self._bundle = self._reducer = None
         self._local = None
+        if self._plane is not None:
+            self._plane.close()
+            self._plane = None
 
 
 def _forget_model(token: str) -> int:
     from flgraph.models.adapter import ModelAdapter
 
     return ModelAdapter.forget(token)
+
+
+def _plane_chunk(bundle: Bundle, plane: tuple[str, str, str], rnd: int, clients: ClientSet,
+                 nodes: list[tuple[int, int]], on_error: str) -> Any:
+    """A chunk task over the data plane: fetch the params, run the clients, push the partials (or return
+    them, when the push fails)."""
+    endpoint, params_key, result_key = plane
+    flat = dataplane.fetch(endpoint, params_key)
+    result = run_clients(bundle, flat, rnd, clients, nodes, on_error)  # type: ignore[arg-type]
+    return None if dataplane.push(endpoint, result_key, result) else result
 
 
 def _pick(result: list[tuple[tuple[int, int], Partial]], i: int) -> Partial:
