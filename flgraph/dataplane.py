@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-__all__ = ["DataPlane", "available", "fetch", "push"]
+__all__ = ["DataPlane", "available", "fetch", "forget", "push"]
 
 log = logging.getLogger("flgraph")
 
@@ -122,6 +122,7 @@ class DataPlane:
     def close(self) -> None:
         """Stop the serving thread and remove the socket's directory."""
         self._stop.set()
+        forget(self.endpoint)  # this process's own worker-side socket, if it used one
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
         with contextlib.suppress(Exception):
@@ -173,49 +174,67 @@ class DataPlane:
 
 
 # -- the worker's end -----------------------------------------------------------------------------------
-_local = threading.local()
-_cache_lock = threading.Lock()
+# One DEALER socket per driver endpoint and process; a request (send, then its answer) holds the lock, so
+# threads never read each other's answers. At most MAX_ENDPOINTS drivers are remembered (runs that ended
+# without forget(), e.g. a driver that crashed, are closed oldest first).
+MAX_ENDPOINTS = 4
+_lock = threading.Lock()
+_socks: dict[str, zmq.Socket[Any]] = {}
 _cache: dict[str, tuple[str, np.ndarray]] = {}  # endpoint -> (key, array): the latest params, per process
 
 
 def _socket(endpoint: str) -> zmq.Socket[Any]:
-    socks: dict[str, zmq.Socket[Any]] = _local.__dict__.setdefault("socks", {})
-    sock = socks.get(endpoint)
+    """The endpoint's socket (call with ``_lock`` held)."""
+    sock = _socks.pop(endpoint, None)
     if sock is None:
+        while len(_socks) >= MAX_ENDPOINTS:
+            _close(next(iter(_socks)))
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, int(PUSH_TIMEOUT_S * 1000))
         sock.setsockopt(zmq.SNDTIMEO, int(PUSH_TIMEOUT_S * 1000))
         sock.connect(endpoint)
-        socks[endpoint] = sock
+    _socks[endpoint] = sock  # most recently used last
     return sock
 
 
+def _close(endpoint: str) -> None:
+    sock = _socks.pop(endpoint, None)
+    _cache.pop(endpoint, None)
+    if sock is not None:
+        sock.close()
+
+
+def forget(endpoint: str) -> None:
+    """Close this process's socket to ``endpoint`` and drop its cached params (at the end of a run)."""
+    with _lock:
+        _close(endpoint)
+
+
 def fetch(endpoint: str, key: str, timeout: float = FETCH_TIMEOUT_S) -> np.ndarray:
-    """The array the driver published under ``key`` (read-only; fetched once per process and key)."""
-    with _cache_lock:
+    """The array the driver published under ``key``, fetched once per process and key (the chunks on
+    this worker share it, as they share Dask's copy: do not change it in place)."""
+    with _lock:
         hit = _cache.get(endpoint)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    sock = _socket(endpoint)
-    sock.send_multipart([_GET, key.encode()])
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if left <= 0 or not sock.poll(int(left * 1000) + 1):
-            raise TimeoutError(f"the driver did not send {key!r} within {timeout:.0f} s (data plane "
-                               f"{endpoint}); is the driver process alive?")
-        frames = sock.recv_multipart(copy=False)
-        if frames[1].bytes != key.encode():
-            continue  # the late answer to an earlier request that timed out
-        if frames[0].bytes == _MISSING:
-            raise LookupError(f"the driver no longer serves {key!r}: the round was given up")
-        dtype, shape = frames[2].bytes.decode().split("|")
-        dims = tuple(int(d) for d in shape.split(",") if d)
-        array = np.frombuffer(frames[3].buffer, dtype=np.dtype(dtype)).reshape(dims)
-        array.flags.writeable = False  # every chunk on this worker shares it
-        with _cache_lock:
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        sock = _socket(endpoint)
+        sock.send_multipart([_GET, key.encode()])
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                raise TimeoutError(f"the driver did not send {key!r} within {timeout:.0f} s (data plane "
+                                   f"{endpoint}); is the driver process alive?")
+            frames = sock.recv_multipart(copy=False)
+            if frames[1].bytes != key.encode():
+                continue  # the late answer to an earlier request that timed out
+            if frames[0].bytes == _MISSING:
+                raise LookupError(f"the driver no longer serves {key!r}: the round was given up")
+            dtype, shape = frames[2].bytes.decode().split("|")
+            dims = tuple(int(d) for d in shape.split(",") if d)
+            array = np.frombuffer(frames[3].buffer, dtype=np.dtype(dtype)).reshape(dims)
             _cache[endpoint] = (key, array)
-        return array
+            return array
 
 
 def push(endpoint: str, key: str, value: Any) -> bool:
@@ -223,7 +242,8 @@ def push(endpoint: str, key: str, value: Any) -> bool:
     buffers: list[pickle.PickleBuffer] = []
     head = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     try:
-        _socket(endpoint).send_multipart([_PUT, key.encode(), head, *(b.raw() for b in buffers)], copy=False)
+        with _lock:
+            _socket(endpoint).send_multipart([_PUT, key.encode(), head, *(b.raw() for b in buffers)], copy=False)
     except zmq.Again:
         return False
     return True

@@ -403,6 +403,8 @@ class DaskTransport:
         self._bundle = self._reducer = None
         self._local = None
         if self._plane is not None:
+            with contextlib.suppress(Exception):
+                self.client.run(dataplane.forget, self._plane.endpoint)  # the workers' sockets to it
             self._plane.close()
             self._plane = None
 
