@@ -161,13 +161,8 @@ class Run:
             from .dashboard import Dashboard
 
             self.callbacks.append(Dashboard())
-        if transport is not None and not isinstance(self.engine, SyncEngine) and not callable(
-                getattr(transport, "submit_client", None)):
-            raise ConfigError(f"{type(transport).__name__} serves synchronous rounds only; the asynchronous engine "
-                              f"({type(self.segments.reduce).__name__}) dispatches clients one by one through "
-                              "publish/submit_client, which it does not have",
-                              fix="run asynchronous pipelines on Dask (no transport=), or use a synchronous "
-                                  "Aggregate with this transport")
+        if transport is not None and not isinstance(self.engine, SyncEngine):
+            self.engine.check_transport(transport)  # the asynchronous engine dispatches clients one by one
         self._custom_transport = transport
         self._workers = workers
         self._connect_timeout = connect_timeout
