@@ -75,8 +75,10 @@ class Run:
             ``on_round(run, row)`` after each completed round, ``on_end(run)`` at the end of each ``fit``
             (each method optional; an exception in a callback is logged, never stops the run).
         transport: where client stages run, an object like :class:`flgraph.transports.DaskTransport`
-            (``start``, ``run_round``, ``map_clients``, ``places``, ``close``); default: Dask tasks on
-            ``cluster``.
+            (``start``, ``run_round``, ``map_clients``, ``places``, ``close``; for an asynchronous pipeline
+            also ``publish``, ``submit_client``, ``release``, ``completion``, see
+            :mod:`flgraph.async_engine`), e.g. edge agents with
+            :class:`flgraph.transports.zmq.ZmqTransport` (both engines); default: Dask tasks on ``cluster``.
         metrics_log: a ``.jsonl`` or ``.csv`` file that gets every round's metrics row as it completes
             (:class:`flgraph.metrics_log.MetricsLog`); ``"auto"`` (default): ``metrics.jsonl`` inside the run
             directory when ``checkpoint`` is a local path, no file otherwise; ``None``: no file.
