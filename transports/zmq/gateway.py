@@ -366,11 +366,7 @@ class Gateway:
         except Exception as e:  # a bug here must not hang the driver: it sees the thread gone
             log.exception("flgraph gateway: the serving thread failed")
             self._error = e
-        finally:
-            for job in list(self._jobs.values()):  # their clients fail now rather than wait for a deadline
-                if job.open:
-                    self._expire_round(job, "the gateway stopped")
-            self._jobs, self._tasks, self._deadlines = {}, {}, []
+        finally:  # open jobs are kept: after a restart their tasks go to the agents that join again
             for info in list(self.agents.values()):
                 self._send(sock, info.routing_id, "disconnect", {"reason": "the gateway is shutting down"})
             sock.close(0)
