@@ -162,7 +162,8 @@ class AsyncEngine:
         if self.realtime:
             if self._t0 is None:
                 self._t0, self._clock0 = time.monotonic(), float(state["time"])
-            if cid is not None and not len(transport.ready_clients(np.array([cid], np.int64), wait=False)):
+            if cid is not None and (any(f.client == cid for f in self.flights.values())
+                                    or not len(transport.ready_clients(np.array([cid], np.int64), wait=False))):
                 cid = None  # re-dispatched after a resume, but its agent is away or busy: draw a free one
         if idx is None:
             idx = int(state["dispatched"])

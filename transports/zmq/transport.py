@@ -379,12 +379,13 @@ class ZmqTransport:
                 return ready
             if time.monotonic() >= end:
                 connected = self.gateway.connected()
-                mine = np.isin(cand, np.fromiter(connected, np.int64, len(connected)))
-                raise ClusterError(f"no edge agent is free for the run's clients after {self.deadline_s:g} s: "
-                                   f"{int(mine.sum())} of the {len(cand)} candidate clients have an agent "
-                                   f"connected, and each of those is busy with a task",
+                mine = int(np.isin(cand, np.fromiter(connected, np.int64, len(connected))).sum())
+                why = (f"none of the {len(cand)} candidate clients has an agent connected" if not mine else
+                       f"the {mine} of the {len(cand)} candidate clients with an agent connected are all busy")
+                raise ClusterError(f"no edge agent is free for the run's clients after {self.deadline_s:g} s: {why}",
                                    fix="start more agents (`flgraph edge ...`) than the asynchronous "
-                                       "concurrency (Select(clients=...)), or raise deadline_s")
+                                       "concurrency (Select(clients=...)), for clients of the run's data, "
+                                       "or raise deadline_s")
             self._check_alive("waiting for a free agent")
             time.sleep(0.02)
 
