@@ -113,7 +113,7 @@ class _Round:
 
 
 class Gateway:
-    """Accepts agents on ``bind`` and runs rounds' tasks on them.
+    """Accepts agents on ``bind`` and runs jobs' tasks on them (synchronous rounds, asynchronous clients).
 
     Args:
         bind: a loopback or interface endpoint such as ``"tcp://127.0.0.1:5555"`` (port 0: any free port;
