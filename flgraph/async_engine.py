@@ -12,6 +12,22 @@ the then-current version. ``run_round`` returns when the server has stepped once
 The engine never imports torch. Its state (buffer, clock, dispatch counter, clients in flight) is
 explicit in the BufferedAggregate stage's state, so checkpoints hold it; after a resume the clients that
 were in flight are dispatched again (from the current version) and none is counted twice.
+
+The engine talks to its transport through ``publish(version, flat)`` (a handle for a global version),
+``submit_client(handle, rnd, clients, on_error, idx)`` (a future whose ``result()`` is the client's leaf
+Partial), ``release(handles)`` and ``completion()`` (an object with ``add(future)`` whose ``next()``
+returns the next completed future: ``distributed.as_completed`` for Dask).
+
+**Real time (edge agents).** A transport with ``realtime = True`` (:class:`~flgraph.transports.zmq.ZmqTransport`)
+runs clients on real devices, whose durations are not simulated. Then arrivals are processed in real
+arrival order, the clock is real seconds since the run's first dispatch (continued from the checkpointed
+clock after a resume), so ``sim_time`` and ``sim_round_time`` in the history are real seconds, and there
+is no lower-bound check. A client is drawn only among those whose agent is connected and idle
+(``transport.ready_clients``), waiting for one if none is (bounded by the transport's deadline), and a
+client re-dispatched after a resume whose agent is not free is replaced by a free one (same dispatch
+index). Such a run is NOT bit-reproducible: which client arrives first, and so which clients are drawn
+and which version each starts from, depend on the devices and the network. Asynchronous runs on Dask
+(simulated clients) remain bit-identical whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -22,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from distributed import Future, as_completed
 
 from .client_runner import Partial
 from .context import ClientSet, RoundContext
@@ -42,8 +57,9 @@ class _Flight:
     version: int
     start: float
     lower: float
-    future: Future | None = None
+    future: Any = None  # the transport's future (a distributed.Future, an EdgeFuture)
     result: Partial | None = None
+    arrived: float = 0.0  # real time mode: the clock when the result was received
 
 
 class AsyncEngine:
@@ -77,16 +93,40 @@ class AsyncEngine:
         trains = [s for s in segments.clients if isinstance(s, LocalTrain)]
         self.train: Any = trains[0] if len(trains) == 1 and trains[0].steps is None else None
         self.flights: dict[int, _Flight] = {}
-        self.versions: dict[int, Future] = {}
+        self.versions: dict[int, Any] = {}
         self.completed: Any = None
         self.spec = None
+        self.realtime = False  # set from the transport at each step
+        self._t0: float | None = None  # real time mode: time.monotonic() at this engine's first dispatch
+        self._clock0 = 0.0  # and the run's clock then (0, or the checkpointed clock after a resume)
+
+    def check_transport(self, transport: Any) -> None:
+        """Refuse, before anything runs, a transport this engine cannot dispatch clients through."""
+        missing = [m for m in ("publish", "submit_client", "release", "completion")
+                   if not callable(getattr(transport, m, None))]
+        if missing:
+            raise ConfigError(f"{type(transport).__name__} serves synchronous rounds only; the asynchronous engine "
+                              f"({type(self.stage).__name__}) dispatches clients one by one through "
+                              f"publish/submit_client/release/completion, and it lacks {', '.join(missing)}",
+                              fix="run asynchronous pipelines on Dask (no transport=) or on edge agents alone "
+                                  "(ZmqTransport), or use a synchronous Aggregate with this transport")
+        if getattr(transport, "realtime", False) and self.simulate is not None:
+            raise ConfigError(f"{type(transport).__name__} runs clients on real devices, in real time; "
+                              "Simulate's devices would not time them",
+                              fix="drop st.Simulate(...) (recipes.fedbuff without devices=) for edge runs")
 
     @staticmethod
     def state_key(index: int, stage: Any) -> str:
         return f"{index:02d}-{stage.name}"
 
     # -- dispatch ------------------------------------------------------------------------------------
-    def _version_future(self, transport: Any, version: int, params: Params) -> Future:
+    def _clock(self) -> float:
+        """Real time mode: seconds since this run's first dispatch (continuing a resumed run's clock)."""
+        if self._t0 is None:
+            return self._clock0
+        return self._clock0 + time.monotonic() - self._t0
+
+    def _version_future(self, transport: Any, version: int, params: Params) -> Any:
         if version not in self.versions:
             self.versions[version] = transport.publish(version, params.flat)
         return self.versions[version]
@@ -98,6 +138,8 @@ class AsyncEngine:
             transport.release([self.versions.pop(v) for v in old])
 
     def _settings(self, cid: int, start: float) -> tuple[dict[str, np.ndarray], float]:
+        if self.realtime:  # a real device: nothing simulated, no lower bound
+            return {}, start
         if self.simulate is None:
             st = {"speed": np.array([1.0]), "down_bps": np.array([math.inf]), "up_bps": np.array([math.inf])}
             return st, start + self._min_samples(cid)
@@ -117,23 +159,37 @@ class AsyncEngine:
 
     def _dispatch(self, transport: Any, state: dict[str, Any], params: Params, version: int, at: float,
                   on_error: str, idx: int | None = None, cid: int | None = None) -> None:
+        if self.realtime:
+            if self._t0 is None:
+                self._t0, self._clock0 = time.monotonic(), float(state["time"])
+            if cid is not None and (any(f.client == cid for f in self.flights.values())
+                                    or not len(transport.ready_clients(np.array([cid], np.int64), wait=False))):
+                cid = None  # re-dispatched after a resume, but its agent is away or busy: draw a free one
         if idx is None:
             idx = int(state["dispatched"])
             state["dispatched"] = idx + 1
         if cid is None:
-            population = self.dataset.client_ids
-            busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
-            free = population[~np.isin(population, busy)]
-            if self.select.available is not None:  # draw from those available at the dispatch's start
-                here = free[self.select.available_mask(free, idx + 1, at if self.simulate is not None else None)]
-                free = here if len(here) else free  # none: an offline client is dispatched, and dropped
-            cid = int(stream(self.seed, self.select.tag, 0, idx).choice(free))
+            cid = self._draw(transport, idx, at)
+        if self.realtime:
+            at = self._clock()  # after any wait for a free agent
         settings, lower = self._settings(cid, at)
         clients = ClientSet(np.array([cid], np.int64), settings)
         fut = transport.submit_client(self._version_future(transport, version, params), idx + 1, clients,
                                       on_error, idx)
         self.flights[idx] = _Flight(idx, cid, version, at, lower, fut)
         self.completed.add(fut)
+
+    def _draw(self, transport: Any, idx: int, at: float) -> int:
+        """Dispatch ``idx``'s client: uniform among those not in flight (available; real time: idle agents)."""
+        population = self.dataset.client_ids
+        busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
+        free = population[~np.isin(population, busy)]
+        if self.select.available is not None:  # draw from those available at the dispatch's start
+            here = free[self.select.available_mask(free, idx + 1, at if self.simulate is not None else None)]
+            free = here if len(here) else free  # none: an offline client is dispatched, and dropped
+        if self.realtime:
+            free = transport.ready_clients(free)  # waits (bounded) for an agent to be free
+        return int(stream(self.seed, self.select.tag, 0, idx).choice(free))
 
     # -- one server step -----------------------------------------------------------------------------
     def run_round(self, state_obj: Any, rnd: int, last: bool, transport: Any, keys: dict[int, str],
@@ -147,8 +203,9 @@ class AsyncEngine:
         st.setdefault("dispatched", 0)
         version = state_obj.round
         params = state_obj.params
+        self.realtime = bool(getattr(transport, "realtime", False))
         if self.completed is None:
-            self.completed = as_completed(loop=transport.client.loop)
+            self.completed = transport.completion()
         try:
             if not self.flights:  # first step, or after a resume: (re)fill the flight
                 for fl in np.asarray(st.get("inflight", np.zeros((0, 4)))).reshape(-1, 4):
@@ -173,8 +230,8 @@ class AsyncEngine:
                 assert part is not None
                 del self.flights[flight.idx]
                 arrivals.append(flight.idx)
-                finish = flight.start + part.maxes["finish"] if part.value is not None else flight.lower
-                if finish < flight.lower - 1e-9:
+                finish = self._finish(flight)
+                if not self.realtime and finish < flight.lower - 1e-9:
                     raise ConfigError(
                         f"client {flight.client} finished at virtual time {finish:.3f}, before its lower bound "
                         f"{flight.lower:.3f}: it trained on fewer samples than LocalTrain(epochs=...) implies, "
@@ -226,28 +283,33 @@ class AsyncEngine:
         state_obj.params, state_obj.round, state_obj.stage_states = ctx.params, rnd, new_states
         return row
 
+    def _finish(self, f: _Flight) -> float:
+        """A completed flight's finish time: its arrival (real time) or its virtual finish time."""
+        assert f.result is not None
+        if self.realtime:
+            return f.arrived
+        return f.start + f.result.maxes["finish"] if f.result.value is not None else f.lower
+
     def _next_safe(self) -> _Flight | None:
-        """The completed flight that comes next in virtual time, if no running flight can precede it."""
+        """The completed flight that comes next in virtual time, if no running flight can precede it
+        (real time: the first to arrive)."""
         done = [f for f in self.flights.values() if f.result is not None]
         if not done:
             return None
-
-        def when(f: _Flight) -> tuple[float, int]:
-            assert f.result is not None
-            t = f.start + f.result.maxes["finish"] if f.result.value is not None else f.lower
-            return (t, f.idx)
-
-        first = min(done, key=when)
+        first = min(done, key=lambda f: (self._finish(f), f.idx))
+        if self.realtime:
+            return first
         running = [(f.lower, f.idx) for f in self.flights.values() if f.result is None]
-        if running and min(running) < when(first):
+        if running and min(running) < (self._finish(first), first.idx):
             return None
         return first
 
     def _wait_one(self) -> None:
-        fut: Future = next(self.completed)
+        fut = next(self.completed)
         for f in self.flights.values():
             if f.future is fut:
                 f.result = fut.result()  # raises the client's error in "raise" mode
+                f.arrived = self._clock() if self.realtime else 0.0
                 f.future = None
                 return
 

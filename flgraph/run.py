@@ -75,8 +75,10 @@ class Run:
             ``on_round(run, row)`` after each completed round, ``on_end(run)`` at the end of each ``fit``
             (each method optional; an exception in a callback is logged, never stops the run).
         transport: where client stages run, an object like :class:`flgraph.transports.DaskTransport`
-            (``start``, ``run_round``, ``map_clients``, ``places``, ``close``); default: Dask tasks on
-            ``cluster``.
+            (``start``, ``run_round``, ``map_clients``, ``places``, ``close``; for an asynchronous pipeline
+            also ``publish``, ``submit_client``, ``release``, ``completion``, see
+            :mod:`flgraph.async_engine`), e.g. edge agents with
+            :class:`flgraph.transports.zmq.ZmqTransport` (both engines); default: Dask tasks on ``cluster``.
         metrics_log: a ``.jsonl`` or ``.csv`` file that gets every round's metrics row as it completes
             (:class:`flgraph.metrics_log.MetricsLog`); ``"auto"`` (default): ``metrics.jsonl`` inside the run
             directory when ``checkpoint`` is a local path, no file otherwise; ``None``: no file.
@@ -161,13 +163,8 @@ class Run:
             from .dashboard import Dashboard
 
             self.callbacks.append(Dashboard())
-        if transport is not None and not isinstance(self.engine, SyncEngine) and not callable(
-                getattr(transport, "submit_client", None)):
-            raise ConfigError(f"{type(transport).__name__} serves synchronous rounds only; the asynchronous engine "
-                              f"({type(self.segments.reduce).__name__}) dispatches clients one by one through "
-                              "publish/submit_client, which it does not have",
-                              fix="run asynchronous pipelines on Dask (no transport=), or use a synchronous "
-                                  "Aggregate with this transport")
+        if transport is not None and not isinstance(self.engine, SyncEngine):
+            self.engine.check_transport(transport)  # the asynchronous engine dispatches clients one by one
         self._custom_transport = transport
         self._workers = workers
         self._connect_timeout = connect_timeout

@@ -2,7 +2,8 @@
 
 FedAvg with several agents (bit-identical to the in-process reference), agents killed or too slow
 mid-round (the round completes by its deadline, dropouts counted), a gateway restart (agents reconnect),
-an agent whose key is not on the allow-list (refused), and a mixed Dask + edge run.
+an agent whose key is not on the allow-list (refused), a mixed Dask + edge run, and FedBuff (the
+asynchronous engine) over agents: every dispatch counted once, across a resume and when an agent dies.
 """
 
 from __future__ import annotations
@@ -267,16 +268,192 @@ class _SplitLocal(LocalTransport):
 
 
 
-def test_edge_transports_refuse_what_they_cannot_run(keys):
-    """Asynchronous pipelines and per-client state run on Dask only: both are refused up front, clearly."""
+def test_edge_transports_refuse_what_they_cannot_run(keys, client1):
+    """What edge transports cannot run is refused up front, clearly: an asynchronous pipeline on the mixed
+    transport (two clocks), simulated devices on real ones, per-client state kept by the run."""
+    from flgraph.transports.dask import DaskTransport
+
     fedbuff = (st.Select(clients=3) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8)
                >> st.BufferedAggregate(buffer=2))
     t = transport(keys)
-    with pytest.raises(fg.ConfigError, match="serves synchronous rounds only"):
-        fg.Run(fedbuff, model=fg.models.mlp(8, [16], 3), data=dataset(), seed=0, transport=t, progress=False)
+    mixed = MixedTransport(DaskTransport(client1, "refuse-test", "local-train"), t, route={1})
+    with pytest.raises(fg.ConfigError, match=r"serves synchronous rounds only.*lacks publish"):
+        fg.Run(fedbuff, model=fg.models.mlp(8, [16], 3), data=dataset(), seed=0, transport=mixed, progress=False)
+    simulated = fg.recipes.fedbuff(concurrency=3, buffer=2, evaluate_every=None,
+                                   devices=fg.sim.DevicePopulation.lognormal(range(6), seed=0))
+    with pytest.raises(fg.ConfigError, match="real devices"):
+        fg.Run(simulated, model=fg.models.mlp(8, [16], 3), data=dataset(), seed=0, transport=t, progress=False)
     stateful = (st.Select(clients=3) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8)
                 >> st.Compress("topk", error_feedback=True) >> st.Aggregate(st.WeightedMean()))
     with fg.Run(stateful, model=fg.models.mlp(8, [16], 3), data=dataset(), seed=0, transport=t, progress=False,
                 dashboard=False) as run, pytest.raises(fg.ConfigError, match="edge devices cannot reach"):
         run.fit(rounds=1)
     t.close()
+
+
+# -- FedBuff (the asynchronous engine) over edge agents -------------------------------------------------
+
+def fedbuff_pipeline():
+    return fg.recipes.fedbuff(concurrency=3, buffer=2, batch_size=8, lr=0.1, evaluate_every=None)
+
+
+def inflight_of(run):
+    key = next(k for k in run.state.stage_states if k.endswith("buffered-aggregate"))
+    st_ = run.state.stage_states[key]
+    return [int(i) for i in np.asarray(st_["inflight"]).reshape(-1, 4)[:, 0]], int(st_["dispatched"])
+
+
+def assert_each_dispatch_once(history, run):
+    """Every dispatch index is processed once (in some row's arrivals) or is still in flight: never twice,
+    never lost."""
+    arrivals = [i for r in history for i in r["arrivals"]]
+    inflight, dispatched = inflight_of(run)
+    assert len(arrivals) == len(set(arrivals))
+    assert sorted(arrivals + inflight) == list(range(dispatched))
+
+
+def global_loss(flat, params_spec):
+    """Cross-entropy of a global model on all six clients' data (computed here, independently of the run)."""
+    import torch
+
+    ds = dataset()
+    model = fg.models.mlp(8, [16], 3)
+    arrays = fg.params.Params(params_spec, flat).to_arrays()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    x = np.concatenate([ds.load(c).x for c in range(6)])
+    y = np.concatenate([ds.load(c).y for c in range(6)])
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x).float()),
+                                                       torch.from_numpy(y).long()))
+
+
+def test_fedbuff_over_agents_counts_each_update_once_and_resumes(keys, tmp_path):
+    t = transport(keys, deadline_s=20)
+    t.gateway.start()
+    endpoint = t.endpoint
+    agents = Agents(endpoint, keys, tmp_path)
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(6)))
+    path = tmp_path / "fedbuff.zarr"
+    try:
+        for c in range(4):  # clients 4 and 5 have no agent: they are never drawn
+            agents.start(c)
+        with fg.Run(fedbuff_pipeline(), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t,
+                    progress=False, evaluate="never", checkpoint=path) as run:
+            t.gateway.wait_for(clients=range(4), timeout=40)
+            initial = run.state.params.flat.copy()
+            spec = run.state.params.spec
+            t0 = time.monotonic()
+            history = run.fit(rounds=4)
+            took = time.monotonic() - t0
+            assert t.gateway.counters["rejected"] == 0  # no late, duplicate or unknown result
+            # A gateway restart between fits: the jobs in flight go to their agents when they join again.
+            t.restart_gateway()
+            t.gateway.wait_for(clients=range(4), timeout=20)
+            history = run.fit(rounds=2)
+            assert_each_dispatch_once(history, run)
+            first_inflight, _ = inflight_of(run)
+            after = run.state.params.flat.copy()
+        assert len(history) == 6 and all(r["clients_done"] == 2 for r in history)
+        assert all(r["clients_failed"] == 0 and r["clients_stale"] == 0 for r in history)
+        assert sum(r["clients_dispatched"] for r in history) == inflight_of(run)[1] - 3  # + the first fill
+        sim = [r["sim_time"] for r in history]  # real seconds since the first dispatch
+        assert sim == sorted(sim) and 0 < sim[3] <= took + 0.5
+        assert len(first_inflight) == 3
+        assert global_loss(after, spec) < global_loss(initial, spec)
+        # Resume: the clients in flight at the snapshot are dispatched again, under the same indices.
+        t.gateway.bind = endpoint  # the agents reconnect to the same address
+        t.gateway.start()
+        with fg.resume(path, transport=t, data=data, progress=False) as run:
+            assert run.round == 6
+            t.gateway.wait_for(clients=range(4), timeout=40)
+            history = run.fit(rounds=3)
+            assert_each_dispatch_once(history, run)
+            final = run.state.params.flat.copy()
+        later = {i for r in history[6:] for i in r["arrivals"]}
+        assert set(first_inflight) <= later | set(inflight_of(run)[0])
+        assert len(history) == 9 and all(r["clients_done"] == 2 for r in history[6:])
+        assert history[6]["sim_time"] >= history[5]["sim_time"]  # the clock goes on from the snapshot's
+        assert global_loss(final, spec) < global_loss(initial, spec)
+    finally:
+        agents.stop()
+        t.close()
+
+
+def test_fedbuff_agent_killed_mid_run_is_one_failure_and_the_run_goes_on(keys, tmp_path):
+    cfg = {**CONFIG, "slow": "0,1,2,3", "delay_s": 0.4}  # every task takes a while: agents are busy
+    t = transport(keys, deadline_s=20, config=cfg)
+    t.gateway.start()
+    agents = Agents(t.endpoint, keys, tmp_path)
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(6)))
+    killed: list[int] = []
+
+    def kill_a_busy_agent():
+        busy = sorted(set(t.gateway.connected()) - t.gateway.idle())
+        killed.append(busy[0])
+        agents.kill(busy[0])
+
+    try:
+        for c in range(4):
+            agents.start(c)
+        with fg.Run(fedbuff_pipeline(), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t,
+                    progress=False, evaluate="never", on_client_error="drop") as run:
+            t.gateway.wait_for(clients=range(4), timeout=40)
+            history = run.fit(rounds=1)
+            killer = threading.Timer(0.5, kill_a_busy_agent)  # during the next fit: agents are mid-task
+            killer.start()
+            t0 = time.monotonic()
+            history = run.fit(rounds=8)
+            took = time.monotonic() - t0
+            killer.join()
+            assert_each_dispatch_once(history, run)
+        assert len(killed) == 1
+        failed = [c for r in history for c in r.get("failed_clients", [])]
+        assert failed == killed  # its in-flight client failed once, and was not dispatched again
+        assert t.gateway.counters["lost"] == 1  # found silent by the heartbeats, within the deadline
+        assert len(history) == 9 and all(r["clients_done"] == 2 for r in history)
+        assert took < 60, f"8 steps took {took:.0f} s"
+    finally:
+        agents.stop()
+        t.close()
+
+
+def test_fedbuff_without_a_free_agent_fails_by_the_deadline(keys):
+    """No agent connected: the first dispatch waits for a free one, bounded by deadline_s, then a clear error."""
+    t = transport(keys, deadline_s=1.0)
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(6)))
+    with fg.Run(fedbuff_pipeline(), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t,
+                progress=False, evaluate="never", dashboard=False) as run:
+        t0 = time.monotonic()
+        with pytest.raises(fg.ClusterError, match="no edge agent is free"):
+            run.fit(rounds=1)
+        assert time.monotonic() - t0 < 5
+        assert run.round == 0
+
+
+def failing_task(task: EdgeTask) -> EdgeResult:
+    raise RuntimeError(f"no data on device {task.client}")
+
+
+def test_fedbuff_client_error_in_raise_mode_leaves_the_run_unchanged(keys):
+    t = transport(keys, deadline_s=20)
+    t.gateway.start()
+    agents = [Agent(t.endpoint, failing_task, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
+                    server_key=keys / "gateway.key", heartbeat_s=HB) for c in range(4)]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for th in threads:
+        th.start()
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(6)))
+    try:
+        t.gateway.wait_for(clients=range(4), timeout=20)
+        with fg.Run(fedbuff_pipeline(), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t,
+                    progress=False, evaluate="never", dashboard=False) as run:
+            before = run.state.params.flat.copy()
+            with pytest.raises(fg.ClientError, match="no data on device"):
+                run.fit(rounds=2)
+            assert run.round == 0 and np.array_equal(run.state.params.flat, before)
+    finally:
+        for a in agents:
+            a.stop()
+        for th in threads:
+            th.join(10)
+        t.close()

@@ -205,3 +205,68 @@ def test_deadline_fails_a_silent_client_and_unknown_clients():
     finally:
         a.close()
         gw.stop()
+
+
+def _join(gw, client):
+    a = RawAgent(gw.endpoint)
+    a.send(encode("join", 1, {"client": client}))
+    a.recv("accept")
+    return a
+
+
+def test_concurrent_jobs_are_routed_to_their_own_job_and_closed_one_by_one():
+    """Asynchronous jobs run side by side: each has its params, deadline and task id; results, errors and a
+    lost agent reach the right job once; a later round's job does not expire the others; idle() follows."""
+    import queue
+
+    spec = ParamSpec.from_arrays({"w": np.zeros(16, np.float32)})
+    gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5, limits=LIMITS)
+    gw.start()
+    agents = {c: _join(gw, c) for c in (0, 1, 2)}
+    try:
+        gw.wait_for(clients=[0, 1, 2], timeout=5)
+        assert gw.idle() == {0, 1, 2}
+        events: queue.Queue = queue.Queue()
+        v1, v2 = gw.encode_params(np.ones(16, np.float32)), gw.encode_params(np.full(16, 2.0, np.float32))
+        j0 = gw.begin_job(11, v1, spec, 0, {0: {}}, 10.0, events)
+        j1 = gw.begin_job(12, v2, spec, 0, {1: {}}, 10.0, events)  # does not expire job j0
+        j2 = gw.begin_job(13, v2, spec, 0, {2: {}}, 0.5, events)  # its agent stays silent: it expires
+        t0, t1 = agents[0].recv("task"), agents[1].recv("task")
+        agents[2].recv("task")
+        assert (t0.fields["round"], t0.tensors[0][0]) == (11, 1.0)
+        assert (t1.fields["round"], t1.tensors[0][0]) == (12, 2.0)
+        deadline = time.monotonic() + 5
+        while gw.idle() and time.monotonic() < deadline:  # every agent has a task outstanding
+            time.sleep(0.01)
+        assert gw.idle() == set()
+        agents[1].send(result(seq=2, rnd=12, task=t1.fields["task"], tensor=np.ones(16, np.float32)))
+        ev = events.get(timeout=5)
+        assert (ev.kind, ev.job, ev.client) == ("result", j1, 1)
+        gw.end_job(j1)
+        ev = events.get(timeout=5)  # job j2 misses its 0.5 s deadline; j0 is still running
+        assert (ev.kind, ev.job, ev.client) == ("failed", j2, 2) and "deadline" in ev.reason
+        gw.end_job(j2)
+        agents[1].send(result(seq=3, rnd=12, task=t1.fields["task"]))  # its job is closed
+        assert agents[1].recv("error").fields["code"] == "out-of-round"
+        agents[0].send(result(seq=2, rnd=11, task=t1.fields["task"]))  # another session's task id
+        assert agents[0].recv("error").fields["code"] == "unknown-task"
+        deadline = time.monotonic() + 5
+        while gw.idle() != {1} and time.monotonic() < deadline:  # 0 and 2 have not answered
+            time.sleep(0.01)
+        assert gw.idle() == {1}
+        agents[0].send(encode("disconnect", 3, {"reason": "test"}))  # lost mid-job: failed at once, once
+        ev = events.get(timeout=5)
+        assert (ev.kind, ev.job, ev.client) == ("failed", j0, 0) and "lost" in ev.reason
+        gw.end_job(j0)
+        with pytest.raises(queue.Empty):
+            events.get(timeout=0.5)
+        # a synchronous round is exclusive: it closes the jobs still open
+        j3 = gw.begin_job(14, v1, spec, 0, {1: {}}, 10.0, events)
+        agents[1].recv("task")
+        gw.begin_round(1, np.zeros(16, np.float32), spec, 0, {2: {}}, deadline_s=10.0)
+        ev = events.get(timeout=5)
+        assert (ev.kind, ev.job) == ("failed", j3) and "next round" in ev.reason
+    finally:
+        for a in agents.values():
+            a.close()
+        gw.stop()

@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
-from distributed import Client, Future
+from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 
 from flgraph import dataplane, tree
@@ -376,6 +376,10 @@ class DaskTransport:
         if futures:
             with contextlib.suppress(Exception):
                 self.client.cancel(futures, force=True)
+
+    def completion(self) -> as_completed:
+        """An empty ``distributed.as_completed`` on this client's loop: ``add`` futures, ``next()`` the first done."""
+        return as_completed(loop=self.client.loop)
 
     def _gather(self, futures: list[Future]) -> list[Any]:
         try:

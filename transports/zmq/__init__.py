@@ -3,7 +3,7 @@
 * :mod:`.wire` -- the message format (msgpack envelope + raw/lz4 tensor frames), limits, ``ProtocolError``;
 * :mod:`.gateway` -- the ROUTER side: registry, heartbeats, liveness, tasks, deadlines, checks;
 * :mod:`.agent` -- the DEALER side: join, heartbeat, run the task function, reconnect with back-off;
-* :mod:`.transport` -- ``ZmqTransport`` (``fg.Run(..., transport=...)``) and ``MixedTransport``;
+* :mod:`.transport` -- ``ZmqTransport`` (``fg.Run(..., transport=...)``, both engines) and ``MixedTransport``;
 * :mod:`.keys` -- CURVE key pairs and allow-lists; :mod:`.tasks` -- ready-made task functions.
 
 The protocol is specified in ``transports/PROTOCOL.md``.

@@ -2,12 +2,17 @@
 
 One background thread owns the socket. It accepts agents (``join`` -> ``accept``), keeps the registry
 (session, client id, device info, last message), answers and sends heartbeats, expires silent agents,
-sends each round's task (the global params once per agent per round), checks every arriving message
+sends each job's tasks (the global params once per agent per job), checks every arriving message
 (:mod:`.wire`: sizes, schema, sequence numbers, round and task ids) and hands good results to the driver
-through a queue. A round's deadline is applied here: clients that have not answered by then, or whose agent
+through a queue. A job's deadline is applied here: clients that have not answered by then, or whose agent
 vanished, become failures; a result that arrives later, or twice, is refused (never a hang, never a double
 count). A malformed, oversized, replayed or out-of-round message is logged, answered with an ``error``
 message, and the gateway goes on serving.
+
+A *job* is what the driver posts: a synchronous round (:meth:`Gateway.begin_round`: one at a time, a new
+one closes the previous) or one client of the asynchronous engine (:meth:`Gateway.begin_job`: many at
+once, each with its own params version, deadline and event queue). Results and failures are routed to
+their job by task id (random, one per client and job); the wire is the same for both.
 
 Example:
     >>> from flgraph.transports.zmq.gateway import Gateway
@@ -19,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -61,17 +68,21 @@ class AgentInfo:
     last_seen: float
     last_seq: int = -1
     tasks_done: int = 0
+    working: list[int] = field(default_factory=list)  # task ids sent and not answered: running, queued
 
 
 @dataclass
 class RoundEvent:
-    """What the gateway hands the driver: a ``result`` message, or a ``failed`` client with its reason."""
+    """What the gateway hands the driver: a ``result`` message, or a ``failed`` client with its reason.
+
+    ``job`` is the id :meth:`Gateway.begin_job` returned (one queue may serve many jobs)."""
 
     kind: str
     position: int
     client: int
     message: Message | None = None
     reason: str = ""
+    job: int = 0
 
 
 @dataclass
@@ -86,6 +97,9 @@ class _Task:
 
 @dataclass
 class _Round:
+    """A job: a synchronous round (``exclusive``: it closes the jobs before it) or one asynchronous client."""
+
+    job: int
     rnd: int
     seed: int
     spec: ParamSpec
@@ -94,11 +108,12 @@ class _Round:
     deadline_s: float
     tasks: dict[int, _Task]  # client -> task
     events: queue.Queue[RoundEvent] = field(default_factory=queue.Queue)
-    open: bool = True
+    exclusive: bool = True
+    open: bool = True  # set to False by the driver (end_round / end_job) or at the deadline
 
 
 class Gateway:
-    """Accepts agents on ``bind`` and runs rounds' tasks on them.
+    """Accepts agents on ``bind`` and runs jobs' tasks on them (synchronous rounds, asynchronous clients).
 
     Args:
         bind: a loopback or interface endpoint such as ``"tcp://127.0.0.1:5555"`` (port 0: any free port;
@@ -142,8 +157,14 @@ class Gateway:
         self._wake_addr = f"inproc://flgraph-gateway-wake-{secrets.token_hex(6)}"
         self._wake: zmq.Socket[Any] | None = None
         self._wake_lock = threading.Lock()
-        self._round: _Round | None = None
-        self._posted: _Round | None = None  # the last round posted by the driver thread
+        # jobs, tasks and deadlines: touched only by the gateway thread (the driver posts through _commands)
+        self._jobs: dict[int, _Round] = {}
+        self._tasks: dict[int, tuple[_Round, _Task]] = {}  # task id -> its job and task
+        self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, job id)
+        self._job_ids = itertools.count(1)
+        self._posted: _Round | None = None  # the last synchronous round posted by the driver thread
+        self._open_jobs: dict[int, _Round] = {}  # asynchronous jobs posted and not ended (driver thread)
+        self._busy: set[int] = set()  # clients whose agent has a task outstanding (guarded by _lock)
         self._seq = 0
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -201,6 +222,7 @@ class Gateway:
             self._ctx = None
         with self._lock:
             self._snapshot = {}
+            self._busy = set()
         self.agents, self.by_client = {}, {}
 
     def _command(self, what: str, arg: Any) -> None:
@@ -214,6 +236,12 @@ class Gateway:
         """Client id -> agent, for the agents connected now (a snapshot)."""
         with self._lock:
             return dict(self._snapshot)
+
+    def idle(self) -> set[int]:
+        """Client ids whose agent is connected and has no task outstanding (sent and not yet answered,
+        whatever became of its job): the ones that can start work now."""
+        with self._lock:
+            return {c for c in self._snapshot if c not in self._busy}
 
     def wait_for(self, count: int | None = None, clients: Iterable[int] | None = None,
                  timeout: float = 30.0) -> dict[int, AgentInfo]:
@@ -230,17 +258,20 @@ class Gateway:
                                   fix="start the agents (`flgraph edge --connect ...`) and check their keys")
             time.sleep(0.02)
 
-    # -- rounds (driver thread) ------------------------------------------------------------------------
+    # -- rounds and jobs (driver thread) -----------------------------------------------------------------
+    def encode_params(self, flat: np.ndarray) -> list[bytes | memoryview]:
+        """The params' tensor frame, encoded once for every task that carries this version.
+
+        With the ``raw`` codec the frame is a view of ``flat``: do not write to ``flat`` while jobs use it."""
+        return encode("task", 0, {}, [flat], compress=self.compress)[1:]
+
     def begin_round(self, rnd: int, flat: np.ndarray, spec: ParamSpec, seed: int,
                     configs: dict[int, dict[str, Any]], deadline_s: float) -> queue.Queue[RoundEvent]:
-        """Post round ``rnd`` (client id -> task config, in position order); returns the event queue."""
-        if self._thread is None:
-            raise ConfigError("the gateway is not started", fix="call start() first")
-        frames = encode("task", 0, {}, [flat], compress=self.compress)
-        tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
-        job = _Round(rnd, seed, spec, frames[1:], time.monotonic() + deadline_s, deadline_s, tasks)
+        """Post synchronous round ``rnd`` (client id -> task config, in position order); returns the event
+        queue. A round is exclusive: it closes every job still open (their clients fail)."""
+        job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.Queue(), True)
         self._posted = job
-        self._command("round", job)
+        self._command("job", job)
         return job.events
 
     def end_round(self) -> None:
@@ -250,6 +281,34 @@ class Gateway:
         message to that thread (one thread hand-off less per round, about 30 us here)."""
         if self._posted is not None:
             self._posted.open = False
+
+    def begin_job(self, rnd: int, params: list[bytes | memoryview], spec: ParamSpec, seed: int,
+                  configs: dict[int, dict[str, Any]], deadline_s: float,
+                  events: queue.Queue[RoundEvent]) -> int:
+        """Post a job beside the running ones (the asynchronous engine: one client per job) and return its id.
+
+        ``params``: frames from :meth:`encode_params` (one encoding per params version, shared by its
+        jobs); ``rnd`` travels as the task's ``round``; events go to ``events`` with ``job`` set. Close it
+        with :meth:`end_job` once its event came (or to give up on it)."""
+        job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False)
+        self._open_jobs[job.job] = job
+        self._command("job", job)
+        return job.job
+
+    def end_job(self, job_id: int) -> None:
+        """Close a job of :meth:`begin_job`: a result for it that comes later is refused (out-of-round)."""
+        job = self._open_jobs.pop(job_id, None)
+        if job is not None:
+            job.open = False
+
+    def _job(self, rnd: int, params: list[bytes | memoryview], spec: ParamSpec, seed: int,
+             configs: dict[int, dict[str, Any]], deadline_s: float, events: queue.Queue[RoundEvent],
+             exclusive: bool) -> _Round:
+        if self._thread is None:
+            raise ConfigError("the gateway is not started", fix="call start() first")
+        tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
+        return _Round(next(self._job_ids), rnd, seed, spec, params, time.monotonic() + deadline_s, deadline_s,
+                      tasks, events, exclusive)
 
     # -- the gateway thread ----------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -286,9 +345,7 @@ class Gateway:
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
-                wait = max(0.0, next_tick - now)
-                if self._round is not None and self._round.open:
-                    wait = min(wait, max(0.0, self._round.deadline - now))
+                wait = max(0.0, min(next_tick, self._next_deadline()) - now)
                 ready = dict(poller.poll(int(wait * 1000) + 1))
                 if wake in ready:
                     while wake.poll(0):
@@ -305,12 +362,11 @@ class Gateway:
                 if now >= next_tick:
                     self._tick(sock, now)
                     next_tick = now + self.heartbeat_s / 2
-                if self._round is not None and self._round.open and now >= self._round.deadline:
-                    self._expire_round(self._round)
+                self._expire_due(now)
         except Exception as e:  # a bug here must not hang the driver: it sees the thread gone
             log.exception("flgraph gateway: the serving thread failed")
             self._error = e
-        finally:
+        finally:  # open jobs are kept: after a restart their tasks go to the agents that join again
             for info in list(self.agents.values()):
                 self._send(sock, info.routing_id, "disconnect", {"reason": "the gateway is shutting down"})
             sock.close(0)
@@ -324,16 +380,70 @@ class Gateway:
                 return
             if what == "stop":
                 self._stopping.set()
-            elif what == "round":
-                if self._round is not None and self._round.open:
-                    self._expire_round(self._round, "the next round started")
-                self._round = arg
-                for task in arg.tasks.values():
-                    self._dispatch(sock, task)
+            elif what == "job":
+                self._post(sock, arg)
+
+    def _post(self, sock: zmq.Socket[Any], job: _Round) -> None:
+        """Take a job posted by the driver and send its tasks to the agents connected now."""
+        if job.exclusive:  # a synchronous round: the jobs before it are over
+            for other in list(self._jobs.values()):
+                if other.open:
+                    self._expire_round(other, "the next round started")
+        if not job.open:  # closed by the driver before the gateway thread saw it
+            return
+        self._jobs[job.job] = job
+        for task in job.tasks.values():
+            self._tasks[task.task_id] = (job, task)
+        heapq.heappush(self._deadlines, (job.deadline, job.job))
+        for task in job.tasks.values():
+            self._dispatch(sock, job, task)
+
+    def _next_deadline(self) -> float:
+        """The earliest deadline of an open job (inf: none); jobs closed meanwhile are forgotten."""
+        while self._deadlines:
+            deadline, jid = self._deadlines[0]
+            job = self._jobs.get(jid)
+            if job is not None and job.open:
+                return deadline
+            heapq.heappop(self._deadlines)
+            if job is not None:
+                self._forget(job)
+        return float("inf")
+
+    def _expire_due(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, jid = heapq.heappop(self._deadlines)
+            job = self._jobs.get(jid)
+            if job is not None:
+                if job.open:
+                    self._expire_round(job)
+                self._forget(job)
+
+    def _forget(self, job: _Round) -> None:
+        self._jobs.pop(job.job, None)
+        for task in job.tasks.values():
+            self._tasks.pop(task.task_id, None)
 
     def _publish(self) -> None:
         with self._lock:
             self._snapshot = {a.client: a for a in self.agents.values()}
+            self._busy = {a.client for a in self.agents.values() if a.working}
+
+    def _mark(self, info: AgentInfo) -> None:
+        """Publish whether the agent has a task outstanding."""
+        if self.by_client.get(info.client) != info.routing_id:
+            return
+        with self._lock:
+            if info.working:
+                self._busy.add(info.client)
+            else:
+                self._busy.discard(info.client)
+
+    def _answered(self, info: AgentInfo, task_id: Any) -> None:
+        """The agent answered ``task_id`` (a result or an error, accepted or not): that work is over."""
+        if task_id in info.working:
+            info.working.remove(task_id)
+            self._mark(info)
 
     def _send(self, sock: zmq.Socket[Any], rid: bytes, msg_type: str, fields: dict[str, Any],
               tensor_frames: list[bytes | memoryview] | None = None, descs: list[Any] | None = None) -> None:
@@ -386,9 +496,10 @@ class Gateway:
         elif msg.type == "error":
             log.warning("flgraph gateway: client %d reports %s: %s", info.client, msg.fields["code"],
                         msg.fields["text"][:300])
-            task = self._task_of(info, msg.fields.get("round"), msg.fields.get("task"))
-            if task is not None:
-                self._fail(task, f"the agent reported {msg.fields['code']}: {msg.fields['text'][:500]}")
+            self._answered(info, msg.fields.get("task"))
+            hit = self._task_of(info, msg.fields.get("round"), msg.fields.get("task"))
+            if hit is not None:
+                self._fail(*hit, f"the agent reported {msg.fields['code']}: {msg.fields['text'][:500]}")
         elif msg.type == "disconnect":
             self._drop(info, f"the agent disconnected ({msg.fields.get('reason', '')[:200]})")
         else:
@@ -437,19 +548,19 @@ class Gateway:
         self._send(sock, rid, "accept", {"session": info.session, "client": info.client,
                                          "heartbeat_s": self.heartbeat_s, "liveness": self.liveness,
                                          "max_tensor_bytes": self.limits.max_tensor_bytes})
-        job = self._round
-        if job is not None and job.open and info.client in job.tasks:
-            task = job.tasks[info.client]
-            if not task.finished:
-                self._dispatch(sock, task)
+        for job in list(self._jobs.values()):  # the client's open tasks go to its new session
+            task = job.tasks.get(info.client)
+            if job.open and task is not None and not task.finished:
+                self._dispatch(sock, job, task)
 
-    def _dispatch(self, sock: zmq.Socket[Any], task: _Task) -> None:
-        job = self._round
-        assert job is not None
+    def _dispatch(self, sock: zmq.Socket[Any], job: _Round, task: _Task) -> None:
         rid = self.by_client.get(task.client)
         if rid is None or task.finished:
             return  # sent when an agent for the client joins, or failed at the deadline
         task.sent_to = rid
+        info = self.agents[rid]
+        info.working[1:] = [task.task_id]  # the agent runs one task and keeps the newest one queued
+        self._mark(info)
         remaining = max(0.0, job.deadline - time.monotonic())
         env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
                "seed": job.seed, "config": task.config, "spec": [[e.name, list(e.shape), e.dtype]
@@ -462,26 +573,37 @@ class Gateway:
         codec = "raw" if len(frame) == job.spec.nbytes else "lz4"
         return [[job.spec.carrier, [job.spec.size], codec, len(frame)]]
 
-    def _task_of(self, info: AgentInfo, rnd: Any, task_id: Any) -> _Task | None:
-        job = self._round
-        if job is None or not job.open or rnd != job.rnd:
+    def _task_of(self, info: AgentInfo, rnd: Any, task_id: Any) -> tuple[_Round, _Task] | None:
+        """The open, unfinished task ``task_id`` of round ``rnd`` that was sent to this session, if any."""
+        hit = self._tasks.get(task_id) if isinstance(task_id, int) else None
+        if hit is None:
             return None
-        task = job.tasks.get(info.client)
-        if task is None or task.task_id != task_id or task.sent_to != info.routing_id or task.finished:
+        job, task = hit
+        if (not job.open or rnd != job.rnd or task.client != info.client or task.sent_to != info.routing_id
+                or task.finished):
             return None
-        return task
+        return hit
+
+    def _running(self, rnd: Any) -> bool:
+        """Whether an open job has round ``rnd`` (error path only: a scan of the jobs)."""
+        return any(job.open and job.rnd == rnd for job in self._jobs.values())
 
     def _result(self, sock: zmq.Socket[Any], info: AgentInfo, msg: Message) -> None:
         rnd, task_id = msg.fields["round"], msg.fields["task"]
-        job = self._round
+        self._answered(info, task_id)
         ref = {"round": rnd, "task": task_id}
-        if job is None or not job.open or rnd != job.rnd:
-            self._reject(sock, info.routing_id, ProtocolError("out-of-round", f"a result for round {rnd}; the "
-                                                              "gateway is not running that round"),
-                         f"client {info.client}", **ref)
+        hit = self._tasks.get(task_id)
+        job, task = hit if hit is not None else (None, None)
+        if job is None or task is None or not job.open or rnd != job.rnd or task.client != info.client:
+            if not self._running(rnd):
+                self._reject(sock, info.routing_id, ProtocolError("out-of-round", f"a result for round {rnd}; the "
+                                                                  "gateway is not running that round"),
+                             f"client {info.client}", **ref)
+            else:
+                self._reject(sock, info.routing_id, ProtocolError("unknown-task", f"task {task_id} was not given "
+                                                                  "to this session"), f"client {info.client}", **ref)
             return
-        task = job.tasks.get(info.client)
-        if task is None or task.task_id != task_id or task.sent_to != info.routing_id:
+        if task.sent_to != info.routing_id:
             self._reject(sock, info.routing_id, ProtocolError("unknown-task", f"task {task_id} was not given to "
                                                               "this session"), f"client {info.client}", **ref)
             return
@@ -494,18 +616,18 @@ class Gateway:
             self._reject(sock, info.routing_id, ProtocolError("refused-update", problem,
                                                               fix="send a finite flat update of the model's size"),
                          f"client {info.client}", **ref)
-            self._fail(task, f"its update was refused: {problem}")
+            self._fail(job, task, f"its update was refused: {problem}")
             return
         task.finished = True
         info.tasks_done += 1
-        job.events.put(RoundEvent("result", task.position, task.client, msg))
+        job.events.put(RoundEvent("result", task.position, task.client, msg, job=job.job))
 
-    def _fail(self, task: _Task, reason: str) -> None:
-        job = self._round
-        if task.finished or job is None:
+    @staticmethod
+    def _fail(job: _Round, task: _Task, reason: str) -> None:
+        if task.finished:
             return
         task.finished = True
-        job.events.put(RoundEvent("failed", task.position, task.client, None, reason))
+        job.events.put(RoundEvent("failed", task.position, task.client, None, reason, job=job.job))
 
     def _drop(self, info: AgentInfo, reason: str) -> None:
         self.agents.pop(info.routing_id, None)
@@ -513,13 +635,14 @@ class Gateway:
             self.by_client.pop(info.client)
         self._publish()
         log.warning("flgraph gateway: client %d is gone: %s", info.client, reason)
-        job = self._round
-        if job is not None and job.open:
+        for job in list(self._jobs.values()):
             task = job.tasks.get(info.client)
-            if task is not None and task.sent_to == info.routing_id:
-                self._fail(task, f"its agent was lost mid-round: {reason}")
+            if job.open and task is not None and task.sent_to == info.routing_id:
+                self._fail(job, task, f"its agent was lost mid-round: {reason}")
 
     def _tick(self, sock: zmq.Socket[Any], now: float) -> None:
+        for job in [j for j in self._jobs.values() if not j.open]:  # closed by the driver
+            self._forget(job)
         limit = self.heartbeat_s * self.liveness
         for info in list(self.agents.values()):
             if now - info.last_seen > limit:
@@ -531,7 +654,7 @@ class Gateway:
     def _expire_round(self, job: _Round, why: str = "") -> None:
         for task in job.tasks.values():
             if not task.finished:
-                self._fail(task, why or (f"no result by the round's deadline ({job.deadline_s:g} s)"
+                self._fail(job, task, why or (f"no result by the round's deadline ({job.deadline_s:g} s)"
                                          + ("" if task.sent_to else "; no agent for this client was connected")))
         job.open = False
 

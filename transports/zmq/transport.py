@@ -9,16 +9,33 @@ result is deterministic and memory stays O(model x tree depth). Clients that mis
 vanishes or whose update is refused become failures: the round's ``clients_failed`` / ``failed_clients``
 (``on_client_error="drop"``), or a :class:`~flgraph.errors.ClientError` (``"raise"``).
 
+The asynchronous engine (FedBuff: a pipeline ending in ``st.BufferedAggregate``) runs on edge agents too:
+``publish`` encodes each global version once, ``submit_client`` posts one client as one gateway job (its
+own params version, deadline and task id) and returns an :class:`EdgeFuture`, and :meth:`completion`
+yields those futures as their results (or failures) arrive, never later than their deadline. Only
+agents that are connected and idle are given work (:meth:`ready_clients`). Arrivals are processed in real
+arrival order and the engine's clock is real seconds (``realtime = True``), so such a run is not
+bit-reproducible, unlike an asynchronous run on Dask.
+
 Example:
     >>> from flgraph.transports.zmq import ZmqTransport
     >>> t = ZmqTransport("tcp://127.0.0.1:0", deadline_s=30, config={"epochs": 2})
-    >>> t.deadline_s, t.config
-    (30.0, {'epochs': 2})
+    >>> t.deadline_s, t.config, t.realtime
+    (30.0, {'epochs': 2}, True)
     >>> import flgraph as fg  # doctest: +SKIP
     >>> with fg.Run(pipeline, model=model, data=population, transport=t,  # doctest: +SKIP
     ...             on_client_error="drop") as run:
     ...     t.gateway.wait_for(count=10)
     ...     run.fit(rounds=5)
+
+    FedBuff over the same agents: at most ``concurrency`` of them train at once, the server steps every
+    ``buffer`` arrivals (``fit(rounds=...)`` counts server steps; ``sim_time`` is real seconds):
+
+    >>> fedbuff = fg.recipes.fedbuff(concurrency=8, buffer=4, evaluate_every=None)  # doctest: +SKIP
+    >>> with fg.Run(fedbuff, model=model, data=population, transport=t,  # doctest: +SKIP
+    ...             on_client_error="drop") as run:
+    ...     t.gateway.wait_for(count=10)
+    ...     history = run.fit(rounds=20)
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ from flgraph.errors import ClientError, ClusterError, ConfigError
 from .gateway import Gateway, RoundEvent
 from .wire import Limits
 
-__all__ = ["MixedTransport", "ZmqTransport"]
+__all__ = ["EdgeCompletion", "EdgeFuture", "EdgeVersion", "MixedTransport", "ZmqTransport"]
 
 log = logging.getLogger("flgraph")
 
@@ -83,6 +100,91 @@ class _Pending:
     end: float
 
 
+@dataclass
+class EdgeVersion:
+    """A global params version published for the asynchronous engine: its values (a private copy, the
+    base of ``weights`` results) and its task frame, encoded once and sent with each of its clients' tasks."""
+
+    version: int
+    flat: np.ndarray
+    frames: list[bytes | memoryview]
+
+
+class EdgeFuture:
+    """One client of the asynchronous engine, running on its agent as one gateway job.
+
+    ``result()`` is the client's leaf :class:`~flgraph.client_runner.Partial` (its ``maxes["finish"]``:
+    real seconds from dispatch to arrival), or raises the client's
+    :class:`~flgraph.errors.ClientError` (``on_client_error="raise"``). It is settled by the transport's
+    :meth:`ZmqTransport.completion`.
+    """
+
+    def __init__(self, job: int, rnd: int, client: int, version: EdgeVersion, on_error: str, started: float,
+                 end: float) -> None:
+        self.job = job
+        self.rnd = rnd
+        self.client = client
+        self.version = version
+        self.on_error = on_error
+        self.started = started
+        self.end = end  # the latest time its event may come (deadline + grace), time.monotonic()
+        self.released = False
+        self._value: Partial | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """Whether its result or failure has been received."""
+        return self._value is not None or self._error is not None
+
+    def result(self) -> Partial:
+        """The leaf Partial; raises the client's error, or ClusterError if it has not completed yet."""
+        if self._error is not None:
+            raise self._error
+        if self._value is None:
+            raise ClusterError(f"client {self.client}'s edge job has not completed",
+                               fix="wait for it with the transport's completion() before asking its result")
+        return self._value
+
+    def __repr__(self) -> str:
+        state = "error" if self._error is not None else "finished" if self._value is not None else "pending"
+        return f"EdgeFuture(job {self.job}, round {self.rnd}, client {self.client}, {state})"
+
+
+class EdgeCompletion:
+    """The edge futures added to it, yielded as they complete (like ``distributed.as_completed``).
+
+    ``next()`` blocks until one of them completes; it never waits past the latest deadline of those still
+    pending: a gateway that fails to close a job raises :class:`~flgraph.errors.ClusterError`. Futures
+    released meanwhile are skipped; ``StopIteration`` when none is pending.
+    """
+
+    def __init__(self, transport: ZmqTransport) -> None:
+        self._transport = transport
+        self._pending: dict[int, EdgeFuture] = {}
+
+    def add(self, future: EdgeFuture) -> None:
+        """Watch ``future`` (from :meth:`ZmqTransport.submit_client`)."""
+        self._pending[future.job] = future
+
+    def __iter__(self) -> EdgeCompletion:
+        return self
+
+    def __next__(self) -> EdgeFuture:
+        while True:
+            self._pending = {j: f for j, f in self._pending.items() if not f.released}
+            if not self._pending:
+                raise StopIteration
+            first = min(self._pending.values(), key=lambda f: f.end)
+            ev = self._transport._next_event(first)
+            if ev is None:
+                continue  # nothing yet: look again at what is still pending
+            fut = self._pending.pop(ev.job, None)
+            if fut is None or fut.released:
+                continue  # a released job's late event
+            self._transport._settle(fut, ev)
+            return fut
+
+
 class ZmqTransport:
     """Runs rounds' client segments on edge agents connected to a gateway on ``bind``.
 
@@ -92,7 +194,11 @@ class ZmqTransport:
         config: extra per-round config for the agents' task functions (numbers, bools, short strings).
         secret_key, allow, heartbeat_s, liveness, limits, max_agents, client_ids, compress: the
             :class:`~flgraph.transports.zmq.gateway.Gateway`'s.
+
+    ``realtime`` is True: the asynchronous engine orders arrivals by real arrival and keeps real seconds.
     """
+
+    realtime = True
 
     def __init__(self, bind: str = "tcp://127.0.0.1:0", *, deadline_s: float = 60.0,
                  config: dict[str, Any] | None = None, secret_key: str | os.PathLike[str] | None = None,
@@ -108,6 +214,7 @@ class ZmqTransport:
         self._bundle: Bundle | None = None
         self._base: dict[str, Any] = {}
         self._places = 0
+        self._events: queue.Queue[RoundEvent] = queue.Queue()  # the asynchronous jobs' events
 
     @property
     def endpoint(self) -> str:
@@ -157,8 +264,11 @@ class ZmqTransport:
                                           self.deadline_s)
         present = self.gateway.connected().keys()
         self._places = sum(1 for c in clients.ids.tolist() if c in present)
-        grace = max(5.0, 2 * self.gateway.heartbeat_s * self.gateway.liveness)
-        return _Pending(rnd, flat, clients, events, time.monotonic() + self.deadline_s + grace)
+        return _Pending(rnd, flat, clients, events, time.monotonic() + self.deadline_s + self._grace())
+
+    def _grace(self) -> float:
+        """How long after a deadline the driver waits for the gateway to report it."""
+        return max(5.0, 2 * self.gateway.heartbeat_s * self.gateway.liveness)
 
     def collect(self, pending: _Pending, on_error: str = "raise") -> Partial:
         """Wait for every client of the round (result or failure) and return the root partial."""
@@ -171,7 +281,7 @@ class ZmqTransport:
                 ev = self._next(pending)
                 if ev.kind == "result":
                     try:
-                        part = self._leaf(ev, pending)
+                        part = self._leaf(ev, pending.flat, pending.rnd)
                     except Exception as e:  # a reducer that refuses this update: the client failed
                         part = self._failed(ev.client, f"{type(e).__name__}: {e}", pending.rnd, on_error)
                 else:
@@ -203,14 +313,15 @@ class ZmqTransport:
         log.warning("dropped: round %d, client %d: %s", rnd, client, reason)
         return Partial(None, {"clients_failed": 1.0}, [(client, f"round {rnd}, client {client}, edge: {reason}")])
 
-    def _leaf(self, ev: RoundEvent, pending: _Pending) -> Partial:
+    def _leaf(self, ev: RoundEvent, flat: np.ndarray, rnd: int) -> Partial:
+        """The reducer's leaf for a result (``flat``: the params its task carried)."""
         assert self._bundle is not None and ev.message is not None
         msg = ev.message
         wire = np.asarray(msg.tensors[0])
-        delta = wire - pending.flat if msg.fields["kind"] == "weights" else np.array(wire, copy=True)
+        delta = wire - flat if msg.fields["kind"] == "weights" else np.array(wire, copy=True)
         n = int(msg.fields["num_samples"])
         metrics = msg.fields["metrics"]
-        update = Update(ev.client, n, pending.rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
+        update = Update(ev.client, n, rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
         sums = {"clients_done": 1.0, "samples": float(n), "bytes_up": float(msg.wire_nbytes),
                 "bytes_up_raw": float(delta.nbytes)}
         value = self._bundle.reducer.leaf(update, self._bundle.spec)
@@ -221,6 +332,101 @@ class ZmqTransport:
     def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
         """Run the client segment for ``clients`` on their agents and return the round's root partial."""
         return self.collect(self.submit(rnd, flat, clients), on_error)
+
+    # -- asynchronous engine -----------------------------------------------------------------------
+    def publish(self, version: int, flat: np.ndarray) -> EdgeVersion:
+        """Global version ``version``: copied once and encoded once; each of its clients' tasks carries it."""
+        own = np.array(flat, copy=True)
+        return EdgeVersion(int(version), own, self.gateway.encode_params(own))
+
+    def submit_client(self, params: EdgeVersion, rnd: int, clients: ClientSet, on_error: str,
+                      idx: int) -> EdgeFuture:
+        """Post one client (``clients`` holds exactly one) as a gateway job beside the running ones.
+
+        The task's ``round`` is ``rnd`` (the engine passes the dispatch index + 1, as its Dask tasks use),
+        so an agent's seed streams are those a Dask worker would use for the same dispatch."""
+        if self._bundle is None:
+            raise ClusterError("the transport was not started", fix="use it through fg.Run(..., transport=...)")
+        if len(clients) != 1:
+            raise ConfigError(f"submit_client got {len(clients)} clients", fix="submit one client per call")
+        started = time.monotonic()
+        job = self.gateway.begin_job(rnd, params.frames, self._bundle.spec, self._bundle.seed,
+                                     self.configs(clients), self.deadline_s, self._events)
+        return EdgeFuture(job, rnd, int(clients.ids[0]), params, on_error, started,
+                          started + self.deadline_s + self._grace())
+
+    def release(self, handles: list[Any]) -> None:
+        """Forget futures (their jobs close: a later result is refused) and versions (nothing to free)."""
+        for h in handles:
+            if isinstance(h, EdgeFuture) and not h.released:
+                h.released = True
+                self.gateway.end_job(h.job)
+
+    def completion(self) -> EdgeCompletion:
+        """A new :class:`EdgeCompletion` for this transport's futures (one at a time per transport)."""
+        return EdgeCompletion(self)
+
+    def ready_clients(self, candidates: np.ndarray, wait: bool = True) -> np.ndarray:
+        """The ``candidates`` whose agent is connected and has no task outstanding, in their order.
+
+        With ``wait``, blocks until at least one is (up to ``deadline_s``), then raises ClusterError."""
+        cand = np.asarray(candidates, dtype=np.int64)
+        end = time.monotonic() + self.deadline_s
+        while True:
+            idle = self.gateway.idle()
+            ready = cand[np.isin(cand, np.fromiter(idle, np.int64, len(idle)))]
+            if len(ready) or not wait:
+                return ready
+            if time.monotonic() >= end:
+                connected = self.gateway.connected()
+                mine = int(np.isin(cand, np.fromiter(connected, np.int64, len(connected))).sum())
+                why = (f"none of the {len(cand)} candidate clients has an agent connected" if not mine else
+                       f"the {mine} of the {len(cand)} candidate clients with an agent connected are all busy")
+                raise ClusterError(f"no edge agent is free for the run's clients after {self.deadline_s:g} s: {why}",
+                                   fix="start more agents (`flgraph edge ...`) than the asynchronous "
+                                       "concurrency (Select(clients=...)), for clients of the run's data, "
+                                       "or raise deadline_s")
+            self._check_alive("waiting for a free agent")
+            time.sleep(0.02)
+
+    def _check_alive(self, what: str) -> None:
+        thread = self.gateway._thread
+        if thread is None or not thread.is_alive():
+            raise ClusterError(f"{what}: the gateway stopped",
+                               fix="start it again (restart_gateway()) and call fit() again")
+
+    def _next_event(self, first: EdgeFuture) -> RoundEvent | None:
+        """The next asynchronous event, or None after a short wait; ClusterError past ``first``'s end."""
+        left = first.end - time.monotonic()
+        if left <= 0:
+            raise ClusterError(f"client {first.client} (dispatch round {first.rnd}): the gateway did not "
+                               "report its job after the deadline", fix="check the gateway's log; the run's state "
+                                                                        "is unchanged")
+        try:
+            return self._events.get(timeout=min(left, 0.5))
+        except queue.Empty:
+            self._check_alive(f"client {first.client} (dispatch round {first.rnd})")
+            return None
+
+    def _settle(self, fut: EdgeFuture, ev: RoundEvent) -> None:
+        """Turn the job's event into the future's leaf Partial (or its error), as the synchronous path does."""
+        self.gateway.end_job(fut.job)
+        took = time.monotonic() - fut.started
+        part: Partial | None = None
+        reason = ev.reason
+        if ev.kind == "result":
+            try:
+                part = self._leaf(ev, fut.version.flat, fut.rnd)
+                part.maxes["finish"] = took
+            except Exception as e:  # a reducer that refuses this update: the client failed
+                reason = f"{type(e).__name__}: {e}"
+        if part is None:
+            try:
+                part = self._failed(fut.client, reason, fut.rnd, fut.on_error)
+            except ClientError as e:
+                fut._error = e
+                return
+        fut._value = part
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
         """Not possible on edge agents: no code travels over the wire."""
@@ -256,6 +462,10 @@ class MixedTransport:
     ``None`` (the clients with an agent connected when the round starts). A round's root is the Dask
     clients' tree combined with the edge clients' tree (in that order), each over its clients in round
     order: deterministic for a given routing.
+
+    Synchronous rounds only: the asynchronous engine orders simulated (Dask) clients on a virtual clock
+    and edge clients by real arrival, and the two clocks cannot be mixed. ``fg.Run`` refuses an
+    asynchronous pipeline with this transport; run FedBuff on Dask, or on edge agents with ZmqTransport.
 
     Example:
         >>> from flgraph.transports.zmq import MixedTransport
