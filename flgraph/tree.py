@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["assemble", "chunks", "cover", "evaluate"]
+__all__ = ["Incremental", "assemble", "chunks", "cover", "evaluate"]
 
 T = TypeVar("T")
 Node = tuple[int, int]
@@ -97,3 +97,46 @@ def assemble(n: int, nodes: Mapping[Node, Any], combine: Callable[[Any, Any], An
         return combine(left, walk(mid, hi))
 
     return walk(0, n)
+
+
+class Incremental:
+    """Leaves added in any order, combined at the tree's nodes as soon as both children are there.
+
+    ``done`` holds the maximal finished nodes: after the leaves of ``[a, b)`` were added (in any order),
+    exactly ``cover(n, a, b)``; :func:`assemble` takes them. Memory: O(depth) values for leaves added in
+    order from either end.
+
+    Example:
+        >>> inc = Incremental(5, lambda a, b: a + b)
+        >>> for pos in (4, 3, 2):
+        ...     inc.add(pos, pos)
+        >>> sorted(inc.done.items()), cover(5, 2, 5)
+        ([((2, 5), 9)], [(2, 5)])
+    """
+
+    def __init__(self, n: int, combine: Callable[[Any, Any], Any]) -> None:
+        self.n = n
+        self.combine = combine
+        self.done: dict[Node, Any] = {}
+
+    def add(self, pos: int, value: Any) -> None:
+        """Add leaf ``pos``; combine it with finished siblings up the tree (left operand first)."""
+        path = [(0, self.n)]
+        while path[-1][1] - path[-1][0] > 1:
+            lo, hi = path[-1]
+            mid = (lo + hi) // 2
+            path.append((lo, mid) if pos < mid else (mid, hi))
+        node = path[-1]
+        for lo, hi in reversed(path[:-1]):
+            mid = (lo + hi) // 2
+            sibling = (mid, hi) if node == (lo, mid) else (lo, mid)
+            if sibling not in self.done:
+                break
+            other = self.done.pop(sibling)
+            value = self.combine(value, other) if node[0] < sibling[0] else self.combine(other, value)
+            node = (lo, hi)
+        self.done[node] = value
+
+    def root(self) -> Any:
+        """The value of ``[0, n)`` (every leaf added)."""
+        return self.done[(0, self.n)]

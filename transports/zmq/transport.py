@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from flgraph import tree
 from flgraph.client_runner import Bundle, Partial, combine_partials
 from flgraph.context import ClientSet, Update
 from flgraph.errors import ClientError, ClusterError, ConfigError
@@ -60,35 +61,6 @@ from .wire import Limits
 __all__ = ["EdgeCompletion", "EdgeFuture", "EdgeVersion", "MixedTransport", "ZmqTransport"]
 
 log = logging.getLogger("flgraph")
-
-
-class _Tree:
-    """Combines leaves of the round's fixed tree (:mod:`flgraph.tree`) as they arrive, in any order."""
-
-    def __init__(self, n: int, combine: Callable[[Any, Any], Any]) -> None:
-        self.n = n
-        self.combine = combine
-        self.done: dict[tuple[int, int], Any] = {}
-
-    def add(self, pos: int, value: Any) -> None:
-        path = [(0, self.n)]
-        while path[-1][1] - path[-1][0] > 1:
-            lo, hi = path[-1]
-            mid = (lo + hi) // 2
-            path.append((lo, mid) if pos < mid else (mid, hi))
-        node = path[-1]
-        for lo, hi in reversed(path[:-1]):
-            mid = (lo + hi) // 2
-            sibling = (mid, hi) if node == (lo, mid) else (lo, mid)
-            if sibling not in self.done:
-                break
-            other = self.done.pop(sibling)
-            value = self.combine(value, other) if node[0] < sibling[0] else self.combine(other, value)
-            node = (lo, hi)
-        self.done[node] = value
-
-    def root(self) -> Any:
-        return self.done[(0, self.n)]
 
 
 @dataclass
@@ -275,7 +247,7 @@ class ZmqTransport:
         assert self._bundle is not None
         reducer = self._bundle.reducer
         n = len(pending.clients)
-        acc = _Tree(n, lambda a, b: combine_partials(reducer, a, b))
+        acc = tree.Incremental(n, lambda a, b: combine_partials(reducer, a, b))
         try:
             for _ in range(n):
                 ev = self._next(pending)
