@@ -8,6 +8,7 @@ asynchronous engine) over agents: every dispatch counted once, across a resume a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,6 +121,24 @@ class Agents:
             p.log.close()  # type: ignore[attr-defined]
 
 
+@contextlib.contextmanager
+def agent_threads(t, task, clients, keys):
+    """In-process agents (a thread each) for ``clients`` on transport ``t``; stopped, and ``t`` closed, at exit."""
+    agents = [Agent(t.endpoint, task, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
+                    server_key=keys / "gateway.key", heartbeat_s=HB) for c in clients]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for th in threads:
+        th.start()
+    try:
+        yield agents
+    finally:
+        for a in agents:
+            a.stop()
+        for th in threads:
+            th.join(10)
+        t.close()
+
+
 def transport(keys, **kw):
     return ZmqTransport("tcp://127.0.0.1:0", secret_key=keys / "gateway.key_secret", allow=keys / "allow",
                         heartbeat_s=HB, liveness=4, config=kw.pop("config", CONFIG), **kw)
@@ -227,12 +246,7 @@ def test_mixed_run_dask_and_edge_clients(keys, client1):
     data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(6)))
     edge = transport(keys, deadline_s=20)
     edge.gateway.start()
-    agents = [Agent(edge.endpoint, synthetic, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
-                    server_key=keys / "gateway.key", heartbeat_s=HB) for c in (1, 4)]
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-    for th in threads:
-        th.start()
-    try:
+    with agent_threads(edge, synthetic, (1, 4), keys) as agents:
         edge.gateway.wait_for(clients=[1, 4], timeout=20)
         mixed = MixedTransport(DaskTransport(client1, "mixed-test", "local-train"), edge, route={1, 4})
         with fg.Run(pipeline(6), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=mixed,
@@ -246,12 +260,6 @@ def test_mixed_run_dask_and_edge_clients(keys, client1):
                      transport=_SplitLocal({1, 4}), progress=False, evaluate="never")
         ref.fit(rounds=2)
         np.testing.assert_array_equal(ref.state.params.flat, got)
-    finally:
-        for a in agents:
-            a.stop()
-        for th in threads:
-            th.join(10)
-        edge.close()
 
 
 class _SplitLocal(LocalTransport):
@@ -437,13 +445,8 @@ def failing_task(task: EdgeTask) -> EdgeResult:
 def test_fedbuff_client_error_in_raise_mode_leaves_the_run_unchanged(keys):
     t = transport(keys, deadline_s=20)
     t.gateway.start()
-    agents = [Agent(t.endpoint, failing_task, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
-                    server_key=keys / "gateway.key", heartbeat_s=HB) for c in range(4)]
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-    for th in threads:
-        th.start()
     data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(6)))
-    try:
+    with agent_threads(t, failing_task, range(4), keys):
         t.gateway.wait_for(clients=range(4), timeout=20)
         with fg.Run(fedbuff_pipeline(), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=t,
                     progress=False, evaluate="never", dashboard=False) as run:
@@ -451,9 +454,3 @@ def test_fedbuff_client_error_in_raise_mode_leaves_the_run_unchanged(keys):
             with pytest.raises(fg.ClientError, match="no data on device"):
                 run.fit(rounds=2)
             assert run.round == 0 and np.array_equal(run.state.params.flat, before)
-    finally:
-        for a in agents:
-            a.stop()
-        for th in threads:
-            th.join(10)
-        t.close()
