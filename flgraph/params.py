@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["Entry", "ParamSpec", "Params"]
+__all__ = ["Entry", "ParamSpec", "Params", "all_finite"]
 
 _EXACT_INT = {np.dtype(np.float32): 2**24, np.dtype(np.float64): 2**53}
 
@@ -186,3 +187,27 @@ class Params:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Params, (self.spec, self.flat))
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value of a float (or complex) array is finite (no NaN, no inf); other dtypes always are.
+
+    One BLAS pass that allocates nothing (``np.isfinite(a).all()`` writes a mask as large as a quarter of
+    the array and reads it again, about 2-3x slower on a W1 update): a NaN or inf anywhere makes the dot
+    product non-finite. A finite array whose squares overflow (values beyond about 1e19 in float32) gets
+    the exact check, so it is never refused.
+
+    Example:
+        >>> import numpy as np
+        >>> all_finite(np.ones(3, np.float32)), all_finite(np.array([1.0, np.nan])), all_finite(np.array([1e30]))
+        (True, False, True)
+    """
+    kind = values.dtype.kind
+    if kind not in "fc":
+        return True
+    flat = values.reshape(-1)
+    if kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            if math.isfinite(float(np.dot(flat, flat))):
+                return True
+    return bool(np.isfinite(flat).all())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flgraph.errors import ConfigError
-from flgraph.params import Entry, Params, ParamSpec
+from flgraph.params import Entry, Params, ParamSpec, all_finite
 
 
 def _mixed_arrays() -> dict[str, np.ndarray]:
@@ -298,3 +298,21 @@ def test_params_deepcopy_and_float64_pickle():
     assert q.flat.dtype == np.float64 and q.flat.tobytes() == p.flat.tobytes()
     r = copy.deepcopy(p)
     assert r.flat is not p.flat and r.flat.tobytes() == p.flat.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """The one-pass dot-product check gives isfinite().all()'s answer, including finite values whose squares
+    overflow (they must pass) and a single NaN or inf anywhere (they must not)."""
+    rng = np.random.default_rng(0)
+    big = float(np.finfo(dtype).max) / 2
+    cases = [rng.standard_normal(1000).astype(dtype), np.full(1000, big, dtype), np.zeros(0, dtype)]
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, 517, 999):
+            a = rng.standard_normal(1000).astype(dtype)
+            a[pos] = bad
+            cases.append(a)
+    for a in cases:
+        assert all_finite(a) == bool(np.isfinite(a).all()), (a.dtype, a[:3])
+    assert all_finite(np.array([1, 2, 3])) and all_finite(np.zeros((4, 5), np.float32))
+    assert not all_finite(np.array([[1.0, np.nan]], np.float32))  # any shape
