@@ -226,7 +226,7 @@ def test_concurrent_jobs_are_routed_to_their_own_job_and_closed_one_by_one():
     try:
         gw.wait_for(clients=[0, 1, 2], timeout=5)
         assert gw.idle() == {0, 1, 2}
-        events: queue.Queue = queue.Queue()
+        events: queue.SimpleQueue = queue.SimpleQueue()
         v1, v2 = gw.encode_params(np.ones(16, np.float32)), gw.encode_params(np.full(16, 2.0, np.float32))
         j0 = gw.begin_job(11, v1, spec, 0, {0: {}}, 10.0, events)
         j1 = gw.begin_job(12, v2, spec, 0, {1: {}}, 10.0, events)  # does not expire job j0

@@ -54,6 +54,7 @@ from flgraph.errors import ConfigError
 from flgraph.params import Params, ParamSpec
 
 from .keys import load_public, load_secret
+from .sockets import readable
 from .wire import Limits, Message, ProtocolError, decode, encode
 
 __all__ = ["Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
@@ -272,18 +273,17 @@ class Agent:
                 return "done"
             now = time.monotonic()
             ready = dict(poller.poll(int(max(0.0, min(next_beat, last_heard + silence) - now) * 1000) + 1))
-            if wake in ready:
-                while wake.poll(0):
-                    wake.recv()
+            if wake in ready:  # EVENTS, not poll(0): Socket.poll builds a Poller each call
+                while readable(wake):
+                    wake.recv(zmq.NOBLOCK)
                 if self._finish(sock):
                     self._send(sock, "disconnect", {"reason": "max_tasks done"})
                     return "done"
             if sock in ready:
                 for _ in range(100):
-                    try:
-                        frames = [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
-                    except zmq.Again:
+                    if not readable(sock):  # no zmq.Again raised per batch
                         break
+                    frames = [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
                     last_heard = time.monotonic()
                     verdict = self._handle(sock, frames)
                     if verdict == "accepted":
@@ -371,10 +371,9 @@ class Agent:
 
     def _spec_of(self, entries: list[tuple[str, tuple[int, ...], str]]) -> ParamSpec:
         """The task's ParamSpec; the same model comes every round, so the last one is reused."""
-        key = tuple((n, tuple(shape), d) for n, shape, d in entries)
         cached = self._spec_cache
-        if cached is None or cached[0] != key:
-            cached = self._spec_cache = (key, ParamSpec.from_shapes(list(key)))
+        if cached is None or cached[0] != entries:  # decode gives (name, shape tuple, dtype) entries
+            cached = self._spec_cache = (list(entries), ParamSpec.from_shapes(list(entries)))
         return cached[1]
 
     def _finish(self, sock: zmq.Socket[Any]) -> bool:

@@ -42,14 +42,18 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from flgraph.errors import ConfigError
-from flgraph.params import ParamSpec
+from flgraph.params import ParamSpec, all_finite
 
 from .keys import allowed_keys, load_secret
-from .wire import PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
+from .sockets import readable
+from .wire import PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode, tensor_frames
 
 __all__ = ["AgentInfo", "Gateway", "RoundEvent"]
 
 log = logging.getLogger("flgraph")
+
+ParamsFrames = list[bytes | memoryview | zmq.Frame]
+"""The tensor frames of a params version (:meth:`Gateway.encode_params`), sent under each task's envelope."""
 
 MAX_BATCH = 2000  # messages handled per poll before housekeeping runs again
 
@@ -103,13 +107,15 @@ class _Round:
     rnd: int
     seed: int
     spec: ParamSpec
-    params_frame: list[bytes | memoryview]
+    params_frame: ParamsFrames
     deadline: float
     deadline_s: float
     tasks: dict[int, _Task]  # client -> task
-    events: queue.Queue[RoundEvent] = field(default_factory=queue.Queue)
+    events: queue.SimpleQueue[RoundEvent] = field(default_factory=queue.SimpleQueue)
     exclusive: bool = True
     open: bool = True  # set to False by the driver (end_round / end_job) or at the deadline
+    spec_wire: list[list[Any]] = field(default_factory=list)  # the task envelope's spec, built once per job
+    descs: list[list[Any]] = field(default_factory=list)  # the params frame's descriptor, built once per job
 
 
 class Gateway:
@@ -153,7 +159,7 @@ class Gateway:
         self._ctx: zmq.Context[Any] | None = None
         self._auth: ThreadAuthenticator | None = None
         self._thread: threading.Thread | None = None
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake_addr = f"inproc://flgraph-gateway-wake-{secrets.token_hex(6)}"
         self._wake: zmq.Socket[Any] | None = None
         self._wake_lock = threading.Lock()
@@ -259,17 +265,20 @@ class Gateway:
             time.sleep(0.02)
 
     # -- rounds and jobs (driver thread) -----------------------------------------------------------------
-    def encode_params(self, flat: np.ndarray) -> list[bytes | memoryview]:
+    def encode_params(self, flat: np.ndarray) -> ParamsFrames:
         """The params' tensor frame, encoded once for every task that carries this version.
 
-        With the ``raw`` codec the frame is a view of ``flat``: do not write to ``flat`` while jobs use it."""
-        return encode("task", 0, {}, [flat], compress=self.compress)[1:]
+        A large frame is wrapped once in a ``zmq.Frame``: each agent's send then shares it (libzmq counts
+        references) instead of registering the buffer with pyzmq's zero-copy bookkeeping per agent. With
+        the ``raw`` codec the frame is a view of ``flat``: do not write to ``flat`` while jobs use it."""
+        return [zmq.Frame(f, copy=False) if len(f) >= zmq.COPY_THRESHOLD else f
+                for f in tensor_frames([flat], compress=self.compress)[1]]
 
     def begin_round(self, rnd: int, flat: np.ndarray, spec: ParamSpec, seed: int,
-                    configs: dict[int, dict[str, Any]], deadline_s: float) -> queue.Queue[RoundEvent]:
+                    configs: dict[int, dict[str, Any]], deadline_s: float) -> queue.SimpleQueue[RoundEvent]:
         """Post synchronous round ``rnd`` (client id -> task config, in position order); returns the event
         queue. A round is exclusive: it closes every job still open (their clients fail)."""
-        job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.Queue(), True)
+        job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.SimpleQueue(), True)
         self._posted = job
         self._command("job", job)
         return job.events
@@ -282,9 +291,9 @@ class Gateway:
         if self._posted is not None:
             self._posted.open = False
 
-    def begin_job(self, rnd: int, params: list[bytes | memoryview], spec: ParamSpec, seed: int,
+    def begin_job(self, rnd: int, params: ParamsFrames, spec: ParamSpec, seed: int,
                   configs: dict[int, dict[str, Any]], deadline_s: float,
-                  events: queue.Queue[RoundEvent]) -> int:
+                  events: queue.SimpleQueue[RoundEvent]) -> int:
         """Post a job beside the running ones (the asynchronous engine: one client per job) and return its id.
 
         ``params``: frames from :meth:`encode_params` (one encoding per params version, shared by its
@@ -301,14 +310,17 @@ class Gateway:
         if job is not None:
             job.open = False
 
-    def _job(self, rnd: int, params: list[bytes | memoryview], spec: ParamSpec, seed: int,
-             configs: dict[int, dict[str, Any]], deadline_s: float, events: queue.Queue[RoundEvent],
+    def _job(self, rnd: int, params: ParamsFrames, spec: ParamSpec, seed: int,
+             configs: dict[int, dict[str, Any]], deadline_s: float, events: queue.SimpleQueue[RoundEvent],
              exclusive: bool) -> _Round:
         if self._thread is None:
             raise ConfigError("the gateway is not started", fix="call start() first")
         tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
+        frame = params[0]
+        descs = [[spec.carrier, [spec.size], "raw" if len(frame) == spec.nbytes else "lz4", len(frame)]]
+        spec_wire = [[e.name, list(e.shape), e.dtype] for e in spec.entries]
         return _Round(next(self._job_ids), rnd, seed, spec, params, time.monotonic() + deadline_s, deadline_s,
-                      tasks, events, exclusive)
+                      tasks, events, exclusive, spec_wire=spec_wire, descs=descs)
 
     # -- the gateway thread ----------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -347,17 +359,15 @@ class Gateway:
                 now = time.monotonic()
                 wait = max(0.0, min(next_tick, self._next_deadline()) - now)
                 ready = dict(poller.poll(int(wait * 1000) + 1))
-                if wake in ready:
-                    while wake.poll(0):
-                        wake.recv()
+                if wake in ready:  # EVENTS, not recv until zmq.Again: no exception (and no Poller) per wake
+                    while readable(wake):
+                        wake.recv(zmq.NOBLOCK)
                     self._drain_commands(sock)
                 if sock in ready:
                     for _ in range(MAX_BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
+                        if not readable(sock):
                             break
-                        self._handle(sock, frames)
+                        self._handle(sock, sock.recv_multipart(zmq.NOBLOCK, copy=False))
                 now = time.monotonic()
                 if now >= next_tick:
                     self._tick(sock, now)
@@ -446,10 +456,11 @@ class Gateway:
             self._mark(info)
 
     def _send(self, sock: zmq.Socket[Any], rid: bytes, msg_type: str, fields: dict[str, Any],
-              tensor_frames: list[bytes | memoryview] | None = None, descs: list[Any] | None = None) -> None:
+              tensor_frames: ParamsFrames | None = None, descs: list[Any] | None = None) -> None:
         self._seq += 1
+        frames: ParamsFrames
         if tensor_frames is None:
-            frames = encode(msg_type, self._seq, fields)
+            frames = list(encode(msg_type, self._seq, fields))
         else:  # the round's params, encoded once, travel with each agent's own envelope
             env = {"v": PROTOCOL_VERSION, "t": msg_type, "seq": self._seq, **fields, "tensors": descs}
             frames = [msgpack.packb(env, use_bin_type=True), *tensor_frames]
@@ -563,15 +574,8 @@ class Gateway:
         self._mark(info)
         remaining = max(0.0, job.deadline - time.monotonic())
         env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
-               "seed": job.seed, "config": task.config, "spec": [[e.name, list(e.shape), e.dtype]
-                                                                  for e in job.spec.entries]}
-        self._send(sock, rid, "task", env, job.params_frame, self._param_descs(job))
-
-    @staticmethod
-    def _param_descs(job: _Round) -> list[Any]:
-        frame = job.params_frame[0]
-        codec = "raw" if len(frame) == job.spec.nbytes else "lz4"
-        return [[job.spec.carrier, [job.spec.size], codec, len(frame)]]
+               "seed": job.seed, "config": task.config, "spec": job.spec_wire}
+        self._send(sock, rid, "task", env, job.params_frame, job.descs)
 
     def _task_of(self, info: AgentInfo, rnd: Any, task_id: Any) -> tuple[_Round, _Task] | None:
         """The open, unfinished task ``task_id`` of round ``rnd`` that was sent to this session, if any."""
@@ -682,8 +686,9 @@ def _check_update(msg: Message, spec: ParamSpec, limits: Limits) -> str | None:
         return f"an update of shape {t.shape}; the model's flat buffer is ({spec.size},)"
     if t.dtype != np.dtype(spec.carrier):
         return f"an update of dtype {t.dtype}; the model's is {spec.carrier}"
-    if not np.isfinite(t).all():
+    if not all_finite(t):
         return f"the update holds {int((~np.isfinite(t)).sum())} non-finite values"
     if msg.fields["num_samples"] > limits.max_num_samples:
         return f"num_samples {msg.fields['num_samples']} is beyond {limits.max_num_samples}"
     return None
+

@@ -55,7 +55,7 @@ from flgraph.client_runner import Bundle, Partial, combine_partials
 from flgraph.context import ClientSet, Update
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
-from .gateway import Gateway, RoundEvent
+from .gateway import Gateway, ParamsFrames, RoundEvent
 from .wire import Limits
 
 __all__ = ["EdgeCompletion", "EdgeFuture", "EdgeVersion", "MixedTransport", "ZmqTransport"]
@@ -68,7 +68,7 @@ class _Pending:
     rnd: int
     flat: np.ndarray
     clients: ClientSet
-    events: queue.Queue[RoundEvent]
+    events: queue.SimpleQueue[RoundEvent]
     end: float
 
 
@@ -79,7 +79,7 @@ class EdgeVersion:
 
     version: int
     flat: np.ndarray
-    frames: list[bytes | memoryview]
+    frames: ParamsFrames
 
 
 class EdgeFuture:
@@ -186,7 +186,7 @@ class ZmqTransport:
         self._bundle: Bundle | None = None
         self._base: dict[str, Any] = {}
         self._places = 0
-        self._events: queue.Queue[RoundEvent] = queue.Queue()  # the asynchronous jobs' events
+        self._events: queue.SimpleQueue[RoundEvent] = queue.SimpleQueue()  # the asynchronous jobs' events
 
     @property
     def endpoint(self) -> str:

@@ -34,7 +34,8 @@ import numpy as np
 
 from flgraph.errors import FlgraphError
 
-__all__ = ["DTYPES", "PROTOCOL_VERSION", "SCHEMAS", "Limits", "Message", "ProtocolError", "decode", "encode"]
+__all__ = ["DTYPES", "PROTOCOL_VERSION", "SCHEMAS", "Limits", "Message", "ProtocolError", "decode", "encode",
+           "tensor_frames"]
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a peer with another version is refused (code ``version``)."""
@@ -43,6 +44,8 @@ DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8")
 """Tensor dtypes allowed on the wire (little-endian)."""
 
 CODECS = ("raw", "lz4")
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # wire name -> little-endian dtype
+_WIRE_NAMES = {dt: name for name, dt in _WIRE_DTYPES.items()}  # the reverse (native little-endian too)
 MAX_INT = 2**63 - 1
 
 
@@ -139,14 +142,33 @@ def encode(msg_type: str, seq: int, fields: dict[str, Any], tensors: Sequence[np
     for k, v in fields.items():
         if v is not None:
             env[k] = v
+    descs, frames = tensor_frames(tensors, compress=compress)
+    env["tensors"] = descs
+    return [msgpack.packb(env, use_bin_type=True), *frames]
+
+
+def tensor_frames(tensors: Sequence[np.ndarray], *, compress: str = "auto"
+                  ) -> tuple[list[list[Any]], list[bytes | memoryview]]:
+    """The envelope's ``tensors`` descriptors and the tensor frames, without an envelope: a sender that
+    puts the same tensors under many envelopes (the gateway's params, one envelope per agent) encodes them
+    once. ``compress`` as in :func:`encode`.
+
+    Example:
+        >>> import numpy as np
+        >>> descs, frames = tensor_frames([np.arange(4, dtype=np.float32)], compress="raw")
+        >>> descs, len(frames[0])
+        ([['float32', [4], 'raw', 16]], 16)
+    """
     frames: list[bytes | memoryview] = []
-    descs = []
+    descs: list[list[Any]] = []
     for t in tensors:
         a = np.ascontiguousarray(t)
-        if a.dtype.name not in DTYPES:
-            raise ProtocolError("bad-tensor", f"dtype {a.dtype} cannot travel; allowed: {', '.join(DTYPES)}")
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
+        name = _WIRE_NAMES.get(a.dtype)
+        if name is None:
+            if a.dtype.name not in DTYPES:
+                raise ProtocolError("bad-tensor", f"dtype {a.dtype} cannot travel; allowed: {', '.join(DTYPES)}")
+            a = a.astype(a.dtype.newbyteorder("<"))  # a big-endian array of an allowed dtype
+            name = a.dtype.name
         raw = memoryview(a.reshape(-1).view(np.uint8).data)
         codec = "raw"
         data: bytes | memoryview = raw
@@ -154,10 +176,9 @@ def encode(msg_type: str, seq: int, fields: dict[str, Any], tensors: Sequence[np
             packed = lz4.block.compress(raw, store_size=False)
             if len(packed) < len(raw):
                 codec, data = "lz4", packed
-        descs.append([a.dtype.name, list(a.shape), codec, len(data)])
+        descs.append([name, list(a.shape), codec, len(data)])
         frames.append(data)
-    env["tensors"] = descs
-    return [msgpack.packb(env, use_bin_type=True), *frames]
+    return descs, frames
 
 
 def _compressible(raw: memoryview) -> bool:
@@ -290,8 +311,8 @@ def _tensor(msg_type: str, desc: Any, frame: bytes | memoryview, limits: Limits)
     count = 1
     for s in dims:
         count *= s
-    itemsize = np.dtype(dtype).itemsize
-    raw_nbytes = count * itemsize
+    wire_dtype = _WIRE_DTYPES[dtype]
+    raw_nbytes = count * wire_dtype.itemsize
     if raw_nbytes > limits.max_tensor_bytes:
         raise ProtocolError("too-large", f"{where}: a tensor of {raw_nbytes} bytes (limit {limits.max_tensor_bytes})")
     if not isinstance(codec, str) or codec not in CODECS:
@@ -316,4 +337,4 @@ def _tensor(msg_type: str, desc: Any, frame: bytes | memoryview, limits: Limits)
         if len(data) != raw_nbytes:
             raise ProtocolError("bad-tensor", f"{where}: the lz4 frame decompressed to {len(data)} bytes, "
                                               f"expected {raw_nbytes}")
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(dims)
+    return np.frombuffer(data, dtype=wire_dtype).reshape(dims)
