@@ -270,3 +270,112 @@ def test_concurrent_jobs_are_routed_to_their_own_job_and_closed_one_by_one():
         for a in agents.values():
             a.close()
         gw.stop()
+
+
+# -- params reuse (PROTOCOL.md 4.3) ---------------------------------------------------------------------
+
+TASK_FIELDS = {"round": 3, "task": 11, "client": 0, "deadline_s": 5.0, "seed": 0, "config": {},
+               "spec": [["w", [16], "float32"]]}
+
+
+def test_a_task_may_omit_its_params_only_when_it_names_a_version():
+    msg = decode(encode("task", 1, {**TASK_FIELDS, "params": 7}), LIMITS)
+    assert msg.tensors == [] and msg.fields["params"] == 7
+    with pytest.raises(ProtocolError) as info:
+        decode(encode("task", 1, TASK_FIELDS), LIMITS)
+    assert info.value.code == "bad-tensor"
+    with_frame = decode(encode("task", 1, {**TASK_FIELDS, "params": 7}, [np.ones(16, np.float32)]), LIMITS)
+    assert with_frame.tensors[0].shape == (16,)
+
+
+def _join_caching(gw, client):
+    a = RawAgent(gw.endpoint)
+    a.send(encode("join", 1, {"client": client, "caps": {"params_cache": True}}))
+    a.recv("accept")
+    return a
+
+
+def test_params_go_once_per_agent_and_version_and_again_when_the_agent_lost_them():
+    """A caching agent gets a version's params with its first task only; a frameless task it cannot resolve
+    (unknown-params) comes again with the params, under the same task id, and still counts once. An agent
+    without the capability gets the params with every task and no version field."""
+    import queue
+
+    spec = ParamSpec.from_arrays({"w": np.zeros(16, np.float32)})
+    gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5, limits=LIMITS)
+    gw.start()
+    caching, plain = _join_caching(gw, 0), _join(gw, 1)
+    try:
+        gw.wait_for(clients=[0, 1], timeout=5)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        v1 = gw.encode_params(np.ones(16, np.float32))
+        seq = {0: 2, 1: 2}
+
+        def answer(agent, cid, task):
+            agent.send(result(seq=seq[cid], rnd=task.fields["round"], task=task.fields["task"]))
+            seq[cid] += 1
+            ev = events.get(timeout=5)
+            assert ev.kind == "result" and ev.client == cid
+
+        j = gw.begin_job(1, v1, spec, 0, {0: {}}, 10.0, events)
+        first = caching.recv("task")
+        assert len(first.tensors) == 1 and first.fields["params"] == v1.version
+        answer(caching, 0, first)
+        gw.end_job(j)
+        j = gw.begin_job(2, v1, spec, 0, {0: {}}, 10.0, events)
+        second = caching.recv("task")
+        assert second.tensors == [] and second.fields["params"] == v1.version
+        caching.send(encode("error", seq[0], {"code": "unknown-params", "text": "lost", "round": 2,
+                                              "task": second.fields["task"]}))
+        seq[0] += 1
+        again = caching.recv("task")
+        assert again.fields["task"] == second.fields["task"] and len(again.tensors) == 1
+        np.testing.assert_array_equal(again.tensors[0], np.ones(16, np.float32))
+        answer(caching, 0, again)
+        gw.end_job(j)
+        for rnd in (3, 4):
+            j = gw.begin_job(rnd, v1, spec, 0, {1: {}}, 10.0, events)
+            task = plain.recv("task")
+            assert len(task.tensors) == 1 and "params" not in task.fields
+            answer(plain, 1, task)
+            gw.end_job(j)
+        assert (gw.counters["params_sent"], gw.counters["params_reused"]) == (4, 1)
+        assert gw.counters["rejected"] == 0
+    finally:
+        caching.close()
+        plain.close()
+        gw.stop()
+
+
+def test_a_real_agent_trains_from_the_version_each_task_names():
+    """The Python agent against the gateway: jobs from versions v1, v1, v2, v1 in turn; each task's function
+    sees exactly its job's params (its update echoes them), and the params travel three times, not four."""
+    import queue
+    import threading
+
+    from flgraph.transports.zmq import Agent, EdgeResult
+
+    def echo(task):
+        return EdgeResult(num_samples=1, delta=np.array(task.params.flat, copy=True))
+
+    spec = ParamSpec.from_arrays({"w": np.zeros(16, np.float32)})
+    gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5, limits=LIMITS)
+    gw.start()
+    agent = Agent(gw.endpoint, echo, client_id=0, heartbeat_s=0.5)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        gw.wait_for(clients=[0], timeout=10)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        v1, v2 = gw.encode_params(np.full(16, 1.5, np.float32)), gw.encode_params(np.full(16, -2.0, np.float32))
+        for rnd, (version, value) in enumerate([(v1, 1.5), (v1, 1.5), (v2, -2.0), (v1, 1.5)], start=1):
+            j = gw.begin_job(rnd, version, spec, 0, {0: {}}, 10.0, events)
+            ev = events.get(timeout=10)
+            assert ev.kind == "result" and ev.message is not None
+            np.testing.assert_array_equal(ev.message.tensors[0], np.full(16, value, np.float32))
+            gw.end_job(j)
+        assert (gw.counters["params_sent"], gw.counters["params_reused"]) == (3, 1)
+    finally:
+        agent.stop()
+        thread.join(10)
+        gw.stop()

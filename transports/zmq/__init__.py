@@ -15,7 +15,7 @@ Example:
 """
 
 from .agent import Agent, EdgeResult, EdgeTask, load_task
-from .gateway import AgentInfo, Gateway
+from .gateway import AgentInfo, EncodedParams, Gateway
 from .keys import allowed_keys, load_public, load_secret, make_keypair
 from .tasks import LocalTrainTask
 from .transport import MixedTransport, ZmqTransport
@@ -27,6 +27,7 @@ __all__ = [
     "AgentInfo",
     "EdgeResult",
     "EdgeTask",
+    "EncodedParams",
     "Gateway",
     "Limits",
     "LocalTrainTask",

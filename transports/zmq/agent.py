@@ -184,6 +184,7 @@ class Agent:
         self._busy = False
         self._spec_cache: tuple[Any, ParamSpec] | None = None
         self._queued: Message | None = None
+        self._params: tuple[int, np.ndarray] | None = None  # (version, params) last received with frames
         self._wake_addr = f"inproc://flgraph-agent-wake-{secrets.token_hex(6)}"
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class Agent:
     def _session(self, sock: zmq.Socket[Any], wake: zmq.Socket[Any]) -> str:
         """One connection: join, then serve. Returns 'done', 'accepted' (then lost) or 'failed'."""
         join: dict[str, Any] = {"agent": f"flgraph-python {self.name}"[:200], "device": self.device,
-                                "caps": {"codecs": "raw,lz4", "threaded": self.threaded}}
+                                "caps": {"codecs": "raw,lz4", "threaded": self.threaded, "params_cache": True}}
         if self.client_id is not None:
             join["client"] = int(self.client_id)
         self._send(sock, "join", join)
@@ -322,6 +323,10 @@ class Agent:
             if self.assigned is None or msg.fields["client"] != self.assigned:
                 self._send(sock, "error", {"code": "bad-field", "text": "a task for another client",
                                            "round": msg.fields["round"], "task": msg.fields["task"]})
+            elif not self._resolve_params(msg):
+                self._send(sock, "error", {"code": "unknown-params", "text": f"this agent does not hold params "
+                                           f"version {msg.fields['params']}", "round": msg.fields["round"],
+                                           "task": msg.fields["task"]})
             elif self._busy:
                 self._queued = msg  # the newest task waits for the one in progress (bounded: one slot)
             else:
@@ -344,6 +349,19 @@ class Agent:
         return None  # heartbeat
 
     # -- tasks ------------------------------------------------------------------------------------------
+    def _resolve_params(self, msg: Message) -> bool:
+        """Keep a task's params as the version it names, or give a frameless task the params of the version
+        it names (the last one received); False when this agent does not hold that version."""
+        version = msg.fields.get("params")
+        if msg.tensors:
+            if version is not None:
+                self._params = (version, msg.tensors[0])  # one version kept: a view of the received frame
+            return True
+        if self._params is None or self._params[0] != version:
+            return False
+        msg.tensors = [self._params[1]]
+        return True
+
     def _start(self, sock: zmq.Socket[Any], msg: Message) -> None:
         self._busy = True
         if self.threaded:

@@ -52,8 +52,17 @@ __all__ = ["AgentInfo", "Gateway", "RoundEvent"]
 
 log = logging.getLogger("flgraph")
 
-ParamsFrames = list[bytes | memoryview | zmq.Frame]
-"""The tensor frames of a params version (:meth:`Gateway.encode_params`), sent under each task's envelope."""
+Frames = list[bytes | memoryview | zmq.Frame]
+
+
+@dataclass(frozen=True)
+class EncodedParams:
+    """A params version encoded once (:meth:`Gateway.encode_params`): its tensor ``frames``, sent under each
+    task's envelope, and the ``version`` that names it on the wire (a task's ``params`` field), so that an
+    agent holding that version gets its next task without the frames (PROTOCOL.md, section 4.3)."""
+
+    frames: Frames
+    version: int
 
 MAX_BATCH = 2000  # messages handled per poll before housekeeping runs again
 
@@ -73,6 +82,12 @@ class AgentInfo:
     last_seq: int = -1
     tasks_done: int = 0
     working: list[int] = field(default_factory=list)  # task ids sent and not answered: running, queued
+    params_held: int = 0  # the params version last sent to this session with its frames (0: none)
+
+    @property
+    def caches_params(self) -> bool:
+        """Whether the agent said it keeps the last params version it received (``caps.params_cache``)."""
+        return self.caps.get("params_cache") is True
 
 
 @dataclass
@@ -107,7 +122,7 @@ class _Round:
     rnd: int
     seed: int
     spec: ParamSpec
-    params_frame: ParamsFrames
+    params: EncodedParams
     deadline: float
     deadline_s: float
     tasks: dict[int, _Task]  # client -> task
@@ -155,7 +170,8 @@ class Gateway:
         self.endpoint = ""
         self.agents: dict[bytes, AgentInfo] = {}  # touched only by the gateway thread; read a copy
         self.by_client: dict[int, bytes] = {}
-        self.counters: dict[str, int] = {"received": 0, "sent": 0, "rejected": 0, "joins": 0, "lost": 0}
+        self.counters: dict[str, int] = {"received": 0, "sent": 0, "rejected": 0, "joins": 0, "lost": 0,
+                                         "params_sent": 0, "params_reused": 0}
         self._ctx: zmq.Context[Any] | None = None
         self._auth: ThreadAuthenticator | None = None
         self._thread: threading.Thread | None = None
@@ -168,6 +184,7 @@ class Gateway:
         self._tasks: dict[int, tuple[_Round, _Task]] = {}  # task id -> its job and task
         self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, job id)
         self._job_ids = itertools.count(1)
+        self._param_versions = itertools.count(1)
         self._posted: _Round | None = None  # the last synchronous round posted by the driver thread
         self._open_jobs: dict[int, _Round] = {}  # asynchronous jobs posted and not ended (driver thread)
         self._busy: set[int] = set()  # clients whose agent has a task outstanding (guarded by _lock)
@@ -265,14 +282,15 @@ class Gateway:
             time.sleep(0.02)
 
     # -- rounds and jobs (driver thread) -----------------------------------------------------------------
-    def encode_params(self, flat: np.ndarray) -> ParamsFrames:
+    def encode_params(self, flat: np.ndarray) -> EncodedParams:
         """The params' tensor frame, encoded once for every task that carries this version.
 
         A large frame is wrapped once in a ``zmq.Frame``: each agent's send then shares it (libzmq counts
         references) instead of registering the buffer with pyzmq's zero-copy bookkeeping per agent. With
         the ``raw`` codec the frame is a view of ``flat``: do not write to ``flat`` while jobs use it."""
-        return [zmq.Frame(f, copy=False) if len(f) >= zmq.COPY_THRESHOLD else f
-                for f in tensor_frames([flat], compress=self.compress)[1]]
+        frames: Frames = [zmq.Frame(f, copy=False) if len(f) >= zmq.COPY_THRESHOLD else f
+                          for f in tensor_frames([flat], compress=self.compress)[1]]
+        return EncodedParams(frames, next(self._param_versions))
 
     def begin_round(self, rnd: int, flat: np.ndarray, spec: ParamSpec, seed: int,
                     configs: dict[int, dict[str, Any]], deadline_s: float) -> queue.SimpleQueue[RoundEvent]:
@@ -291,12 +309,12 @@ class Gateway:
         if self._posted is not None:
             self._posted.open = False
 
-    def begin_job(self, rnd: int, params: ParamsFrames, spec: ParamSpec, seed: int,
+    def begin_job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
                   configs: dict[int, dict[str, Any]], deadline_s: float,
                   events: queue.SimpleQueue[RoundEvent]) -> int:
         """Post a job beside the running ones (the asynchronous engine: one client per job) and return its id.
 
-        ``params``: frames from :meth:`encode_params` (one encoding per params version, shared by its
+        ``params``: from :meth:`encode_params` (one encoding per params version, shared by its
         jobs); ``rnd`` travels as the task's ``round``; events go to ``events`` with ``job`` set. Close it
         with :meth:`end_job` once its event came (or to give up on it)."""
         job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False)
@@ -310,13 +328,13 @@ class Gateway:
         if job is not None:
             job.open = False
 
-    def _job(self, rnd: int, params: ParamsFrames, spec: ParamSpec, seed: int,
+    def _job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
              configs: dict[int, dict[str, Any]], deadline_s: float, events: queue.SimpleQueue[RoundEvent],
              exclusive: bool) -> _Round:
         if self._thread is None:
             raise ConfigError("the gateway is not started", fix="call start() first")
         tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
-        frame = params[0]
+        frame = params.frames[0]
         descs = [[spec.carrier, [spec.size], "raw" if len(frame) == spec.nbytes else "lz4", len(frame)]]
         spec_wire = [[e.name, list(e.shape), e.dtype] for e in spec.entries]
         return _Round(next(self._job_ids), rnd, seed, spec, params, time.monotonic() + deadline_s, deadline_s,
@@ -456,9 +474,9 @@ class Gateway:
             self._mark(info)
 
     def _send(self, sock: zmq.Socket[Any], rid: bytes, msg_type: str, fields: dict[str, Any],
-              tensor_frames: ParamsFrames | None = None, descs: list[Any] | None = None) -> None:
+              tensor_frames: Frames | None = None, descs: list[Any] | None = None) -> None:
         self._seq += 1
-        frames: ParamsFrames
+        frames: Frames
         if tensor_frames is None:
             frames = list(encode(msg_type, self._seq, fields))
         else:  # the round's params, encoded once, travel with each agent's own envelope
@@ -509,7 +527,10 @@ class Gateway:
                         msg.fields["text"][:300])
             self._answered(info, msg.fields.get("task"))
             hit = self._task_of(info, msg.fields.get("round"), msg.fields.get("task"))
-            if hit is not None:
+            if hit is not None and msg.fields["code"] == "unknown-params":
+                info.params_held = 0  # it lost them (or never decoded them): the task again, with its params
+                self._dispatch(sock, *hit)
+            elif hit is not None:
                 self._fail(*hit, f"the agent reported {msg.fields['code']}: {msg.fields['text'][:500]}")
         elif msg.type == "disconnect":
             self._drop(info, f"the agent disconnected ({msg.fields.get('reason', '')[:200]})")
@@ -575,7 +596,15 @@ class Gateway:
         remaining = max(0.0, job.deadline - time.monotonic())
         env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
                "seed": job.seed, "config": task.config, "spec": job.spec_wire}
-        self._send(sock, rid, "task", env, job.params_frame, job.descs)
+        if info.caches_params:
+            env["params"] = job.params.version
+            if info.params_held == job.params.version:  # the agent holds these params: the envelope only
+                self.counters["params_reused"] += 1
+                self._send(sock, rid, "task", env, [], [])
+                return
+            info.params_held = job.params.version
+        self.counters["params_sent"] += 1
+        self._send(sock, rid, "task", env, job.params.frames, job.descs)
 
     def _task_of(self, info: AgentInfo, rnd: Any, task_id: Any) -> tuple[_Round, _Task] | None:
         """The open, unfinished task ``task_id`` of round ``rnd`` that was sent to this session, if any."""

@@ -55,7 +55,7 @@ from flgraph.client_runner import Bundle, Partial, combine_partials
 from flgraph.context import ClientSet, Update
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
-from .gateway import Gateway, ParamsFrames, RoundEvent
+from .gateway import EncodedParams, Gateway, RoundEvent
 from .wire import Limits
 
 __all__ = ["EdgeCompletion", "EdgeFuture", "EdgeVersion", "MixedTransport", "ZmqTransport"]
@@ -79,7 +79,7 @@ class EdgeVersion:
 
     version: int
     flat: np.ndarray
-    frames: ParamsFrames
+    frames: EncodedParams
 
 
 class EdgeFuture:

@@ -110,7 +110,7 @@ SCHEMAS: dict[str, tuple[dict[str, tuple[str, bool]], int]] = {
                 "liveness": ("int", True), "max_tensor_bytes": ("int", True)}, 0),
     "task": ({"round": ("int", True), "task": ("int", True), "client": ("int", True),
               "deadline_s": ("float", True), "seed": ("int", True), "config": ("scalars", True),
-              "spec": ("spec", True)}, 1),
+              "spec": ("spec", True), "params": ("int", False)}, 1),
     "result": ({"round": ("int", True), "task": ("int", True), "num_samples": ("int", True),
                 "kind": ("str", True), "metrics": ("floats", True)}, 1),
     "error": ({"code": ("str", True), "text": ("text", True), "round": ("int", False),
@@ -119,7 +119,10 @@ SCHEMAS: dict[str, tuple[dict[str, tuple[str, bool]], int]] = {
     "disconnect": ({"reason": ("text", False)}, 0),
     "reconnect-later": ({"retry_s": ("float", True), "reason": ("text", True)}, 0),
 }
-"""Every message type: its fields (kind, required) and how many tensor frames follow its envelope."""
+"""Every message type: its fields (kind, required) and how many tensor frames follow its envelope.
+
+A ``task`` that names a params version (``params``) may come without its tensor frame: the agent then
+reuses the params it last received under that version (``transports/PROTOCOL.md``, section 4.3)."""
 
 RESERVED = ("v", "t", "seq", "tensors")
 
@@ -237,6 +240,8 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits) -> Message:
     descs = env.get("tensors", [])
     if not isinstance(descs, list):
         raise ProtocolError("bad-tensor", f"{msg_type}: 'tensors' must be a list")
+    if len(descs) == 0 and len(frames) == 1 and msg_type == "task" and "params" in out:
+        n_tensors = 0  # the params of the version it names, which the agent already holds
     if len(descs) != n_tensors or len(frames) != 1 + n_tensors:
         raise ProtocolError("bad-tensor", f"{msg_type}: carries {n_tensors} tensor frame(s); the envelope describes "
                                           f"{len(descs)} and {len(frames) - 1} followed")
