@@ -48,7 +48,7 @@ from .keys import allowed_keys, load_secret
 from .sockets import readable
 from .wire import PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode, tensor_frames
 
-__all__ = ["AgentInfo", "Gateway", "RoundEvent"]
+__all__ = ["AgentInfo", "EncodedParams", "Gateway", "RoundEvent"]
 
 log = logging.getLogger("flgraph")
 
@@ -720,4 +720,3 @@ def _check_update(msg: Message, spec: ParamSpec, limits: Limits) -> str | None:
     if msg.fields["num_samples"] > limits.max_num_samples:
         return f"num_samples {msg.fields['num_samples']} is beyond {limits.max_num_samples}"
     return None
-
