@@ -79,7 +79,7 @@ class EdgeVersion:
 
     version: int
     flat: np.ndarray
-    frames: EncodedParams
+    encoded: EncodedParams
 
 
 class EdgeFuture:
@@ -322,7 +322,7 @@ class ZmqTransport:
         if len(clients) != 1:
             raise ConfigError(f"submit_client got {len(clients)} clients", fix="submit one client per call")
         started = time.monotonic()
-        job = self.gateway.begin_job(rnd, params.frames, self._bundle.spec, self._bundle.seed,
+        job = self.gateway.begin_job(rnd, params.encoded, self._bundle.spec, self._bundle.seed,
                                      self.configs(clients), self.deadline_s, self._events)
         return EdgeFuture(job, rnd, int(clients.ids[0]), params, on_error, started,
                           started + self.deadline_s + self._grace())
