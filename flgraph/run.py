@@ -35,6 +35,7 @@ from .cluster import ClusterHandle, connect
 from .engine import RunState, SyncEngine
 from .errors import ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
+from .heap import frozen
 from .history import History
 from .params import Params
 from .persist import create_directory, snapshot_of
@@ -262,7 +263,7 @@ class Run:
         self.target_round = end
         writer = self._writer
         try:
-            with RoundProgress(total=rounds, enabled=self.progress) as bar:
+            with frozen(), RoundProgress(total=rounds, enabled=self.progress) as bar:
                 for rnd in range(first, end + 1):
                     row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
                                                 self.on_client_error)

@@ -32,7 +32,7 @@ import numpy as np
 from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 
-from flgraph import dataplane, tree
+from flgraph import dataplane, heap, tree
 from flgraph.client_runner import (
     Bundle,
     Partial,
@@ -78,6 +78,7 @@ def _warm(bundle: Bundle, flat: np.ndarray) -> float:
     if len(ids):
         with contextlib.suppress(Exception):  # a real error surfaces, with its client, in round 1
             run_clients(stateless, flat, 0, ClientSet(ids[:1]), [(0, 1)], "drop")
+    heap.freeze()  # the worker's long-lived objects, the bundle's included: no full collection walks them
     return time.perf_counter() - t0
 
 
@@ -404,6 +405,8 @@ class DaskTransport:
         if self._local is not None:
             with contextlib.suppress(Exception):
                 self.client.run(_forget_model, self._local.model_source.token)
+            with contextlib.suppress(Exception):
+                self.client.run(heap.thaw)
         self._bundle = self._reducer = None
         self._local = None
         if self._plane is not None:
