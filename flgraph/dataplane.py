@@ -10,7 +10,11 @@ tasks (their keys, the dashboard, retries and worker deaths are Dask's), but:
 * the driver *publishes* the round's params under a key; a chunk task *fetches* them from the driver
   when it starts (one request per worker process and round; later chunks on that worker reuse them);
 * the chunk task *pushes* its partial back to the driver and returns ``None`` to Dask; the driver
-  takes partials as they arrive.
+  takes partials as they arrive;
+* while a round runs, the driver can already submit the next round's chunk tasks: each *waits* on the
+  plane for its job (the params and its clients), which the driver *offers* as soon as the next round's
+  clients are chosen, or *withdraws* when no such round comes. Dask's submit-to-start (about 4 ms a round
+  on the 2-core machine) then overlaps the current round instead of following it.
 
 It is one ZeroMQ ROUTER socket, served by a daemon thread of the driver, on an ``ipc://`` path inside a
 directory only the driver's user can enter (mode 0700). Partials travel as pickles (protocol 5, the
@@ -31,11 +35,18 @@ Example:
     True
     >>> plane.take(["result-c0"], timeout=5.0)
     {'result-c0': {'sum': 6.0}}
+    >>> plane.offer("next-r2", np.ones(2, np.float32), [("chunk 0 of round 2",)])
+    >>> wait(plane.endpoint, "next-r2", 0)          # a task submitted ahead, on a worker
+    (array([1., 1.], dtype=float32), ('chunk 0 of round 2',))
+    >>> plane.withdraw("next-r3")                   # no round 3 after all: its waiting tasks get None
+    >>> wait(plane.endpoint, "next-r3", 0) is None
+    True
     >>> plane.close()
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -45,19 +56,22 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import zmq
 
-__all__ = ["DataPlane", "available", "fetch", "forget", "push"]
+__all__ = ["DataPlane", "available", "fetch", "forget", "push", "wait"]
 
 log = logging.getLogger("flgraph")
 
 _GET, _PUT, _OK, _MISSING = b"get", b"put", b"ok", b"missing"
+_WAIT, _NONE = b"wait", b"none"
 FETCH_TIMEOUT_S = 30.0  # a worker waits this long for the params before its task fails
 PUSH_TIMEOUT_S = 10.0  # then the task returns its partial through Dask instead
+WAIT_TIMEOUT_S = 300.0  # a task submitted ahead gives up after this long without its job
+CLOSED_KEEP = 64  # offers withdrawn or retracted, remembered so that a late waiter is told at once
 
 
 def available() -> bool:
@@ -75,11 +89,18 @@ class DataPlane:
         self.endpoint = f"ipc://{self._dir}/plane"
         self._ctx = zmq.Context()
         self._published: dict[str, tuple[bytes, np.ndarray]] = {}
+        self._offers: dict[str, tuple[bytes, np.ndarray, list[bytes]]] = {}
+        self._waiters: dict[str, list[tuple[bytes, int]]] = {}
+        self._closed: collections.deque[str] = collections.deque(maxlen=CLOSED_KEEP)
+        self._answered = 0  # passes of the serving thread over the waiters (offer() waits for the next)
         self._expected: set[str] = set()
         self._arrived: dict[str, Any] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._wake_addr = f"inproc://flgraph-plane-wake-{id(self):x}"
+        self._wake_lock = threading.Lock()
+        self._wake: zmq.Socket[Any] | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True, name="flgraph-plane")
         self._thread.start()
@@ -95,13 +116,54 @@ class DataPlane:
         with self._cond:
             self._published[key] = (header, a)
 
+    def offer(self, key: str, array: np.ndarray, jobs: Sequence[Any], settle_s: float = 0.005) -> None:
+        """Give the tasks waiting on ``key`` (see :func:`wait`) the params ``array`` and job ``jobs[i]``
+        each (task ``i``); later waiters get theirs at once. ``array`` is kept by reference.
+
+        Returns once the serving thread has answered the tasks already waiting (at most ``settle_s``
+        seconds): a caller that goes on with pure-Python work would otherwise hold the GIL that thread
+        needs, for up to the interpreter's 5 ms switch interval.
+        """
+        a = np.ascontiguousarray(array)
+        header = f"{a.dtype.str}|{','.join(map(str, a.shape))}".encode()
+        packed = [pickle.dumps(j, protocol=5) for j in jobs]
+        with self._cond:
+            self._offers[key] = (header, a, packed)
+            seen = self._answered
+        self._kick()
+        with self._cond:
+            self._cond.wait_for(lambda: self._answered != seen or self._stop.is_set(), timeout=settle_s)
+
+    def withdraw(self, key: str) -> None:
+        """No job will come under ``key``: its waiting tasks, and later ones, get ``None``."""
+        with self._cond:
+            self._offers.pop(key, None)
+            if key not in self._closed:
+                self._closed.append(key)
+        self._kick()
+
     def retract(self, keys: Iterable[str]) -> None:
-        """Stop serving ``keys``; forget the partials expected or arrived under them."""
+        """Stop serving ``keys`` (published arrays or offers); forget the partials expected or arrived
+        under them."""
         with self._cond:
             for k in keys:
                 self._published.pop(k, None)
                 self._expected.discard(k)
                 self._arrived.pop(k, None)
+                if self._offers.pop(k, None) is not None and k not in self._closed:
+                    self._closed.append(k)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Wake the serving thread: it answers the waiters of new offers and withdrawals."""
+        with self._wake_lock:
+            if self._stop.is_set():
+                return
+            if self._wake is None:
+                self._wake = self._ctx.socket(zmq.PAIR)
+                self._wake.setsockopt(zmq.LINGER, 0)
+                self._wake.connect(self._wake_addr)
+            self._wake.send(b"", zmq.NOBLOCK)
 
     def expect(self, keys: Iterable[str]) -> None:
         """Accept pushes under ``keys`` (others, e.g. from a cancelled attempt, are dropped)."""
@@ -125,6 +187,10 @@ class DataPlane:
         forget(self.endpoint)  # this process's own worker-side socket, if it used one
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
+        with self._wake_lock:
+            if self._wake is not None:
+                self._wake.close(linger=0)
+                self._wake = None
         with contextlib.suppress(Exception):
             self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -135,22 +201,66 @@ class DataPlane:
             sock = self._ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(self.endpoint)
+            wake = self._ctx.socket(zmq.PAIR)
+            wake.setsockopt(zmq.LINGER, 0)
+            wake.bind(self._wake_addr)
         except zmq.ZMQError as e:
             self._error = e
             started.set()
             return
         started.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not sock.poll(100):
+                ready = dict(poller.poll(100))
+                if wake in ready:
+                    while wake.poll(0):
+                        wake.recv()
+                    self._answer_waiters(sock)
+                if sock not in ready:
                     continue
-                frames = sock.recv_multipart(copy=False)
-                try:
-                    self._handle(sock, frames)
-                except Exception:  # a malformed message must not stop the plane
-                    log.exception("data plane: dropped a malformed message")
+                while sock.poll(0):
+                    frames = sock.recv_multipart(copy=False)
+                    try:
+                        self._handle(sock, frames)
+                    except Exception:  # a malformed message must not stop the plane
+                        log.exception("data plane: dropped a malformed message")
         finally:
             sock.close(linger=0)
+            wake.close(linger=0)
+
+    def _job_frames(self, key: str, index: int) -> list[Any] | None:
+        """The answer to waiter ``index`` of ``key``: its job, ``none``, or None while nothing is decided
+        (call with ``_cond`` held)."""
+        offer = self._offers.get(key)
+        if offer is not None:
+            header, array, jobs = offer
+            if 0 <= index < len(jobs):
+                return [_OK, key.encode(), header, array.data.cast("B"), jobs[index]]
+            return [_NONE, key.encode()]
+        if key in self._closed:
+            return [_NONE, key.encode()]
+        return None
+
+    def _answer_waiters(self, sock: zmq.Socket[Any]) -> None:
+        with self._cond:
+            answers = []
+            for key in list(self._waiters):
+                waiting = self._waiters[key]
+                for rid, index in waiting:
+                    frames = self._job_frames(key, index)
+                    if frames is None:
+                        break
+                    answers.append([rid, *frames])
+                else:
+                    del self._waiters[key]
+        for frames in answers:
+            sock.send_multipart(frames, copy=False)
+        with self._cond:
+            self._answered += 1
+            self._cond.notify_all()
 
     def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         rid, op, key = frames[0], frames[1].bytes, frames[2].bytes.decode()
@@ -161,6 +271,14 @@ class DataPlane:
                 sock.send_multipart([rid, _MISSING, key.encode()])
             else:
                 sock.send_multipart([rid, _OK, key.encode(), item[0], item[1].data.cast("B")], copy=False)
+        elif op == _WAIT:
+            index = int(frames[3].bytes)
+            with self._cond:
+                answer = self._job_frames(key, index)
+                if answer is None:
+                    self._waiters.setdefault(key, []).append((rid.bytes, index))
+                    return
+            sock.send_multipart([rid, *answer], copy=False)
         elif op == _PUT:
             with self._cond:
                 if key not in self._expected:
@@ -235,6 +353,37 @@ def fetch(endpoint: str, key: str, timeout: float = FETCH_TIMEOUT_S) -> np.ndarr
             array = np.frombuffer(frames[3].buffer, dtype=np.dtype(dtype)).reshape(dims)
             _cache[endpoint] = (key, array)
             return array
+
+
+def wait(endpoint: str, key: str, index: int, timeout: float = WAIT_TIMEOUT_S,
+         give_up: Callable[[], bool] | None = None) -> tuple[np.ndarray, Any] | None:
+    """Wait for the job the driver offers under ``key`` to task ``index``: ``(params, job)``, or None when
+    the driver withdrew the offer, after ``timeout`` seconds, or as soon as ``give_up()`` (asked every
+    50 ms) is true. Uses a socket of its own, so a waiting task never holds up the pushes and fetches of
+    other tasks in the same process."""
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart([_WAIT, key.encode(), str(index).encode()])
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            if not sock.poll(int(min(left, 0.05) * 1000) + 1):
+                if give_up is not None and give_up():
+                    return None
+                continue
+            frames = sock.recv_multipart(copy=False)
+            if frames[0].bytes != _OK:
+                return None
+            dtype, shape = frames[2].bytes.decode().split("|")
+            dims = tuple(int(d) for d in shape.split(",") if d)
+            array = np.frombuffer(frames[3].buffer, dtype=np.dtype(dtype)).reshape(dims)
+            return array, pickle.loads(frames[4].buffer)
+    finally:
+        sock.close(linger=0)
 
 
 def push(endpoint: str, key: str, value: Any) -> bool:

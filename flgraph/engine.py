@@ -43,6 +43,10 @@ class Transport(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional (looked up with getattr): ``plan_ahead(next_round: int | None)``, called before each
+    # ``run_round`` with the round that follows it at once, and ``cancel_ahead()``, called when ``fit``
+    # ends, so that a transport may prepare the next round while one runs and drop what it prepared.
+
 
 @dataclass
 class RunState:
@@ -98,6 +102,9 @@ class SyncEngine:
             states, skey = self.client_state
             table = new_states.get(skey) or states.initial()
             ctx.clients = states.prepare(ctx.clients, table, rnd)
+        plan_ahead = getattr(transport, "plan_ahead", None)  # optional: prepare the next round meanwhile
+        if plan_ahead is not None:
+            plan_ahead(None if last else rnd + 1)
         t0 = time.perf_counter()
         root = transport.run_round(rnd, ctx.params.flat, ctx.clients, on_error)
         times["time_clients_wall"] = time.perf_counter() - t0

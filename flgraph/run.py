@@ -276,6 +276,9 @@ class Run:
                     self._notify("on_round", row)
                     log.debug("round %d: %s", rnd, row)
         finally:
+            cancel_ahead = getattr(transport, "cancel_ahead", None)
+            if cancel_ahead is not None:
+                cancel_ahead()  # nothing waits on the workers for a round that will not run now
             if writer is not None:
                 writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
             self._notify("on_end")

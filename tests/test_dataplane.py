@@ -107,3 +107,109 @@ def test_rounds_over_the_plane_equal_rounds_over_dask(client2, monkeypatch):
     assert on and not off
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
     assert np.array_equal(a.view(np.uint32), c.view(np.uint32))
+
+
+# -- the next round's tasks, submitted ahead ------------------------------------------------------------
+def test_offers_reach_waiters_before_and_after_and_withdrawals_end_them(plane):
+    import threading
+
+    from flgraph.dataplane import wait
+
+    got: dict[int, object] = {}
+
+    def waiter(i: int) -> None:
+        got[i] = wait(plane.endpoint, "next-r2", i, timeout=10.0)
+
+    early = [threading.Thread(target=waiter, args=(i,)) for i in (0, 1)]
+    for t in early:
+        t.start()
+    time.sleep(0.2)  # both wait before the offer
+    flat = np.arange(5, dtype=np.float32)
+    plane.offer("next-r2", flat, [("job", 0), ("job", 1)])
+    for t in early:
+        t.join(10)
+    for i in (0, 1):
+        params, job = got[i]
+        assert np.array_equal(params, flat) and job == ("job", i)
+    late = wait(plane.endpoint, "next-r2", 1, timeout=5.0)  # a waiter after the offer gets it at once
+    assert late is not None and late[1] == ("job", 1)
+    assert wait(plane.endpoint, "next-r2", 7, timeout=5.0) is None  # no job for a task index past the plan
+    t = threading.Thread(target=lambda: got.__setitem__(3, wait(plane.endpoint, "next-r3", 0, timeout=10.0)))
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive()  # nothing offered for round 3 yet: it waits
+    plane.withdraw("next-r3")  # no round 3 after all: the waiter ends with None, at once
+    t.join(5)
+    assert not t.is_alive() and got[3] is None
+    assert wait(plane.endpoint, "next-r3", 1, timeout=5.0) is None  # so does a waiter after the withdrawal
+    plane.retract(["next-r2"])  # a retracted offer: late waiters get None too
+    assert wait(plane.endpoint, "next-r2", 0, timeout=5.0) is None
+
+
+def test_a_waiter_gives_up_when_asked_and_after_its_timeout(plane):
+    from flgraph.dataplane import wait
+
+    t0 = time.monotonic()
+    assert wait(plane.endpoint, "never", 0, timeout=30.0, give_up=lambda: True) is None
+    assert wait(plane.endpoint, "never", 0, timeout=0.3) is None
+    assert time.monotonic() - t0 < 5.0
+
+
+class _Stop(BaseException):
+    """Raised by a callback: ends fit() the way Ctrl-C would."""
+
+
+def _nothing_left_running(client) -> bool:
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if not any(client.processing().values()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_tasks_submitted_ahead_end_with_fit_and_resume_exactly(client2):
+    data = fg.data.synthetic_classification(num_clients=30, samples_per_client=16, num_features=6,
+                                            num_classes=3, alpha=0.5, seed=2, test_samples=50)
+
+    def pipeline():
+        return st.Select(clients=9) >> st.Broadcast() >> st.LocalTrain(2, batch_size=4, lr=0.1) >> st.Aggregate()
+
+    class StopAt:
+        def __init__(self, rnd: int) -> None:
+            self.rnd = rnd
+
+        def on_round(self, run, row):
+            if row["round"] == self.rnd:
+                raise _Stop
+
+    with fg.Run(pipeline(), model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=4, cluster=client2,
+                progress=False, evaluate="never") as whole:
+        whole.fit(5)
+        assert whole._transport._plane is not None and whole._transport._ahead is None
+        assert _nothing_left_running(client2)  # round 5 was the last: nothing was submitted for round 6
+        expected = whole.params.flat.copy()
+    stopper = StopAt(2)
+    with fg.Run(pipeline(), model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=4, cluster=client2,
+                progress=False, evaluate="never", callbacks=[stopper]) as run:
+        with pytest.raises(_Stop):
+            run.fit(5)  # round 3's tasks were waiting on the workers when round 2 ended like this
+        assert run.round == 2 and run._transport._ahead is None
+        assert _nothing_left_running(client2)
+        stopper.rnd = -1
+        run.fit(3)
+        assert np.array_equal(run.params.flat.view(np.uint32), expected.view(np.uint32))
+
+
+def test_client_work_between_rounds_does_not_wait_behind_the_next_round(client2):
+    data = fg.data.synthetic_classification(num_clients=30, samples_per_client=16, num_features=6,
+                                            num_classes=3, alpha=0.5, seed=2, test_samples=50)
+    p = (st.Select(clients=9) >> st.Broadcast() >> st.LocalTrain(1, batch_size=4, lr=0.1) >> st.Aggregate()
+         >> st.FederatedEvaluate(1, clients=6, holdout=0.25))
+    t0 = time.monotonic()
+    with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=4, cluster=client2,
+                progress=False, evaluate="never") as run:
+        history = run.fit(4)
+    assert [r["fed_eval_clients"] for r in history.rows] == [6, 6, 6, 6]
+    assert time.monotonic() - t0 < 60  # no task waited out its timeout
+    assert _nothing_left_running(client2)

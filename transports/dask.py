@@ -10,6 +10,13 @@ over the :mod:`flgraph.dataplane` instead (fetched from and pushed to the driver
 gather round trips through the scheduler); Dask still schedules, names and retries the chunk tasks.
 ``DaskTransport(..., data_plane=False)`` or ``FLGRAPH_DATA_PLANE=0`` turns it off.
 
+Over the data plane, when the engine says another round follows (:meth:`DaskTransport.plan_ahead`), the
+next round's chunk tasks are submitted while the current one runs. Each starts on its worker as soon as
+that worker's current chunk ends and waits there for its job; the driver offers it (params, clients) the
+moment the next round's clients are chosen, or withdraws it when the round does not come (the end of
+``fit``, an error, client work outside a round). A waiting task gives up by itself when other work is
+queued behind it on its worker, or when Dask cancels it, so it can hold up nothing.
+
 Task keys carry the stage and the round, e.g. ``local-train-r00012-c0001-<run>``,
 ``aggregate-r00012-n0-50-<run>`` and ``broadcast-r00012-<run>-w0`` (one copy per worker), so the dashboard
 groups work by stage.
@@ -25,7 +32,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -61,6 +68,17 @@ class _LostWork(ClusterError):
 
 PUSH_GRACE_S = 0.25  # a chunk task Dask reports done whose partial has not arrived by then is gathered
 FAN_IN = 8  # at most this many partials travel to the driver; more are combined on the workers first
+NO_WORK = "flgraph: no job came for this task submitted ahead"  # what such a task returns to Dask
+
+
+@dataclass
+class _Ahead:
+    """Chunk tasks of round ``rnd`` submitted ahead: waiting on the plane under ``key`` for their jobs."""
+
+    rnd: int
+    key: str
+    keys: list[str]  # the tasks' Dask keys, which are also their partials' keys on the plane
+    futs: dict[str, Future]
 
 
 def _combine_task(reducer: Any, left: Partial, right: Partial) -> Partial:
@@ -100,6 +118,8 @@ class DaskTransport:
         self._held: list[Future] = []
         self._slots: list[str] = []
         self._slots_at = 0.0
+        self._next_round: int | None = None
+        self._ahead: _Ahead | None = None
 
     def start(self, bundle: Bundle, flat: np.ndarray) -> float:
         """Ship the bundle to every worker and warm them up; returns the warm-up seconds."""
@@ -163,11 +183,31 @@ class DaskTransport:
         """
         return self._retrying(rnd, lambda: self._run_round(rnd, flat, clients, on_error))
 
+    def plan_ahead(self, next_round: int | None) -> None:
+        """Say, before :meth:`run_round`, which round follows it at once (None: none, or not known).
+
+        Over the data plane, that round's chunk tasks are then submitted while this one runs.
+        """
+        self._next_round = next_round
+
+    def cancel_ahead(self) -> None:
+        """Withdraw the chunk tasks submitted ahead for a round that does not follow now (the engine calls
+        this when ``fit`` ends, whatever the reason); they end at once, with nothing done."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        if self._plane is not None:
+            self._plane.withdraw(ahead.key)
+            self._plane.retract(ahead.keys)
+        with contextlib.suppress(Exception):
+            self.client.cancel(list(ahead.futs.values()), force=True)
+
     def _retrying(self, rnd: int, attempt_once: Callable[[], T]) -> T:
         for attempt in itertools.count(1):
             try:
                 return attempt_once()
             except _LostWork as e:
+                self.cancel_ahead()  # submitted by the attempt that failed
                 if attempt > RETRIES:
                     raise ClusterError(f"round {rnd}: workers kept leaving mid-round ({attempt} attempts): {e}",
                                        fix="check that the workers are alive (see the dashboard); the run's "
@@ -192,6 +232,7 @@ class DaskTransport:
             plan = [tree.cover(n, a, b) for a, b in tree.chunks(n, len(slots), self.chunk_size)]
             if sum(len(nodes) for nodes in plan) <= FAN_IN:
                 return self._plane_round(rnd, flat, clients, on_error, run, slots, plan)
+        self.cancel_ahead()
         copies = self._broadcast(f"broadcast-{tag}-{run}", flat)
         if over_selected:
             return self._over_selected(rnd, copies, clients, on_error, run, slots)
@@ -234,14 +275,27 @@ class DaskTransport:
         """The round over the data plane: params fetched from the driver, partials pushed back to it."""
         assert self._plane is not None and self._local is not None
         plane, c, tag = self._plane, self.client, f"r{rnd:05d}"
-        pkey = f"broadcast-{tag}-{run}"
-        keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(len(plan))]
-        plane.publish(pkey, flat)
-        plane.expect(keys)
-        futs = {key: c.submit(_plane_chunk, self._bundle, (plane.endpoint, pkey, key), rnd, clients, nodes,
-                              on_error, key=key, workers=[slots[j % len(slots)]], allow_other_workers=True,
-                              pure=False)
-                for j, (key, nodes) in enumerate(zip(keys, plan))}
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (ahead.rnd != rnd or len(ahead.keys) != len(plan)
+                                  or any(f.status not in ("pending", "processing") for f in ahead.futs.values())):
+            self._ahead = ahead
+            self.cancel_ahead()  # not this round's shape, or a task gave up: submit the round afresh
+            ahead = None
+        if ahead is not None:  # the tasks wait on their workers already: hand them their jobs
+            served, keys, futs = ahead.key, ahead.keys, ahead.futs
+            plane.expect(keys)
+            plane.offer(served, flat, [(rnd, clients, nodes, on_error) for nodes in plan])
+        else:
+            served = f"broadcast-{tag}-{run}"
+            keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(len(plan))]
+            plane.publish(served, flat)
+            plane.expect(keys)
+            futs = {key: c.submit(_plane_chunk, self._bundle, (plane.endpoint, served, key), rnd, clients, nodes,
+                                  on_error, key=key, workers=[slots[j % len(slots)]], allow_other_workers=True,
+                                  pure=False)
+                    for j, (key, nodes) in enumerate(zip(keys, plan))}
+        if self._next_round == rnd + 1:
+            self._submit_ahead(rnd + 1, len(plan), slots)
         self._release_later([])  # the previous round's futures, now that this round is submitted
         try:
             results = self._await_plane(futs)
@@ -252,8 +306,21 @@ class DaskTransport:
             c.cancel(list(futs.values()), force=True)  # stop the round's remaining work now
             raise
         finally:
-            plane.retract([pkey, *keys])
+            plane.retract([served, *keys])
             self._release_later(list(futs.values()))
+
+    def _submit_ahead(self, rnd: int, count: int, slots: list[str]) -> None:
+        """Submit round ``rnd``'s ``count`` chunk tasks now; each waits on its worker for its job."""
+        assert self._plane is not None
+        self._attempt += 1
+        run = f"{self.token}.{self._attempt}"
+        tag = f"r{rnd:05d}"
+        key = f"next-{tag}-{run}"
+        keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(count)]
+        futs = {k: self.client.submit(_ahead_chunk, self._bundle, (self._plane.endpoint, key, k, j, f"-{run}"),
+                                      key=k, workers=[slots[j % len(slots)]], allow_other_workers=True, pure=False)
+                for j, k in enumerate(keys)}
+        self._ahead = _Ahead(rnd, key, keys, futs)
 
     def _await_plane(self, futs: dict[str, Future]) -> dict[str, Any]:
         """The chunks' partials as the data plane delivers them; a chunk's error or cancellation, from its
@@ -278,6 +345,8 @@ class DaskTransport:
                     result = self._gather([fut])[0]  # the task returned its partial: the push failed
                     if result is None:
                         raise ClusterError(f"the chunk task {key} sent its partial, but it never arrived")
+                    if isinstance(result, str) and result == NO_WORK:
+                        raise _LostWork(f"the chunk task {key} gave up waiting for its job")
                     got[key] = result
         return got
 
@@ -345,6 +414,7 @@ class DaskTransport:
     def _map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
         if self._bundle is None:
             raise ClusterError("the transport was not started")
+        self.cancel_ahead()  # tasks waiting for the next round would hold the workers this work needs
         c = self.client
         self._attempt += 1
         run = f"{self.token}.{self._attempt}"
@@ -397,6 +467,7 @@ class DaskTransport:
 
     def close(self) -> None:
         """Release the run's data on the workers and their bound copies of the model."""
+        self.cancel_ahead()
         futs = [f for f in (self._bundle, self._reducer) if f is not None] + self._held
         self._held = []
         if futs:
@@ -430,6 +501,41 @@ def _plane_chunk(bundle: Bundle, plane: tuple[str, str, str], rnd: int, clients:
     flat = dataplane.fetch(endpoint, params_key)
     result = run_clients(bundle, flat, rnd, clients, nodes, on_error)  # type: ignore[arg-type]
     return None if dataplane.push(endpoint, result_key, result) else result
+
+
+def _ahead_chunk(bundle: Bundle, plane: tuple[str, str, str, int, str]) -> Any:
+    """A chunk task submitted ahead: wait for its job (round, clients, nodes) on the plane, then run it as
+    :func:`_plane_chunk` does. Returns :data:`NO_WORK` when the job does not come."""
+    endpoint, offer_key, result_key, index, batch = plane
+    got = dataplane.wait(endpoint, offer_key, index, give_up=_make_give_up(batch))
+    if got is None:
+        return NO_WORK
+    flat, (rnd, clients, nodes, on_error) = got
+    result = run_clients(bundle, flat, rnd, clients, nodes, on_error)
+    return None if dataplane.push(endpoint, result_key, result) else result
+
+
+def _make_give_up(batch: str) -> Callable[[], bool]:
+    """True once this task is cancelled, or other work (not a task of the same batch, whose keys end with
+    ``batch``) is queued on this worker: a waiting task must not hold up a round's rescheduled chunk."""
+    try:
+        from distributed import get_worker
+        from distributed.worker import thread_state
+
+        worker, key = get_worker(), thread_state.key
+    except (ImportError, ValueError, AttributeError):
+        return lambda: False
+
+    def give_up() -> bool:
+        try:
+            ts = worker.state.tasks.get(key)
+            if ts is None or ts.state != "executing":
+                return True
+            return any(not str(t.key).endswith(batch) for t in list(worker.state.ready))
+        except RuntimeError:  # the worker's state changed while we looked: look again next time
+            return False
+
+    return give_up
 
 
 def _pick(result: list[tuple[tuple[int, int], Partial]], i: int) -> Partial:
