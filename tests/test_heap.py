@@ -14,10 +14,9 @@ def test_frozen_nests_and_thaws_when_the_outermost_block_ends():
     assert gc.get_freeze_count() == 0
     keep = [object() for _ in range(10)]  # tracked containers are what the collector walks
     with heap.frozen():
-        outer = gc.get_freeze_count()
-        assert outer > 0
+        assert gc.get_freeze_count() > 0
         with heap.frozen():
-            assert gc.get_freeze_count() >= outer
+            assert gc.get_freeze_count() > 0
         assert gc.get_freeze_count() > 0  # the inner block's end leaves the outer one frozen
         assert heap.thaw() > 0  # a worker's thaw does not undo a block still running
     assert gc.get_freeze_count() == 0
