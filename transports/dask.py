@@ -194,8 +194,10 @@ class DaskTransport:
         """Withdraw the chunk tasks submitted ahead for a round that does not follow now (the engine calls
         this when ``fit`` ends, whatever the reason); they end at once, with nothing done."""
         ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return
+        if ahead is not None:
+            self._withdraw(ahead)
+
+    def _withdraw(self, ahead: _Ahead) -> None:
         if self._plane is not None:
             self._plane.withdraw(ahead.key)
             self._plane.retract(ahead.keys)
@@ -277,9 +279,8 @@ class DaskTransport:
         plane, c, tag = self._plane, self.client, f"r{rnd:05d}"
         ahead, self._ahead = self._ahead, None
         if ahead is not None and (ahead.rnd != rnd or len(ahead.keys) != len(plan)
-                                  or any(f.status not in ("pending", "processing") for f in ahead.futs.values())):
-            self._ahead = ahead
-            self.cancel_ahead()  # not this round's shape, or a task gave up: submit the round afresh
+                                  or any(f.status != "pending" for f in ahead.futs.values())):
+            self._withdraw(ahead)  # not this round's shape, or a task gave up: submit the round afresh
             ahead = None
         if ahead is not None:  # the tasks wait on their workers already: hand them their jobs
             served, keys, futs = ahead.key, ahead.keys, ahead.futs
