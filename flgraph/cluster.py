@@ -26,7 +26,7 @@ from distributed import Client, LocalCluster
 
 from .errors import ClusterError
 
-__all__ = ["ClusterHandle", "connect"]
+__all__ = ["ClusterHandle", "connect", "worker_threads"]
 
 log = logging.getLogger("flgraph")
 
@@ -48,8 +48,7 @@ class ClusterHandle:
 
     def workers(self) -> dict[str, int]:
         """Worker address -> number of threads."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
-        return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
+        return worker_threads(self.client)
 
     def close(self) -> None:
         """Close the client and the cluster if flgraph made them; a user's Client stays open."""
@@ -57,6 +56,16 @@ class ClusterHandle:
             self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def worker_threads(client: Client) -> dict[str, int]:
+    """Worker address -> number of threads, asked of the scheduler now.
+
+    Not ``client.scheduler_info(n_workers=-1)``: it fetches into a cache and then returns the cache, and
+    the client's periodic refresh (every 2 s, with no per-worker entries) can overwrite that cache in
+    between, so it sometimes returns no workers on a cluster that has them."""
+    info = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+    return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
 
 
 QUIET = {

@@ -13,14 +13,16 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import Client
 
 import flgraph as fg
 from flgraph import stages as st
-from flgraph.cluster import embedded
+from flgraph.cluster import embedded, worker_threads
 
 D, K = 10, 3
 
@@ -91,7 +93,7 @@ def cli_cluster(tmp_path):
 def test_scheduler_and_workers_by_address(cli_cluster, client1):
     with fg.Run(pipeline(), model=fg.models.mlp(D, [8], K), data=data(), seed=3, cluster=cli_cluster, workers=2,
                 progress=False) as run:
-        assert len(run._ensure_started().client.scheduler_info(n_workers=-1)["workers"]) == 2
+        assert len(worker_threads(run._ensure_started().client)) == 2
         run.fit(rounds=3)
         remote = run.params.flat
     with fg.Run(pipeline(), model=fg.models.mlp(D, [8], K), data=data(), seed=3, cluster=client1,
@@ -99,6 +101,23 @@ def test_scheduler_and_workers_by_address(cli_cluster, client1):
         run.fit(rounds=3)
         local = run.params.flat
     assert np.array_equal(remote, local)  # same seed, different cluster: the same bits
+
+
+def test_worker_list_survives_the_clients_periodic_scheduler_info_refresh(client2):
+    # client.scheduler_info(n_workers=-1) returns a cache that the client's periodic refresh (no per-worker
+    # entries) can overwrite mid-call; a CI run once failed "the Dask cluster has no workers" from it.
+    # With the refresh every 1 ms that happened in about 1 call in 10 here; worker_threads asks directly.
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):
+        client = Client(client2.scheduler.address, set_as_default=False)
+    try:
+        seen = [worker_threads(client) for _ in range(300)]
+        assert all(s == {a: 1 for a in seen[0]} and len(s) == 2 for s in seen)
+        run = fg.Run(pipeline(), model=fg.models.mlp(D, [8], K), data=data(), seed=0, cluster=client,
+                     progress=False, dashboard=False)
+        with run:
+            assert run.fit(rounds=1)[0]["clients_done"] == 10
+    finally:
+        client.close()
 
 
 def test_unreachable_scheduler_is_a_clear_error():

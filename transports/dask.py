@@ -51,6 +51,7 @@ from flgraph.client_runner import (
     reduce_held,
     run_clients,
 )
+from flgraph.cluster import worker_threads
 from flgraph.context import ClientSet
 from flgraph.errors import ClusterError
 
@@ -156,13 +157,13 @@ class DaskTransport:
         now = time.monotonic()
         if self._slots and now - self._slots_at < 2.0:
             return self._slots
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = worker_threads(self.client)
         if not info:
             raise ClusterError("the Dask cluster has no workers",
                                fix="start workers (`dask worker SCHEDULER_ADDRESS`) or pass workers=N")
         out: list[str] = []
-        for addr, w in sorted(info.items()):
-            out += [addr] * int(w.get("nthreads", 1))
+        for addr, nthreads in sorted(info.items()):
+            out += [addr] * nthreads
         self._slots, self._slots_at = out, now
         return out
 
