@@ -64,7 +64,11 @@ def worker_threads(client: Client) -> dict[str, int]:
     Not ``client.scheduler_info(n_workers=-1)``: it fetches into a cache and then returns the cache, and
     the client's periodic refresh (every 2 s, with no per-worker entries) can overwrite that cache in
     between, so it sometimes returns no workers on a cluster that has them."""
-    info = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+    scheduler = client.scheduler
+    if scheduler is None:
+        raise ClusterError("the Dask client is not connected to a scheduler",
+                           fix="connect it first (`Client(address)`) or pass the scheduler's address")
+    info = client.sync(scheduler.identity, n_workers=-1)["workers"]
     return {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
 
 
