@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 from distributed import Client
 
-from flgraph.cluster import embedded
+from flgraph.cluster import embedded, embedded_client
 
 
 def _embedded_client(workers: int) -> Iterator[Client]:
     cluster = embedded(workers)
-    client = Client(cluster, set_as_default=False)
+    client = embedded_client(cluster)  # in-process, as a Run with no cluster given makes it
     yield client
     client.close()
     cluster.close()

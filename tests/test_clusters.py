@@ -44,6 +44,9 @@ def test_embedded_cluster_is_worker_processes():
         assert run._handle is not None
         pids = run._handle.client.run(os.getpid)
         assert len(pids) == 2 and os.getpid() not in pids.values()
+        # the driver's client reaches the in-process scheduler in-process; the workers reach it over TCP
+        assert run._handle.client.scheduler.address.startswith("inproc://")
+        assert all(w.startswith("tcp://127.0.0.1:") for w in worker_threads(run._handle.client))
         assert h.last("clients_done") == 10 and "accuracy" in h[-1]  # evaluate="final" on data with a test set
     finally:
         run.close()
@@ -108,7 +111,8 @@ def test_worker_list_survives_the_clients_periodic_scheduler_info_refresh(client
     # entries) can overwrite mid-call; a CI run once failed "the Dask cluster has no workers" from it.
     # With the refresh every 1 ms that happened in about 1 call in 10 here; worker_threads asks directly.
     with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):
-        client = Client(client2.scheduler.address, set_as_default=False)
+        address = client2.run_on_scheduler(lambda dask_scheduler: dask_scheduler.address)  # its TCP listener
+        client = Client(address, set_as_default=False)
     try:
         seen = [worker_threads(client) for _ in range(300)]
         assert all(s == {a: 1 for a in seen[0]} and len(s) == 2 for s in seen)
