@@ -22,6 +22,7 @@ from .context import ClientSet, ClientWork, Update
 from .errors import ClientError, FlgraphError
 from .graph import ClientStage, Reducer
 from .params import Params, ParamSpec
+from .sharing import Share, run_shared
 
 __all__ = ["Bundle", "Partial", "client_leaf", "combine_partials", "finish_times", "hold_clients", "map_chunk",
            "one_client", "reduce_held", "run_clients"]
@@ -157,20 +158,26 @@ def reducer_leaf(bundle: Bundle, update: Update) -> Any:
 
 
 def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet,
-                nodes: Sequence[tuple[int, int]], on_error: OnError = "raise",
+                nodes: Sequence[tuple[int, int]] | Share, on_error: OnError = "raise",
                 ) -> list[tuple[tuple[int, int], Partial]]:
     """Run the client stages for every position in ``nodes`` and reduce each node to a Partial.
 
     Leaves are combined as they are produced (memory: O(log n) partials). ``on_error="raise"`` re-raises
-    the first client failure as a ClientError; ``"drop"`` records it.
+    the first client failure as a ClientError; ``"drop"`` records it. With a :class:`~flgraph.sharing.Share`
+    instead of nodes, the positions are claimed from the round's shared table (:mod:`flgraph.sharing`)
+    and the nodes returned are those that cover the positions this call ran.
     """
     gp = Params(bundle.spec, global_flat)
 
     def combine(a: Partial, b: Partial) -> Partial:
         return combine_partials(bundle.reducer, a, b)
 
-    return [((lo, hi), tree.evaluate(lo, hi, lambda p: client_leaf(bundle, gp, rnd, clients, p, on_error),
-                                     combine)) for lo, hi in nodes]
+    def leaf(p: int) -> Partial:
+        return client_leaf(bundle, gp, rnd, clients, p, on_error)
+
+    if isinstance(nodes, Share):
+        return run_shared(nodes, len(clients), leaf, combine)
+    return [((lo, hi), tree.evaluate(lo, hi, leaf, combine)) for lo, hi in nodes]
 
 
 def one_client(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet,

@@ -86,6 +86,7 @@ class DataPlane:
 
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="flgraph-plane-")  # mode 0700: only this user can connect
+        self.directory = self._dir  # private to this user; other per-round files (work sharing) go here too
         self.endpoint = f"ipc://{self._dir}/plane"
         self._ctx = zmq.Context()
         self._published: dict[str, tuple[bytes, np.ndarray]] = {}

@@ -8,7 +8,9 @@ the round's fixed tree (on the workers when there are many, in the driver when t
 When every worker runs on this machine (the embedded cluster), the round's params and partials travel
 over the :mod:`flgraph.dataplane` instead (fetched from and pushed to the driver directly, no scatter or
 gather round trips through the scheduler); Dask still schedules, names and retries the chunk tasks.
-``DaskTransport(..., data_plane=False)`` or ``FLGRAPH_DATA_PLANE=0`` turns it off.
+``DaskTransport(..., data_plane=False)`` or ``FLGRAPH_DATA_PLANE=0`` turns it off. Over the data plane,
+the default chunks (one per worker thread) also share their clients (:mod:`flgraph.sharing`): a task that
+runs out takes a slower chunk's last clients, and the sum stays bit-identical.
 
 Over the data plane, when the engine says another round follows (:meth:`DaskTransport.plan_ahead`), the
 next round's chunk tasks are submitted while the current one runs. Each starts on its worker as soon as
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,7 +42,7 @@ import numpy as np
 from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 
-from flgraph import dataplane, heap, tree
+from flgraph import dataplane, heap, sharing, tree
 from flgraph.client_runner import (
     Bundle,
     Partial,
@@ -105,8 +108,9 @@ class DaskTransport:
     """Runs the client segment of rounds on a Dask cluster through ``client``."""
 
     def __init__(self, client: Client, run_token: str, stage_name: str, chunk_size: int | None = None,
-                 data_plane: bool | None = None) -> None:
+                 data_plane: bool | None = None, share_work: bool | None = None) -> None:
         self.client = client
+        self.share_work = sharing.enabled() if share_work is None else share_work
         self._want_plane = data_plane
         self._plane: dataplane.DataPlane | None = None
         self.token = run_token
@@ -283,19 +287,20 @@ class DaskTransport:
                                   or any(f.status != "pending" for f in ahead.futs.values())):
             self._withdraw(ahead)  # not this round's shape, or a task gave up: submit the round afresh
             ahead = None
+        served = ahead.key if ahead is not None else f"broadcast-{tag}-{run}"
+        work, claims = self._share(plan, served)
         if ahead is not None:  # the tasks wait on their workers already: hand them their jobs
-            served, keys, futs = ahead.key, ahead.keys, ahead.futs
+            keys, futs = ahead.keys, ahead.futs
             plane.expect(keys)
-            plane.offer(served, flat, [(rnd, clients, nodes, on_error) for nodes in plan])
+            plane.offer(served, flat, [(rnd, clients, job, on_error) for job in work])
         else:
-            served = f"broadcast-{tag}-{run}"
             keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(len(plan))]
             plane.publish(served, flat)
             plane.expect(keys)
-            futs = {key: c.submit(_plane_chunk, self._bundle, (plane.endpoint, served, key), rnd, clients, nodes,
+            futs = {key: c.submit(_plane_chunk, self._bundle, (plane.endpoint, served, key), rnd, clients, job,
                                   on_error, key=key, workers=[slots[j % len(slots)]], allow_other_workers=True,
                                   pure=False)
-                    for j, (key, nodes) in enumerate(zip(keys, plan))}
+                    for j, (key, job) in enumerate(zip(keys, work))}
         if self._next_round == rnd + 1:
             self._submit_ahead(rnd + 1, len(plan), slots)
         self._release_later([])  # the previous round's futures, now that this round is submitted
@@ -303,6 +308,10 @@ class DaskTransport:
             results = self._await_plane(futs)
             reducer = self._local.reducer
             done = {node: part for key in keys for node, part in results[key]}
+            if sum(hi - lo for lo, hi in done) != len(clients):
+                # work sharing: a task that died (its worker with it) had claimed positions no one ran;
+                # Dask's rerun of it finds them claimed. Run the round again with a fresh table.
+                raise _LostWork("clients claimed by a chunk task that did not finish (a worker left)")
             return tree.assemble(len(clients), done, lambda a, b: combine_partials(reducer, a, b))
         except BaseException:
             c.cancel(list(futs.values()), force=True)  # stop the round's remaining work now
@@ -310,6 +319,23 @@ class DaskTransport:
         finally:
             plane.retract([served, *keys])
             self._release_later(list(futs.values()))
+            if claims is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(claims)
+
+    def _share(self, plan: list[list[tuple[int, int]]], served: str,
+               ) -> tuple[list[list[tuple[int, int]]] | list[sharing.Share], str | None]:
+        """The chunks' jobs: their nodes, or (work sharing, see :mod:`flgraph.sharing`) their rows of a
+        claims table written for this round attempt; and the table's path, removed after the round.
+
+        Shared when the chunks are the default ones (one tree node each, more than one chunk) and the
+        transport's ``share_work`` is on; a ``chunk_size`` the user chose is kept as it is."""
+        if (not self.share_work or self.chunk_size is not None or len(plan) < 2 or self._plane is None
+                or any(len(nodes) != 1 for nodes in plan)):
+            return plan, None
+        path = os.path.join(self._plane.directory, f"claims-{served}")
+        sharing.Claims.create(path, [nodes[0] for nodes in plan])
+        return [sharing.Share(path, j) for j in range(len(plan))], path
 
     def _submit_ahead(self, rnd: int, count: int, slots: list[str]) -> None:
         """Submit round ``rnd``'s ``count`` chunk tasks now; each waits on its worker for its job."""
@@ -496,7 +522,7 @@ def _forget_model(token: str) -> int:
 
 
 def _plane_chunk(bundle: Bundle, plane: tuple[str, str, str], rnd: int, clients: ClientSet,
-                 nodes: list[tuple[int, int]], on_error: str) -> Any:
+                 nodes: list[tuple[int, int]] | sharing.Share, on_error: str) -> Any:
     """A chunk task over the data plane: fetch the params, run the clients, push the partials (or return
     them, when the push fails)."""
     endpoint, params_key, result_key = plane

@@ -1,0 +1,128 @@
+"""Work sharing between a round's chunks: every position claimed exactly once, across processes; the sum
+bit-identical to the static split's; a slow worker's clients taken over by the other in a real run."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import flgraph as fg
+from flgraph import stages as st
+from flgraph import tree
+from flgraph.sharing import Claims, Share, run_shared
+
+
+def _claimer(path: str, me: int, out: mp.Queue) -> None:
+    got: list[tuple[int, str, int]] = []  # (position, "front"/"back", chunk)
+    with Claims(path) as claims:
+        while (pos := claims.take_front(me)) is not None:
+            got.append((pos, "front", me))
+        while (other := claims.adopt(me)) is not None:
+            while (pos := claims.take_back(other)) is not None:
+                got.append((pos, "back", other))
+    out.put((me, got))
+
+
+def test_every_position_is_claimed_exactly_once_by_processes_racing(tmp_path):
+    ranges = tree.chunks(3000, 3)  # 4 tree nodes of 750
+    path = str(tmp_path / "claims")
+    Claims.create(path, ranges)
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(path, j, out)) for j in range(len(ranges))]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    claimed = sorted(pos for got in results.values() for pos, _, _ in got)
+    assert claimed == list(range(3000))  # each position once, none lost
+    for j, (a, b) in enumerate(ranges):
+        front = sorted(pos for pos, side, _ in results[j] if side == "front")
+        back = sorted(pos for got in results.values() for pos, side, chunk in got if side == "back" and chunk == j)
+        # the chunk's own task ran a prefix, at most one helper ran the rest: two pieces at most
+        assert front == list(range(a, a + len(front)))
+        assert back == list(range(a + len(front), b))
+        helpers = {me for me, got in results.items() for _, side, chunk in got if side == "back" and chunk == j}
+        assert len(helpers) <= 1 and j not in helpers
+
+
+def test_claims_refuse_bad_tables_and_a_missing_table_means_no_work(tmp_path):
+    with pytest.raises(ValueError, match="at least one range"):
+        Claims.create(str(tmp_path / "c"), [])
+    gone = Share(str(tmp_path / "removed-by-the-driver"), 0)
+    assert run_shared(gone, 4, lambda p: p, lambda a, b: a + b) == []
+
+
+def test_shared_sum_is_bit_identical_to_the_fixed_tree_whoever_runs_what(tmp_path):
+    n = 157
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)).astype(np.float32)  # non-associative sums
+    expected = tree.evaluate(0, n, lambda p: values[p], lambda a, b: np.float32(a + b))
+    for slow in range(len(tree.chunks(n, 3))):
+        path = str(tmp_path / f"claims-{slow}")
+        ranges = tree.chunks(n, 3)
+        Claims.create(path, ranges)
+        ran: dict[int, list[tuple[tuple[int, int], np.float32]]] = {}
+
+        def task(j: int, slow: int = slow, path: str = path, ran: dict = ran) -> None:
+            def leaf(p: int) -> np.float32:
+                if j == slow:
+                    time.sleep(0.002)  # this chunk's task is slower: the others take its last positions
+                return values[p]
+            ran[j] = run_shared(Share(path, j), n, leaf, lambda a, b: np.float32(a + b))
+
+        threads = [threading.Thread(target=task, args=(j,)) for j in range(len(ranges))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        nodes = {node: v for got in ran.values() for node, v in got}
+        assert sum(hi - lo for lo, hi in nodes) == n
+        first, end = ranges[slow]
+        assert sum(hi - lo for lo, hi in dict(ran[slow])) < end - first  # the slow task was helped
+        got = tree.assemble(n, nodes, lambda x, y: np.float32(x + y))
+        assert got.tobytes() == expected.tobytes()
+
+
+def _train_slow_on_worker_0(model, data, ctx):
+    """One SGD step; 30 ms slower on the worker named 0. Reports whether it ran there."""
+    import torch
+    import torch.nn.functional as F
+    from distributed import get_worker
+
+    on_0 = get_worker().name == 0
+    if on_0:
+        time.sleep(0.03)
+    torch.manual_seed(ctx.round * 1000 + ctx.client)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    F.cross_entropy(model(torch.as_tensor(data.x)), torch.as_tensor(data.y)).backward()
+    opt.step()
+    return {"loss": 0.0, "on_worker_0": float(on_0)}
+
+
+def _run(client, share: str, monkeypatch) -> tuple[np.ndarray, list[float]]:
+    monkeypatch.setenv("FLGRAPH_SHARE_WORK", share)
+    data = fg.data.synthetic_classification(num_clients=60, samples_per_client=8, num_features=6, num_classes=3,
+                                            seed=2, test_samples=30)
+    p = (st.Select(clients=40) >> st.Broadcast() >> st.LocalTrain(train_fn=_train_slow_on_worker_0)
+         >> st.Aggregate(st.WeightedMean()))
+    with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=9, cluster=client, progress=False,
+                evaluate="never", dashboard=False) as run:
+        h = run.fit(rounds=3)
+        return run.params.flat.copy(), h.column("on_worker_0")
+
+
+def test_a_slow_workers_clients_are_taken_over_and_the_result_is_unchanged(client2, monkeypatch):
+    static, share_static = _run(client2, "0", monkeypatch)
+    shared, share_shared = _run(client2, "1", monkeypatch)
+    assert share_static == [0.5, 0.5, 0.5]  # static: each worker runs its 20 clients
+    # shared: the fast worker ends its 20 and takes most of the slow one's (30 ms a client against ~1 ms)
+    assert all(f < 0.35 for f in share_shared), share_shared
+    assert np.array_equal(static, shared)  # bit-identical: the same tree, whoever ran which client
