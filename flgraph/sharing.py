@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 from collections.abc import Callable, Sequence
@@ -51,6 +50,11 @@ import numpy as np
 
 from .tree import Incremental
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (and no ipc:// data plane either); the chunks stay static
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["Claims", "Share", "enabled", "run_shared"]
 
 _FRONT, _BACK, _HELPER = 0, 1, 2
@@ -58,7 +62,10 @@ _NONE = -1
 
 
 def enabled() -> bool:
-    """Whether work sharing is on (the default); ``FLGRAPH_SHARE_WORK=0`` turns it off."""
+    """Whether work sharing is on (the default where ``flock`` exists); ``FLGRAPH_SHARE_WORK=0`` turns it
+    off."""
+    if fcntl is None:
+        return False
     return os.environ.get("FLGRAPH_SHARE_WORK", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
