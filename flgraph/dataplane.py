@@ -85,9 +85,9 @@ class DataPlane:
     """The driver's end: published arrays out, pushed partials in (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="flgraph-plane-")  # mode 0700: only this user can connect
-        self.directory = self._dir  # private to this user; other per-round files (work sharing) go here too
-        self.endpoint = f"ipc://{self._dir}/plane"
+        # mode 0700: only this user can connect; the round's other files (work sharing's claims) go here too
+        self.directory = tempfile.mkdtemp(prefix="flgraph-plane-")
+        self.endpoint = f"ipc://{self.directory}/plane"
         self._ctx = zmq.Context()
         self._published: dict[str, tuple[bytes, np.ndarray]] = {}
         self._offers: dict[str, tuple[bytes, np.ndarray, list[bytes]]] = {}
@@ -194,7 +194,7 @@ class DataPlane:
                 self._wake = None
         with contextlib.suppress(Exception):
             self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- the serving thread -----------------------------------------------------------------------------
     def _serve(self, started: threading.Event) -> None:
