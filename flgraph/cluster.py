@@ -1,10 +1,11 @@
 """Reach a Dask cluster: an embedded LocalCluster (default), a ``distributed.Client``, or an address.
 
-The embedded cluster starts one single-threaded worker *process* per core and unsets Dask's
-``MALLOC_TRIM_THRESHOLD_`` pre-spawn variable for them: with it set, glibc turns off its dynamic mmap
-threshold and small-model torch training runs about 1.7x slower (measured on W1). Users who bring their
-own cluster get the same by setting ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null``
-in the Dask config of the machines where the nannies start (see the README).
+The embedded cluster starts one single-threaded worker *process* per core. Dask's nanny would start them
+with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's dynamic mmap threshold (small-model torch
+training runs about 1.7x slower, measured on W1); the embedded workers get :mod:`flgraph.malloc`'s settings
+instead (large blocks from the heap, freed memory kept for the next round). Users who bring their own
+cluster get the same by setting them in ``distributed.nanny.pre-spawn-environ`` in the Dask config of the
+machines where the nannies start (see the README).
 
 Example:
     >>> from flgraph.cluster import connect
@@ -24,6 +25,7 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 
+from . import malloc
 from .errors import ClusterError
 
 __all__ = ["ClusterHandle", "connect", "embedded", "embedded_client", "worker_threads"]
@@ -98,7 +100,9 @@ def embedded(workers: int | None = None) -> LocalCluster:
         raise ClusterError(_MAIN_GUARD, fix=_MAIN_GUARD_FIX)
     n = workers or max(1, min(os.cpu_count() or 1, 8))
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET}):
+        environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc.child_environ().items()}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **environ,
+                              **QUIET}):
             return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                 dashboard_address=":0",
                                 silence_logs=logging.ERROR, host="127.0.0.1",

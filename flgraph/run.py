@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import malloc
 from .checkpoint import CheckpointPolicy, RunDirectory, Snapshot, SnapshotWriter
 from .client_runner import Bundle
 from .client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
@@ -220,6 +221,7 @@ class Run:
             return self._transport
         from .transports.dask import DaskTransport
 
+        malloc.tune_this_process()  # model-sized buffers every round: keep freed memory (flgraph.malloc)
         states = getattr(self.engine, "client_state", None)
         bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,
                         self.state.params.spec, self.seed, states[0].store if states else None, self._state_fields)

@@ -68,7 +68,7 @@ class WeightedMean(Reducer):
         total, w = acc
         if w <= 0:
             raise ConfigError("the updates of this round carry no weight (every client had 0 samples)")
-        return (total / w).astype(spec.carrier), w
+        return (total / w).astype(spec.carrier, copy=False), w  # total / w is new: no second copy
 
     def __repr__(self) -> str:
         return f"WeightedMean(weight={self.weight!r}, dtype={self.dtype!r})"
