@@ -159,13 +159,15 @@ def reducer_leaf(bundle: Bundle, update: Update) -> Any:
 
 def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet,
                 nodes: Sequence[tuple[int, int]] | Share, on_error: OnError = "raise",
+                emit: Callable[[list[tuple[tuple[int, int], Partial]]], bool] | None = None,
                 ) -> list[tuple[tuple[int, int], Partial]]:
     """Run the client stages for every position in ``nodes`` and reduce each node to a Partial.
 
     Leaves are combined as they are produced (memory: O(log n) partials). ``on_error="raise"`` re-raises
     the first client failure as a ClientError; ``"drop"`` records it. With a :class:`~flgraph.sharing.Share`
     instead of nodes, the positions are claimed from the round's shared table (:mod:`flgraph.sharing`)
-    and the nodes returned are those that cover the positions this call ran.
+    and the nodes returned are those that cover the positions this call ran, less those sent on early
+    through ``emit`` (see :func:`~flgraph.sharing.run_shared`).
     """
     gp = Params(bundle.spec, global_flat)
 
@@ -176,7 +178,7 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
         return client_leaf(bundle, gp, rnd, clients, p, on_error)
 
     if isinstance(nodes, Share):
-        return run_shared(nodes, len(clients), leaf, combine)
+        return run_shared(nodes, len(clients), leaf, combine, emit)
     return [((lo, hi), tree.evaluate(lo, hi, leaf, combine)) for lo, hi in nodes]
 
 

@@ -13,6 +13,7 @@ import pytest
 import flgraph as fg
 from flgraph import stages as st
 from flgraph import tree
+from flgraph.dataplane import DataPlane
 from flgraph.sharing import Claims, Share, run_shared
 
 
@@ -90,6 +91,53 @@ def test_shared_sum_is_bit_identical_to_the_fixed_tree_whoever_runs_what(tmp_pat
         assert got.tobytes() == expected.tobytes()
 
 
+def test_finished_nodes_are_sent_early_and_the_sum_is_unchanged(tmp_path):
+    """With ``emit``, a task sends what it holds as soon as it cannot grow (it claimed a chunk's last
+    position, or it leaves a chunk): nothing is left for the end, every position is covered once, and the
+    driver's assembly is bit-identical. An ``emit`` that fails keeps the nodes for the final answer."""
+    n = 157
+    rng = np.random.default_rng(4)
+    values = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)).astype(np.float32)
+    expected = tree.evaluate(0, n, lambda p: values[p], lambda a, b: np.float32(a + b))
+    ranges = tree.chunks(n, 3)
+    for accept in (True, False):
+        path = str(tmp_path / f"claims-{accept}")
+        Claims.create(path, ranges)
+        emitted: dict[int, list[list[tuple[tuple[int, int], np.float32]]]] = {j: [] for j in range(3)}
+        final: dict[int, list[tuple[tuple[int, int], np.float32]]] = {}
+
+        def task(j: int, path: str = path, accept: bool = accept, emitted: dict = emitted,
+                 final: dict = final) -> None:
+            def leaf(p: int) -> np.float32:
+                if j == 0:
+                    time.sleep(0.002)  # chunk 0 is slow: the others help it from its back
+                return values[p]
+
+            def emit(sent: list[tuple[tuple[int, int], np.float32]]) -> bool:
+                if accept:
+                    emitted[j].append(list(sent))
+                return accept
+
+            final[j] = run_shared(Share(path, j), n, leaf, lambda a, b: np.float32(a + b), emit)
+
+        threads = [threading.Thread(target=task, args=(j,)) for j in range(3)]  # 3 tasks, 4 chunks
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        parts = [node for j in range(3) for batch in emitted[j] for node in batch] + \
+                [node for j in range(3) for node in final[j]]
+        nodes = dict(parts)
+        assert len(nodes) == len(parts) and sum(hi - lo for lo, hi in nodes) == n  # each position once
+        got = tree.assemble(n, nodes, lambda x, y: np.float32(x + y))
+        assert got.tobytes() == expected.tobytes()
+        if accept:
+            assert all(final[j] == [] for j in range(3))  # all sent on early, none left for the end
+            assert all(len(emitted[j]) <= 2 * len(ranges) for j in range(3))  # within the keys the driver expects
+        else:
+            assert all(emitted[j] == [] for j in range(3))
+
+
 def _train_slow_on_worker_0(model, data, ctx):
     """One SGD step; 30 ms slower on the worker named 0. Reports whether it ran there."""
     import torch
@@ -120,8 +168,20 @@ def _run(client, share: str, monkeypatch) -> tuple[np.ndarray, list[float]]:
 
 
 def test_a_slow_workers_clients_are_taken_over_and_the_result_is_unchanged(client2, monkeypatch):
+    taken: list[str] = []
+    take = DataPlane.take
+
+    def recording_take(self, keys, timeout):  # the driver's end of the data plane: which pushes came
+        got = take(self, keys, timeout)
+        taken.extend(got)
+        return got
+
+    monkeypatch.setattr(DataPlane, "take", recording_take)
     static, share_static = _run(client2, "0", monkeypatch)
+    assert taken and not any("#e" in k for k in taken)  # static chunks: one push per task
+    taken.clear()
     shared, share_shared = _run(client2, "1", monkeypatch)
+    assert any("#e" in k for k in taken)  # shared: finished nodes travelled early
     assert share_static == [0.5, 0.5, 0.5]  # static: each worker runs its 20 clients
     # shared: the fast worker ends its 20 and takes most of the slow one's (30 ms a client against ~1 ms)
     assert all(f < 0.35 for f in share_shared), share_shared

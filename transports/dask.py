@@ -76,6 +76,39 @@ NO_WORK = "flgraph: no job came for this task submitted ahead"  # what such a ta
 
 
 @dataclass
+class _Sent:
+    """A chunk task's final answer when it sent some of its nodes on early (work sharing): the nodes it
+    kept and how many early pushes (keys ``<key>#e0``, ``#e1``...) the driver must also take."""
+
+    nodes: list[tuple[tuple[int, int], Partial]]
+    early: int
+
+
+def _early_keys(key: str, chunks: int) -> list[str]:
+    """The keys a chunk task may push early under: run_shared emits at most twice per chunk it works on,
+    its own and each it adopts (a chunk gets one helper at most), so at most ``2 * chunks`` times."""
+    return [f"{key}#e{i}" for i in range(2 * chunks)]
+
+
+def _run_and_push(bundle: Bundle, endpoint: str, result_key: str, flat: np.ndarray, rnd: int,
+                  clients: ClientSet, nodes: Any, on_error: str) -> Any:
+    """Run a chunk's clients and push the partials to the driver; what to return to Dask: None when the
+    final push went through, else the partials (the driver gathers them)."""
+    sent = 0
+
+    def emit(part: list[tuple[tuple[int, int], Partial]]) -> bool:
+        nonlocal sent
+        if not dataplane.push(endpoint, f"{result_key}#e{sent}", part):
+            return False  # kept: they go with the final answer
+        sent += 1
+        return True
+
+    result = run_clients(bundle, flat, rnd, clients, nodes, on_error, emit)  # type: ignore[arg-type]
+    final: Any = _Sent(result, sent) if sent else result
+    return None if dataplane.push(endpoint, result_key, final) else final
+
+
+@dataclass
 class _Ahead:
     """Chunk tasks of round ``rnd`` submitted ahead: waiting on the plane under ``key`` for their jobs."""
 
@@ -291,12 +324,14 @@ class DaskTransport:
         work, claims = self._share(plan, served)
         if ahead is not None:  # the tasks wait on their workers already: hand them their jobs
             keys, futs = ahead.keys, ahead.futs
-            plane.expect(keys)
-            plane.offer(served, flat, [(rnd, clients, job, on_error) for job in work])
         else:
             keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(len(plan))]
+        early = [e for key in keys for e in _early_keys(key, len(plan))] if claims is not None else []
+        plane.expect([*keys, *early])
+        if ahead is not None:
+            plane.offer(served, flat, [(rnd, clients, job, on_error) for job in work])
+        else:
             plane.publish(served, flat)
-            plane.expect(keys)
             futs = {key: c.submit(_plane_chunk, self._bundle, (plane.endpoint, served, key), rnd, clients, job,
                                   on_error, key=key, workers=[slots[j % len(slots)]], allow_other_workers=True,
                                   pure=False)
@@ -317,7 +352,7 @@ class DaskTransport:
             c.cancel(list(futs.values()), force=True)  # stop the round's remaining work now
             raise
         finally:
-            plane.retract([served, *keys])
+            plane.retract([served, *keys, *early])
             self._release_later(list(futs.values()))
             if claims is not None:
                 with contextlib.suppress(OSError):
@@ -376,7 +411,25 @@ class DaskTransport:
                     if isinstance(result, str) and result == NO_WORK:
                         raise _LostWork(f"the chunk task {key} gave up waiting for its job")
                     got[key] = result
+        for key, result in got.items():
+            if isinstance(result, _Sent):  # the nodes it sent on early came first, on the same socket
+                got[key] = [*self._take_early(key, result.early), *result.nodes]
         return got
+
+    def _take_early(self, key: str, count: int) -> list[tuple[tuple[int, int], Partial]]:
+        """The nodes chunk task ``key`` pushed early (``count`` pushes); they normally arrived before its
+        final answer. Missing ones after :data:`PUSH_GRACE_S` make the round run again."""
+        assert self._plane is not None
+        want = [f"{key}#e{i}" for i in range(count)]
+        got: dict[str, Any] = {}
+        end = time.monotonic() + PUSH_GRACE_S
+        while len(got) < count:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise _LostWork(f"the chunk task {key} sent {count} early partials; "
+                                f"{count - len(got)} never arrived")
+            got.update(self._plane.take([k for k in want if k not in got], timeout=min(left, 0.05)))
+        return [node for k in want for node in got[k]]
 
     def _broadcast(self, name: str, flat: np.ndarray) -> list[Future]:
         """One copy of ``flat`` on each worker (keys ``<name>-w0``, ``-w1``...), in one scatter.
@@ -527,8 +580,7 @@ def _plane_chunk(bundle: Bundle, plane: tuple[str, str, str], rnd: int, clients:
     them, when the push fails)."""
     endpoint, params_key, result_key = plane
     flat = dataplane.fetch(endpoint, params_key)
-    result = run_clients(bundle, flat, rnd, clients, nodes, on_error)  # type: ignore[arg-type]
-    return None if dataplane.push(endpoint, result_key, result) else result
+    return _run_and_push(bundle, endpoint, result_key, flat, rnd, clients, nodes, on_error)
 
 
 def _ahead_chunk(bundle: Bundle, plane: tuple[str, str, str, int, str]) -> Any:
@@ -539,8 +591,7 @@ def _ahead_chunk(bundle: Bundle, plane: tuple[str, str, str, int, str]) -> Any:
     if got is None:
         return NO_WORK
     flat, (rnd, clients, nodes, on_error) = got
-    result = run_clients(bundle, flat, rnd, clients, nodes, on_error)
-    return None if dataplane.push(endpoint, result_key, result) else result
+    return _run_and_push(bundle, endpoint, result_key, flat, rnd, clients, nodes, on_error)
 
 
 def _make_give_up(batch: str) -> Callable[[], bool]:
