@@ -428,7 +428,7 @@ class DaskTransport:
             if left <= 0:
                 raise _LostWork(f"the chunk task {key} sent {count} early partials; "
                                 f"{count - len(got)} never arrived")
-            got.update(self._plane.take([k for k in want if k not in got], timeout=min(left, 0.05)))
+            got.update(self._plane.take([k for k in want if k not in got], timeout=left))
         return [node for k in want for node in got[k]]
 
     def _broadcast(self, name: str, flat: np.ndarray) -> list[Future]:
