@@ -100,11 +100,14 @@ def assemble(n: int, nodes: Mapping[Node, Any], combine: Callable[[Any, Any], An
 
 
 class Incremental:
-    """Leaves added in any order, combined at the tree's nodes as soon as both children are there.
+    """Leaves (or whole tree nodes) added in any order, combined at the tree's nodes as soon as both children
+    are there: the same additions, operands and order as :func:`assemble`, so the same root, bit for bit.
 
     ``done`` holds the maximal finished nodes: after the leaves of ``[a, b)`` were added (in any order),
     exactly ``cover(n, a, b)``; :func:`assemble` takes them. Memory: O(depth) values for leaves added in
-    order from either end.
+    order from either end. ``covered`` counts the positions added. A range that is not a node of the tree
+    is refused (ValueError), and with ``check=True`` (for nodes that come from elsewhere) so is a node that
+    overlaps positions already added.
 
     Example:
         >>> inc = Incremental(5, lambda a, b: a + b)
@@ -112,20 +115,61 @@ class Incremental:
         ...     inc.add(pos, pos)
         >>> sorted(inc.done.items()), cover(5, 2, 5)
         ([((2, 5), 9)], [(2, 5)])
+        >>> inc.add_node((0, 2), 1)           # the finished node [0, 2), from another worker
+        >>> inc.covered, inc.root()
+        (5, 10)
     """
 
-    def __init__(self, n: int, combine: Callable[[Any, Any], Any]) -> None:
+    def __init__(self, n: int, combine: Callable[[Any, Any], Any], check: bool = False) -> None:
         self.n = n
         self.combine = combine
         self.done: dict[Node, Any] = {}
+        self.covered = 0
+        self._check = check
+        self._taken: set[Node] = set()  # the nodes added (with check)
+        self._under: set[Node] = set()  # the nodes added and their ancestors: O(depth) overlap checks
 
     def add(self, pos: int, value: Any) -> None:
         """Add leaf ``pos``; combine it with finished siblings up the tree (left operand first)."""
+        if self._check:
+            self.add_node((pos, pos + 1), value)
+            return
         path = [(0, self.n)]
         while path[-1][1] - path[-1][0] > 1:
             lo, hi = path[-1]
             mid = (lo + hi) // 2
             path.append((lo, mid) if pos < mid else (mid, hi))
+        if path[-1] != (pos, pos + 1):
+            raise ValueError(f"{pos} is not a position of the tree over [0, {self.n})")
+        self.covered += 1
+        self._climb(path, value)
+
+    def add_node(self, node: Node, value: Any) -> None:
+        """Add the finished value of tree node ``node`` (its positions not added before); combine it with
+        finished siblings up the tree (left operand first)."""
+        a, b = node = (int(node[0]), int(node[1]))
+        path = [(0, self.n)]
+        while path[-1] != (a, b):
+            lo, hi = path[-1]
+            mid = (lo + hi) // 2
+            if hi - lo <= 1 or not (lo <= a < b <= hi):
+                raise ValueError(f"[{a}, {b}) is not a node of the tree over [0, {self.n})")
+            if b <= mid:
+                path.append((lo, mid))
+            elif a >= mid:
+                path.append((mid, hi))
+            else:
+                raise ValueError(f"[{a}, {b}) is not a node of the tree over [0, {self.n})")
+        if self._check:
+            if node in self._under or any(p in self._taken for p in path):  # it holds, or lies in, one added
+                raise ValueError(f"[{a}, {b}) overlaps positions added before")
+            self._taken.add(node)
+            self._under.update(path)
+        self.covered += b - a
+        self._climb(path, value)
+
+    def _climb(self, path: list[Node], value: Any) -> None:
+        """Combine the value of node ``path[-1]`` with finished siblings up ``path`` (root first)."""
         node = path[-1]
         for lo, hi in reversed(path[:-1]):
             mid = (lo + hi) // 2

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from flgraph.tree import assemble, chunks, cover, evaluate
+from flgraph.tree import Incremental, assemble, chunks, cover, evaluate
 
 N_MAX = 70
 
@@ -231,3 +231,39 @@ def test_assemble_missing_position_raises():
         assemble(10, nodes, lambda a, b: a + b)
     with pytest.raises(KeyError, match="no value covers position 0"):
         assemble(3, {}, lambda a, b: a + b)
+
+
+# --------------------------------------------------------------------------- incremental assembly of nodes
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50, 100, 257])
+def test_nodes_added_as_they_arrive_give_the_bit_identical_root(n):
+    """The driver folds each arriving node into the round's tree (work sharing splits chunks at random
+    points): any split into pieces, any arrival order, the same bits as assembling them all at the end."""
+    values = _values(n, seed=n)
+    rng = np.random.default_rng(n)
+    expected = assemble(n, _chunk_nodes(n, [(0, n)], lambda p: values[p].copy(), _add_in_place), _add_in_place)
+    for _ in range(20):
+        cuts = sorted({0, n, *rng.integers(0, n + 1, size=rng.integers(0, 6)).tolist()})
+        nodes = _chunk_nodes(n, list(itertools.pairwise(cuts)), lambda p: values[p].copy(), _add_in_place)
+        order = list(nodes)
+        rng.shuffle(order)
+        inc = Incremental(n, _add_in_place, check=True)
+        for node in order:
+            inc.add_node(node, nodes[node])
+        assert inc.covered == n
+        assert np.array_equal(inc.root(), expected)
+
+
+def test_incremental_refuses_overlaps_and_ranges_that_are_not_nodes():
+    inc = Incremental(10, _add, check=True)
+    inc.add_node((0, 5), np.ones(2, np.float32))
+    for bad in [(0, 5), (2, 3), (0, 10), (3, 7)]:  # again, inside it, around it, not a node
+        with pytest.raises(ValueError):
+            inc.add_node(bad, np.ones(2, np.float32))
+    inc.add_node((5, 7), np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="overlaps"):
+        inc.add(6, np.ones(2, np.float32))
+    assert inc.covered == 7
+    with pytest.raises(ValueError, match="not a position"):
+        Incremental(4, _add).add(4, 0)
