@@ -202,5 +202,5 @@ def pipeline(clients: int = 100, epochs: int = 1) -> Any:
     """The W1 round: W1's sampler, broadcast, W1's local step, sample-weighted FedAvg."""
     from flgraph import stages as st
 
-    return (st.Select(clients=clients, sampler=sampler) >> st.Broadcast()
+    return (st.Select(clients=clients, sampler=sampler, sampler_is_pure=True) >> st.Broadcast()
             >> st.LocalTrain(epochs, train_fn=train_fn) >> st.Aggregate(st.WeightedMean()))

@@ -7,6 +7,7 @@ a lost cluster leaves the previous round's params, stage states and round counte
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,9 +44,11 @@ class Transport(Protocol):
 
     def close(self) -> None: ...
 
-    # Optional (looked up with getattr): ``plan_ahead(next_round: int | None)``, called before each
-    # ``run_round`` with the round that follows it at once, and ``cancel_ahead()``, called when ``fit``
-    # ends, so that a transport may prepare the next round while one runs and drop what it prepared.
+    # Optional (looked up with getattr): ``plan_ahead(next_round: int | None, prepare=None)``, called before
+    # each ``run_round`` with the round that follows it at once (and a function that prepares that round in
+    # the driver, e.g. chooses its clients, for the transport to call once while this round's clients
+    # train: SyncEngine.lookahead), and ``cancel_ahead()``, called when ``fit`` ends, so that a transport may
+    # prepare the next round while one runs and drop what it prepared.
 
 
 @dataclass
@@ -104,7 +107,7 @@ class SyncEngine:
             ctx.clients = states.prepare(ctx.clients, table, rnd)
         plan_ahead = getattr(transport, "plan_ahead", None)  # optional: prepare the next round meanwhile
         if plan_ahead is not None:
-            plan_ahead(None if last else rnd + 1)
+            plan_ahead(None if last else rnd + 1, None if last else self.lookahead(rnd + 1))
         t0 = time.perf_counter()
         root = transport.run_round(rnd, ctx.params.flat, ctx.clients, on_error)
         times["time_clients_wall"] = time.perf_counter() - t0
@@ -138,6 +141,20 @@ class SyncEngine:
         row["round_time"] = time.perf_counter() - t_round
         state.params, state.round, state.stage_states = ctx.params, rnd, new_states
         return row
+
+    def lookahead(self, rnd: int) -> Callable[[], None] | None:
+        """A function that chooses round ``rnd``'s clients ahead of that round (its Select keeps them for
+        it, see :meth:`flgraph.stages.Select.lookahead`), for the transport to call while the round before
+        trains; None when no stage before the client segment can choose ahead."""
+        selects = [s for s in self.segments.before if hasattr(s, "lookahead")]
+        if not selects:
+            return None
+
+        def choose() -> None:
+            for s in selects:
+                s.lookahead(rnd, self.seed, self.dataset)
+
+        return choose
 
     def _server(self, s: ServerStage, ctx: RoundContext, states: dict[str, dict[str, Any]],
                 keys: dict[int, str], times: dict[str, float]) -> None:

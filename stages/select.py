@@ -42,6 +42,11 @@ class Select(ServerStage):
     ``over_select=1.3`` draws ceil(1.3 N) clients and aggregates the first N to finish (by simulated time
     with :class:`~flgraph.stages.Simulate`, else by real time); the others count as dropped.
 
+    ``sampler_is_pure=True`` says the sampler's choice depends on its arguments only (a seeded choice per
+    round, as W1's is): flgraph may then call it for the next round while the current one trains
+    (:meth:`lookahead`), which takes the choice off the critical path between two rounds. The built-in
+    choice is always pure. A sampler left undeclared is called once, at its round.
+
     ``available`` skips clients that are away. Either a :class:`~flgraph.sim.DevicePopulation` (a client is
     available when its device is online at the round's start on the virtual clock of the pipeline's
     :class:`~flgraph.stages.Simulate`), or a function ``available(ids, round=..., time=...)`` returning a
@@ -68,6 +73,7 @@ class Select(ServerStage):
         weighting: str = "uniform",
         over_select: float = 1.0,
         available: Any = None,
+        sampler_is_pure: bool = False,
     ) -> None:
         if (clients is None) == (fraction is None):
             raise ConfigError("Select needs exactly one of clients= or fraction=",
@@ -93,11 +99,15 @@ class Select(ServerStage):
         self._weights: tuple[int, np.ndarray] | None = None
         self.over_select = over_select
         self.available = available
+        self.sampler_is_pure = bool(sampler_is_pure)
+        self._ahead: tuple[int, int, int, ClientSet] | None = None  # (round, seed, id(dataset), clients)
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
         if out.get("available") is None:
             out.pop("available", None)  # the default: every client is always available
+        if not out.get("sampler_is_pure"):
+            out.pop("sampler_is_pure", None)  # the default
         return out
 
     def available_mask(self, ids: np.ndarray, rnd: int, time: float | None) -> np.ndarray:
@@ -117,6 +127,35 @@ class Select(ServerStage):
             raise ConfigError(f"Select(available=...) returned {mask.dtype}{list(mask.shape)}; expected a bool mask "
                               f"of shape [{len(ids)}]", fix="return one bool per client id, True when available")
         return mask
+
+    def lookahead(self, rnd: int, seed: int, dataset: Any) -> ClientSet | None:
+        """Choose round ``rnd``'s clients now, ahead of that round, and keep them for it; None when the choice
+        may depend on more than the round (``available=``, a sampler not declared pure) or fails (the error
+        then surfaces at the round itself).
+
+        The engine calls this while the previous round's clients train (see
+        :meth:`flgraph.engine.SyncEngine.lookahead`), so that :meth:`run` finds the round's clients chosen
+        and checked, off the critical path between two rounds. The choice is the one :meth:`run` would make.
+
+        Example:
+            >>> import numpy as np
+            >>> from flgraph.data import FederatedDataset
+            >>> ds = FederatedDataset.from_arrays(np.zeros((8, 1)), np.zeros(8, np.int64), [[i] for i in range(8)])
+            >>> ahead = Select(clients=3).lookahead(4, 0, ds)
+            >>> ahead.ids.tolist() == Select(clients=3).lookahead(4, 0, ds).ids.tolist()
+            True
+            >>> Select(clients=3, sampler=lambda r, pop, n, rng: pop[:n]).lookahead(4, 0, ds) is None
+            True
+        """
+        self._ahead = None
+        if self.available is not None or (self.sampler is not None and not self.sampler_is_pure):
+            return None
+        try:
+            clients = self._select(rnd, seed, dataset, None, {})
+        except Exception:
+            return None
+        self._ahead = (rnd, seed, id(dataset), clients)
+        return clients
 
     def _drawn(self, count: int) -> int:
         """Clients drawn for a round that keeps ``count`` (over-selection draws ceil(f * count))."""
@@ -153,38 +192,48 @@ class Select(ServerStage):
                                   fix="select fewer clients, or use weighting='uniform'")
 
     def run(self, ctx: RoundContext) -> None:
-        population = ctx.dataset.client_ids
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:3] == (ctx.round, ctx.seed, id(ctx.dataset)):
+            clients = ahead[3]  # chosen by lookahead(), exactly as below
+        else:
+            clients = self._select(ctx.round, ctx.seed, ctx.dataset, ctx.time, ctx.metrics)
+        ctx.clients = clients
+        ctx.metrics["clients_selected"] = len(clients)
+
+    def _select(self, rnd: int, seed: int, dataset: Any, time: float | None,
+                metrics: dict[str, Any]) -> ClientSet:
+        """Round ``rnd``'s clients, checked against ``dataset`` (``metrics`` gets ``clients_available``)."""
+        population = dataset.client_ids
         count = self.count(len(population))
-        p = self.probabilities(ctx.dataset) if self.weighting == "samples" and self.sampler is None else None
+        p = self.probabilities(dataset) if self.weighting == "samples" and self.sampler is None else None
         if self.available is not None:
-            mask = self.available_mask(population, ctx.round, ctx.time)
+            mask = self.available_mask(population, rnd, time)
             population = population[mask]
-            ctx.metrics["clients_available"] = len(population)
+            metrics["clients_available"] = len(population)
             if p is not None:
                 p = p[mask]
                 population = population[p > 0]
                 p = p[p > 0] / p[p > 0].sum() if p[p > 0].sum() > 0 else None
             if len(population) == 0:
-                when = f" at virtual time {ctx.time:.0f} s" if ctx.time is not None else ""
-                raise ConfigError(f"round {ctx.round}: no client is available{when}",
+                when = f" at virtual time {time:.0f} s" if time is not None else ""
+                raise ConfigError(f"round {rnd}: no client is available{when}",
                                   fix="check the availability function or trace (some client must be online)")
             count = min(count, len(population))
         drawn = min(self._drawn(count), len(population))
-        rng = stream(ctx.seed, self.tag, ctx.round)
+        rng = stream(seed, self.tag, rnd)
         if self.sampler is None:
             chosen: Any = rng.choice(population, size=drawn, replace=False, p=p)
         else:
-            chosen = self.sampler(ctx.round, population, drawn, rng)
+            chosen = self.sampler(rnd, population, drawn, rng)
         clients = chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
         if self.over_select > 1.0 and len(clients) > count:
             clients.keep_first = count  # the first `count` to finish are aggregated, the rest dropped
         if len(clients) == 0:
-            raise ConfigError(f"round {ctx.round}: Select chose no client", fix="check the sampler")
+            raise ConfigError(f"round {rnd}: Select chose no client", fix="check the sampler")
         try:
-            ctx.dataset.check_ids(clients.ids)
+            dataset.check_ids(clients.ids)
         except DataError as e:
-            unknown = [int(c) for c in clients.ids if int(c) not in ctx.dataset]
-            raise ClientError(e.message, client=unknown[0], stage="Select", round=ctx.round,
+            unknown = [int(c) for c in clients.ids if int(c) not in dataset]
+            raise ClientError(e.message, client=unknown[0], stage="Select", round=rnd,
                               fix="the sampler must return ids of the dataset (dataset.client_ids)") from None
-        ctx.clients = clients
-        ctx.metrics["clients_selected"] = len(clients)
+        return clients

@@ -3,7 +3,9 @@ bit-identical to the static split's; a slow worker's clients taken over by the o
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -164,6 +166,10 @@ def _run(client, share: str, monkeypatch) -> tuple[np.ndarray, list[float]]:
     with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=9, cluster=client, progress=False,
                 evaluate="never", dashboard=False) as run:
         h = run.fit(rounds=3)
+        plane = run._ensure_started()._plane  # type: ignore[union-attr]
+        assert plane is not None
+        # the rounds' claims tables (the next round's is written while a round runs) are all removed
+        assert not [f for f in os.listdir(plane.directory) if f.startswith("claims-")]
         return run.params.flat.copy(), h.column("on_worker_0")
 
 
@@ -186,3 +192,32 @@ def test_a_slow_workers_clients_are_taken_over_and_the_result_is_unchanged(clien
     # shared: the fast worker ends its 20 and takes most of the slow one's (30 ms a client against ~1 ms)
     assert all(f < 0.35 for f in share_shared), share_shared
     assert np.array_equal(static, shared)  # bit-identical: the same tree, whoever ran which client
+
+
+def test_a_pure_sampler_chooses_each_round_once_ahead_and_the_result_is_unchanged(client2):
+    """A sampler declared pure is called for the next round while a round trains (Select.lookahead), and
+    the round takes that choice instead of calling it again; the params are bit-identical to an undeclared
+    sampler's, which is called at its round only."""
+
+    def run(pure: bool) -> tuple[np.ndarray, list[tuple[int, bool]]]:
+        calls: list[tuple[int, bool]] = []
+
+        def sampler(rnd, population, count, rng):
+            calls.append((rnd, any(f.function == "lookahead" for f in inspect.stack())))
+            return np.random.default_rng([5, rnd]).choice(population, size=count, replace=False)
+
+        data = fg.data.synthetic_classification(num_clients=40, samples_per_client=8, num_features=6,
+                                                num_classes=3, seed=4, test_samples=30)
+        p = (st.Select(clients=12, sampler=sampler, sampler_is_pure=pure) >> st.Broadcast()
+             >> st.LocalTrain(lr=0.1) >> st.Aggregate(st.WeightedMean()))
+        with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=1, cluster=client2,
+                    progress=False, evaluate="never", dashboard=False) as r:
+            r.fit(rounds=4)
+            return r.params.flat.copy(), calls
+
+    ahead, calls_ahead = run(True)
+    at_round, calls_at_round = run(False)
+    assert calls_at_round == [(1, False), (2, False), (3, False), (4, False)]
+    # round 1 at its start, rounds 2-4 ahead, during the round before; once each
+    assert calls_ahead == [(1, False), (2, True), (3, True), (4, True)]
+    assert np.array_equal(ahead, at_round)

@@ -431,6 +431,65 @@ def test_select_sampler_returning_nothing_or_duplicates():
         st.Select(clients=2, sampler=lambda *a: [3, 3]).run(_select_ctx())
 
 
+@pytest.mark.parametrize("kw", [{"clients": 7}, {"fraction": 0.2}, {"clients": 5, "weighting": "samples"},
+                                {"clients": 6, "over_select": 1.5}])
+def test_select_lookahead_chooses_what_the_round_would_and_the_round_uses_it(kw):
+    sel = st.Select(**kw)
+    sel.tag = stage_tag("Select", 0)
+    fresh = _select_ctx(rnd=4, seed=3)
+    st_fresh = st.Select(**kw)
+    st_fresh.tag = sel.tag
+    st_fresh.run(fresh)  # the choice made at the round itself
+    ahead = sel.lookahead(4, 3, fresh.dataset)
+    assert ahead is not None and ahead.ids.tolist() == fresh.clients.ids.tolist()
+    assert ahead.keep_first == fresh.clients.keep_first
+    ctx = _select_ctx(rnd=4, seed=3)
+    ctx.dataset = fresh.dataset
+    sel.run(ctx)
+    assert ctx.clients is ahead  # taken, not chosen again
+    assert ctx.metrics["clients_selected"] == len(ahead)
+    sel.run(ctx)  # used once: the next run chooses again (the same, since the choice is pure)
+    assert ctx.clients is not ahead and ctx.clients.ids.tolist() == ahead.ids.tolist()
+
+
+def test_select_lookahead_is_kept_for_its_round_seed_and_dataset_only():
+    sel = st.Select(clients=3)
+    sel.tag = stage_tag("Select", 0)
+    ctx = _select_ctx(rnd=5, seed=1)
+    ahead = sel.lookahead(4, 1, ctx.dataset)  # for round 4: round 5 chooses afresh
+    sel.run(ctx)
+    assert ctx.clients is not ahead
+    other_seed = sel.lookahead(5, 2, ctx.dataset)
+    sel.run(ctx)  # the round's seed is 1
+    assert ctx.clients is not other_seed
+    same = st.Select(clients=3)
+    same.tag = sel.tag
+    assert ctx.clients.ids.tolist() == same.lookahead(5, 1, ctx.dataset).ids.tolist()
+    sel.lookahead(5, 1, _dataset50())  # an equal dataset, but another object: chosen afresh at the round
+    sel.run(ctx)
+    assert ctx.clients is not None and sel._ahead is None
+
+
+def test_select_does_not_call_a_sampler_ahead_unless_it_is_declared_pure():
+    calls: list[int] = []
+
+    def sampler(rnd, population, count, rng):
+        calls.append(rnd)
+        return population[rnd : rnd + count]
+
+    ds = _select_ctx().dataset
+    assert st.Select(clients=3, sampler=sampler).lookahead(2, 0, ds) is None and calls == []
+    assert st.Select(clients=3, available=lambda ids, round, time: ids < 20).lookahead(2, 0, ds) is None
+    pure = st.Select(clients=3, sampler=sampler, sampler_is_pure=True)
+    assert pure.lookahead(2, 0, ds).ids.tolist() == [2, 3, 4] and calls == [2]
+    assert "sampler_is_pure=True" in repr(pure) and "sampler_is_pure" not in repr(st.Select(clients=3))
+    # a choice that fails ahead is not kept: the round makes it again and reports the error there
+    bad = st.Select(clients=3, sampler=lambda rnd, pop, count, rng: [1, 77, 2], sampler_is_pure=True)
+    assert bad.lookahead(6, 0, ds) is None
+    with pytest.raises(ClientError, match="77"):
+        bad.run(_select_ctx(rnd=6))
+
+
 def test_broadcast_marks_the_round_and_counts_downlink_bytes():
     ctx = _select_ctx()
     st.Select(clients=4).run(ctx)

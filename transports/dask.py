@@ -116,6 +116,7 @@ class _Ahead:
     key: str
     keys: list[str]  # the tasks' Dask keys, which are also their partials' keys on the plane
     futs: dict[str, Future]
+    claims: tuple[str, list[tuple[int, int]]] | None = None  # work sharing's table, written ahead: (path, ranges)
 
 
 def _combine_task(reducer: Any, left: Partial, right: Partial) -> Partial:
@@ -157,6 +158,7 @@ class DaskTransport:
         self._slots: list[str] = []
         self._slots_at = 0.0
         self._next_round: int | None = None
+        self._prepare: Callable[[], None] | None = None
         self._ahead: _Ahead | None = None
 
     def start(self, bundle: Bundle, flat: np.ndarray) -> float:
@@ -221,12 +223,24 @@ class DaskTransport:
         """
         return self._retrying(rnd, lambda: self._run_round(rnd, flat, clients, on_error))
 
-    def plan_ahead(self, next_round: int | None) -> None:
-        """Say, before :meth:`run_round`, which round follows it at once (None: none, or not known).
+    def plan_ahead(self, next_round: int | None, prepare: Callable[[], None] | None = None) -> None:
+        """Say, before :meth:`run_round`, which round follows it at once (None: none, or not known), and how
+        the driver prepares it (``prepare()``, e.g. choosing its clients: called once while the round's
+        clients train, so that it is off the critical path between the two rounds).
 
-        Over the data plane, that round's chunk tasks are then submitted while this one runs.
+        Over the data plane, that round's chunk tasks are also submitted while this one runs.
         """
         self._next_round = next_round
+        self._prepare = prepare
+
+    def _prepare_next(self) -> None:
+        """Run the engine's preparation of the next round (once), now that this round's tasks are out."""
+        prepare, self._prepare = self._prepare, None
+        if prepare is not None:
+            try:
+                prepare()
+            except Exception:  # a preparation only: the next round does the work itself, errors included
+                log.debug("preparing the next round ahead failed", exc_info=True)
 
     def cancel_ahead(self) -> None:
         """Withdraw the chunk tasks submitted ahead for a round that does not follow now (the engine calls
@@ -239,6 +253,9 @@ class DaskTransport:
         if self._plane is not None:
             self._plane.withdraw(ahead.key)
             self._plane.retract(ahead.keys)
+        if ahead.claims is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(ahead.claims[0])
         with contextlib.suppress(Exception):
             self.client.cancel(list(ahead.futs.values()), force=True)
 
@@ -284,6 +301,7 @@ class DaskTransport:
             chunk_futs.append((f, nodes))
         futs: list[Future] = [f for f, _ in chunk_futs]
         self._release_later([])  # the previous round's futures, now that this round is submitted
+        self._prepare_next()
         try:
             reducer = self._local.reducer
             if sum(len(nodes) for _, nodes in chunk_futs) <= FAN_IN:
@@ -321,7 +339,7 @@ class DaskTransport:
             self._withdraw(ahead)  # not this round's shape, or a task gave up: submit the round afresh
             ahead = None
         served = ahead.key if ahead is not None else f"broadcast-{tag}-{run}"
-        work, claims = self._share(plan, served)
+        work, claims = self._share(plan, served, ahead.claims if ahead is not None else None)
         if ahead is not None:  # the tasks wait on their workers already: hand them their jobs
             keys, futs = ahead.keys, ahead.futs
         else:
@@ -337,17 +355,11 @@ class DaskTransport:
                                   pure=False)
                     for j, (key, job) in enumerate(zip(keys, work))}
         if self._next_round == rnd + 1:
-            self._submit_ahead(rnd + 1, len(plan), slots)
+            self._submit_ahead(rnd + 1, plan, slots)
         self._release_later([])  # the previous round's futures, now that this round is submitted
+        self._prepare_next()
         try:
-            results = self._await_plane(futs)
-            reducer = self._local.reducer
-            done = {node: part for key in keys for node, part in results[key]}
-            if sum(hi - lo for lo, hi in done) != len(clients):
-                # work sharing: a task that died (its worker with it) had claimed positions no one ran;
-                # Dask's rerun of it finds them claimed. Run the round again with a fresh table.
-                raise _LostWork("clients claimed by a chunk task that did not finish (a worker left)")
-            return tree.assemble(len(clients), done, lambda a, b: combine_partials(reducer, a, b))
+            return self._await_plane(futs, len(clients), len(plan) if claims is not None else 0)
         except BaseException:
             c.cancel(list(futs.values()), force=True)  # stop the round's remaining work now
             raise
@@ -359,45 +371,97 @@ class DaskTransport:
                     os.unlink(claims)
 
     def _share(self, plan: list[list[tuple[int, int]]], served: str,
+               ready: tuple[str, list[tuple[int, int]]] | None = None,
                ) -> tuple[list[list[tuple[int, int]]] | list[sharing.Share], str | None]:
         """The chunks' jobs: their nodes, or (work sharing, see :mod:`flgraph.sharing`) their rows of a
-        claims table written for this round attempt; and the table's path, removed after the round.
+        claims table for this round attempt; and the table's path, removed after the round. The table is
+        written now unless ``ready`` (written ahead by :meth:`_claims_ahead`) already has these chunks.
 
         Shared when the chunks are the default ones (one tree node each, more than one chunk) and the
         transport's ``share_work`` is on; a ``chunk_size`` the user chose is kept as it is."""
         if (not self.share_work or self.chunk_size is not None or len(plan) < 2 or self._plane is None
                 or any(len(nodes) != 1 for nodes in plan)):
+            if ready is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(ready[0])
             return plan, None
         path = os.path.join(self._plane.directory, f"claims-{served}")
-        sharing.Claims.create(path, [nodes[0] for nodes in plan])
+        ranges = [nodes[0] for nodes in plan]
+        if ready != (path, ranges):
+            sharing.Claims.create(path, ranges)
         return [sharing.Share(path, j) for j in range(len(plan))], path
 
-    def _submit_ahead(self, rnd: int, count: int, slots: list[str]) -> None:
-        """Submit round ``rnd``'s ``count`` chunk tasks now; each waits on its worker for its job."""
+    def _claims_ahead(self, key: str, plan: list[list[tuple[int, int]]]) -> tuple[str, list[tuple[int, int]]] | None:
+        """Write the claims table for the round submitted ahead under ``key`` now, while a round runs (off
+        the critical path between rounds), for chunks like ``plan``'s; :meth:`_share` uses it when the
+        round's chunks turn out the same."""
+        _, path = self._share(plan, key)
+        if path is None:
+            return None
+        return path, [nodes[0] for nodes in plan]
+
+    def _submit_ahead(self, rnd: int, plan: list[list[tuple[int, int]]], slots: list[str]) -> None:
+        """Submit round ``rnd``'s chunk tasks now, one per chunk of ``plan`` (this round's: the next is
+        expected to be alike); each waits on its worker for its job."""
         assert self._plane is not None
         self._attempt += 1
         run = f"{self.token}.{self._attempt}"
         tag = f"r{rnd:05d}"
         key = f"next-{tag}-{run}"
-        keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(count)]
+        keys = [f"{self.stage_name}-{tag}-c{j:04d}-{run}" for j in range(len(plan))]
         futs = {k: self.client.submit(_ahead_chunk, self._bundle, (self._plane.endpoint, key, k, j, f"-{run}"),
                                       key=k, workers=[slots[j % len(slots)]], allow_other_workers=True, pure=False)
                 for j, k in enumerate(keys)}
         self._ahead = _Ahead(rnd, key, keys, futs)
+        self._ahead.claims = self._claims_ahead(key, plan)
 
-    def _await_plane(self, futs: dict[str, Future]) -> dict[str, Any]:
-        """The chunks' partials as the data plane delivers them; a chunk's error or cancellation, from its
-        Dask future, ends the wait (checked every 50 ms)."""
-        assert self._plane is not None
-        got: dict[str, Any] = {}
+    def _await_plane(self, futs: dict[str, Future], n: int, chunks: int) -> Partial:
+        """The round's root partial, assembled as the chunks' partials arrive over the data plane.
+
+        Each arriving node is combined at once into the round's tree (:class:`flgraph.tree.Incremental`:
+        the same additions in the same order as :func:`flgraph.tree.assemble`, so the same root, bit for
+        bit), so that only the last node's combinations remain when the last client ends. With work sharing
+        (``chunks`` > 0) a task also pushes nodes early (``<key>#eN``, as many as its final answer says).
+        A chunk's error or cancellation, from its Dask future, ends the wait (checked every 50 ms); a task
+        Dask reports done whose partial has not come after :data:`PUSH_GRACE_S` is gathered through Dask.
+        """
+        assert self._plane is not None and self._local is not None
+        reducer = self._local.reducer
+        inc = tree.Incremental(n, lambda a, b: combine_partials(reducer, a, b), check=True)
+        early_of = {e: key for key in futs for e in _early_keys(key, chunks)} if chunks else {}
+        pending = set(futs)  # tasks whose final answer has not come
+        owed: dict[str, float] = {}  # early pushes a final answer announced that have not come: since when
         finished_at: dict[str, float] = {}
-        while len(got) < len(futs):
-            missing = [k for k in futs if k not in got]
-            got.update(self._plane.take(missing, timeout=0.05))
+
+        def fold(key: str, nodes: list[tuple[tuple[int, int], Partial]]) -> None:
+            try:
+                for node, part in nodes:
+                    inc.add_node(node, part)
+            except ValueError as e:  # cannot happen with one claim per position; rerun rather than guess
+                raise _LostWork(f"the chunk task {key} sent a partial that does not fit the round: {e}") from e
+
+        def answer(key: str, result: Any) -> None:
+            pending.discard(key)
+            if isinstance(result, _Sent):  # it sent nodes on early too: those not here yet are owed
+                now = time.monotonic()
+                owed.update((e, now) for e in (f"{key}#e{i}" for i in range(result.early)) if e in early_of)
+                result = result.nodes
+            fold(key, result)
+
+        while pending or owed:
+            got = self._plane.take([*pending, *early_of], timeout=0.05)
+            for k, value in got.items():
+                if k in early_of:
+                    del early_of[k]
+                    owed.pop(k, None)
+                    fold(k, value)
+                else:
+                    answer(k, value)
             now = time.monotonic()
-            for key in missing:
-                if key in got:
-                    continue
+            for e, since in owed.items():
+                if now - since > PUSH_GRACE_S:
+                    raise _LostWork(f"the chunk task {e.split('#')[0]} sent early partials that never arrived")
+            for key in [k for k in pending if k not in got]:
                 fut = futs[key]
                 if fut.status == "error":
                     self._gather([fut])  # raises the client's error
@@ -410,26 +474,13 @@ class DaskTransport:
                         raise ClusterError(f"the chunk task {key} sent its partial, but it never arrived")
                     if isinstance(result, str) and result == NO_WORK:
                         raise _LostWork(f"the chunk task {key} gave up waiting for its job")
-                    got[key] = result
-        for key, result in got.items():
-            if isinstance(result, _Sent):  # the nodes it sent on early came first, on the same socket
-                got[key] = [*self._take_early(key, result.early), *result.nodes]
-        return got
-
-    def _take_early(self, key: str, count: int) -> list[tuple[tuple[int, int], Partial]]:
-        """The nodes chunk task ``key`` pushed early (``count`` pushes); they normally arrived before its
-        final answer. Missing ones after :data:`PUSH_GRACE_S` make the round run again."""
-        assert self._plane is not None
-        want = [f"{key}#e{i}" for i in range(count)]
-        got: dict[str, Any] = {}
-        end = time.monotonic() + PUSH_GRACE_S
-        while len(got) < count:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise _LostWork(f"the chunk task {key} sent {count} early partials; "
-                                f"{count - len(got)} never arrived")
-            got.update(self._plane.take([k for k in want if k not in got], timeout=left))
-        return [node for k in want for node in got[k]]
+                    answer(key, result)
+        if inc.covered != n:
+            # work sharing: a task that died (its worker with it) had claimed positions no one ran; Dask's
+            # rerun of it finds them claimed. Run the round again with a fresh table.
+            raise _LostWork("clients claimed by a chunk task that did not finish (a worker left)")
+        root: Partial = inc.root()
+        return root
 
     def _broadcast(self, name: str, flat: np.ndarray) -> list[Future]:
         """One copy of ``flat`` on each worker (keys ``<name>-w0``, ``-w1``...), in one scatter.
