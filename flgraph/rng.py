@@ -17,11 +17,12 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import numpy as np
 
-__all__ = ["seed_sequence", "stage_tag", "stream", "torch_seed"]
+__all__ = ["client_torch_seed", "seed_sequence", "stage_tag", "stream", "torch_seed"]
 
 
 def stage_tag(stage_class: str, occurrence: int = 0) -> int:
@@ -42,3 +43,35 @@ def stream(seed: int, *key: int) -> np.random.Generator:
 def torch_seed(seed: int, *key: int) -> int:
     """A 63-bit integer seed for torch generators, derived like :func:`stream`."""
     return int(seed_sequence(seed, *key).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+SEED_BLOCK = 16  # client_torch_seed computes this many clients' seeds at a time
+_seeds = threading.local()
+
+
+def client_torch_seed(seed: int, tag: int, rnd: int, ids: np.ndarray, pos: int) -> int:
+    """``torch_seed(seed, tag, rnd, ids[pos])``, the seed of the client at position ``pos`` of a round's
+    clients ``ids``, computed for a block of :data:`SEED_BLOCK` of them at a time.
+
+    A client's training starts with the caches its predecessor's training filled, where one seed costs
+    40-60 us (8-9 us in a warm loop; W1 on 2 workers). So the seeds of ``pos``'s block are computed
+    together and kept (per thread, for the latest round) until their clients ask for them.
+
+    Example:
+        >>> ids = np.array([7, 3, 9])
+        >>> client_torch_seed(0, 1, 2, ids, 1) == torch_seed(0, 1, 2, 3)
+        True
+    """
+    key = (int(seed), int(tag), int(rnd))
+    cache = getattr(_seeds, "cache", None)
+    if cache is None or cache[0] != key:
+        cache = _seeds.cache = (key, {})
+    table: dict[int, int] = cache[1]
+    cid = int(ids[pos])
+    value = table.get(cid)
+    if value is None:
+        lo = pos - pos % SEED_BLOCK
+        for c in np.asarray(ids[lo : lo + SEED_BLOCK]).tolist():
+            table[int(c)] = torch_seed(seed, tag, rnd, int(c))
+        value = table[cid]
+    return value

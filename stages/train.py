@@ -43,7 +43,7 @@ from flgraph.errors import ClientError, ConfigError
 from flgraph.graph import ClientStage
 from flgraph.models.adapter import BoundModel, ModelAdapter
 from flgraph.params import all_finite
-from flgraph.rng import stream, torch_seed
+from flgraph.rng import client_torch_seed, stream
 
 from .split import check_fraction, heldout
 
@@ -158,7 +158,7 @@ class LocalTrain(ClientStage):
         steps = work.setting("steps", self.steps)
         ctx = TrainContext(work.round, work.client, epochs, steps, self.batch_size, self.lr, device,
                            (work.seed, work.tag, work.round, work.client))
-        _seed_torch(device, torch_seed(work.seed, work.tag, work.round, work.client))
+        _seed_torch(device, client_torch_seed(work.seed, work.tag, work.round, work.clients.ids, work.position))
         data = work.data
         if self.holdout > 0:
             keep = ~heldout(work.seed, work.client, len(data.y), self.holdout)
