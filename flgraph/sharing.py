@@ -10,7 +10,7 @@ finished its own chunk, claims from the back. They meet somewhere in the middle,
 about one client of each other.
 
 The result does not depend on where they meet. Each task returns the maximal tree nodes over the
-positions it ran (:class:`flgraph.tree.Incremental`), the driver assembles the root from all of them, and
+positions it ran (:class:`flgraph.tree.Incremental`), the driver adds them into the round's tree, and
 every addition still happens at the same node of the same tree: the sum is bit-identical to the static
 split's, whatever the timing, the cluster size or the order of arrivals. The price is a few more partials
 per round (a split range returns the nodes that cover each piece; about 3 per piece for 50 clients). So
@@ -188,7 +188,8 @@ def run_shared(share: Share, n: int, leaf: Callable[[int], Any], combine: Callab
     is called whenever what this task holds can no longer grow: when it claims a chunk's last position
     (before running it) and when it leaves a chunk. So the task that runs a round's last client sends only
     that client's leaf at the end; its other nodes, and the other tasks' nodes, travel while that client
-    trains. The driver's :func:`~flgraph.tree.assemble` combines them at the same tree nodes as before.
+    trains. The driver adds them into the round's tree as they arrive
+    (:meth:`~flgraph.tree.Incremental.add_node`), at the same tree nodes as before.
     """
     inc = Incremental(n, combine)
     try:

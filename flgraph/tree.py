@@ -3,9 +3,9 @@
 The round's ``n`` client positions are the leaves of a binary tree: node ``[lo, hi)`` splits at
 ``(lo + hi) // 2``. A chunk of clients ``[a, b)`` returns the values of the maximal tree nodes that
 cover it (:func:`cover`); the driver (or combine tasks) assembles the root from whatever nodes arrive
-(:func:`assemble`). Every floating-point addition happens at the same node whatever the chunking, so
-the result is bit-identical with 1 or 100 workers and any chunk size. With the default chunking
-(:func:`chunks`) each chunk is exactly one node and returns one partial.
+(:func:`assemble`, or :class:`Incremental` as they arrive). Every floating-point addition happens at the
+same node whatever the chunking, so the result is bit-identical with 1 or 100 workers and any chunk size.
+With the default chunking (:func:`chunks`) each chunk is exactly one node and returns one partial.
 
 Example:
     >>> from flgraph.tree import cover, chunks, assemble
