@@ -186,10 +186,12 @@ def run_shared(share: Share, n: int, leaf: Callable[[int], Any], combine: Callab
 
     ``emit(nodes)``, if given, sends finished nodes on early (True when it did; False keeps them here). It
     is called whenever what this task holds can no longer grow: when it claims a chunk's last position
-    (before running it) and when it leaves a chunk. So the task that runs a round's last client sends only
-    that client's leaf at the end; its other nodes, and the other tasks' nodes, travel while that client
-    trains. The driver adds them into the round's tree as they arrive
-    (:meth:`~flgraph.tree.Incremental.add_node`), at the same tree nodes as before.
+    (before running it: all but the nodes that position's leaf will be added to) and when it leaves a
+    chunk. So the task that runs a round's last client sends one node at the end (that client's leaf
+    added to its finished siblings, the additions the driver would otherwise make after it); its other
+    nodes, and the other tasks' nodes, travel while that client trains. The driver adds them into the
+    round's tree as they arrive (:meth:`~flgraph.tree.Incremental.add_node`), at the same tree nodes as
+    before.
     """
     inc = Incremental(n, combine)
     try:
@@ -197,20 +199,25 @@ def run_shared(share: Share, n: int, leaf: Callable[[int], Any], combine: Callab
     except FileNotFoundError:
         return []
 
-    def flush() -> None:
-        if emit is not None and inc.done and emit(sorted(inc.done.items())):
-            inc.done.clear()
+    def flush(last: int | None = None) -> None:
+        """Send what is held, except (``last``: the piece's last position, about to run) the nodes that
+        position's leaf will be added to: they travel as one node with it instead of one each."""
+        keep = inc.partners(last) if last is not None else set()
+        send = [(node, value) for node, value in sorted(inc.done.items()) if node not in keep]
+        if emit is not None and send and emit(send):
+            for node, _ in send:
+                del inc.done[node]
 
     with claims:
         while (pos := claims.take_front(share.index)) is not None:
             if claims.exhausted(share.index):
-                flush()
+                flush(pos)
             inc.add(pos, leaf(pos))
         flush()
         while (other := claims.adopt(share.index)) is not None:
             while (pos := claims.take_back(other)) is not None:
                 if claims.exhausted(other):
-                    flush()
+                    flush(pos)
                 inc.add(pos, leaf(pos))
             flush()
     return sorted(inc.done.items())

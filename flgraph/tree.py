@@ -168,6 +168,33 @@ class Incremental:
         self.covered += b - a
         self._climb(path, value)
 
+    def partners(self, pos: int) -> set[Node]:
+        """The finished nodes that leaf ``pos``, once added, will be combined with (its siblings up the
+        tree, as far as they are finished).
+
+        Example:
+            >>> inc = Incremental(8, lambda a, b: a + b)
+            >>> for pos in (0, 1, 2, 4):
+            ...     inc.add(pos, pos)
+            >>> sorted(inc.partners(3)), sorted(inc.partners(5))
+            ([(0, 2), (2, 3)], [(4, 5)])
+        """
+        path = [(0, self.n)]
+        while path[-1][1] - path[-1][0] > 1:
+            lo, hi = path[-1]
+            mid = (lo + hi) // 2
+            path.append((lo, mid) if pos < mid else (mid, hi))
+        out: set[Node] = set()
+        node = path[-1]
+        for lo, hi in reversed(path[:-1]):
+            mid = (lo + hi) // 2
+            sibling = (mid, hi) if node == (lo, mid) else (lo, mid)
+            if sibling not in self.done:
+                break
+            out.add(sibling)
+            node = (lo, hi)
+        return out
+
     def _climb(self, path: list[Node], value: Any) -> None:
         """Combine the value of node ``path[-1]`` with finished siblings up ``path`` (root first)."""
         node = path[-1]

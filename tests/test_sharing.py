@@ -140,6 +140,21 @@ def test_finished_nodes_are_sent_early_and_the_sum_is_unchanged(tmp_path):
             assert all(emitted[j] == [] for j in range(3))
 
 
+def test_a_chunk_run_alone_travels_as_one_node(tmp_path):
+    """At a chunk's last position a task keeps the nodes that position's leaf will be added to: a chunk
+    its own task runs to the end (no helper) is sent as one node, not as its cover plus a leaf."""
+    n = 13
+    values = np.arange(1, n + 1, dtype=np.float32) / 7
+    path = str(tmp_path / "claims")
+    Claims.create(path, [(0, n)])
+    batches: list[list[tuple[tuple[int, int], np.float32]]] = []
+    held = run_shared(Share(path, 0), n, lambda p: values[p], lambda a, b: np.float32(a + b),
+                      lambda sent: batches.append(list(sent)) is None)
+    expected = tree.evaluate(0, n, lambda p: values[p], lambda a, b: np.float32(a + b))
+    assert held == [] and [[node for node, _ in b] for b in batches] == [[(0, n)]]
+    assert batches[0][0][1].tobytes() == expected.tobytes()
+
+
 def _train_slow_on_worker_0(model, data, ctx):
     """One SGD step; 30 ms slower on the worker named 0. Reports whether it ran there."""
     import torch
