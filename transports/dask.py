@@ -17,7 +17,10 @@ next round's chunk tasks are submitted while the current one runs. Each starts o
 that worker's current chunk ends and waits there for its job; the driver offers it (params, clients) the
 moment the next round's clients are chosen, or withdraws it when the round does not come (the end of
 ``fit``, an error, client work outside a round). A waiting task gives up by itself when other work is
-queued behind it on its worker, or when Dask cancels it, so it can hold up nothing.
+queued behind it on its worker, or when Dask cancels it, so it can hold up nothing. While a round trains,
+the driver also prepares the next one (the engine's ``prepare``: Select chooses its clients; the claims
+table of work sharing is written) and adds the partials into the round's tree as they arrive, so that
+little is left between the last client's end and the next round's start.
 
 Task keys carry the stage and the round, e.g. ``local-train-r00012-c0001-<run>``,
 ``aggregate-r00012-n0-50-<run>`` and ``broadcast-r00012-<run>-w0`` (one copy per worker), so the dashboard
