@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 __all__ = ["Incremental", "assemble", "chunks", "cover", "evaluate"]
@@ -134,11 +134,7 @@ class Incremental:
         if self._check:
             self.add_node((pos, pos + 1), value)
             return
-        path = [(0, self.n)]
-        while path[-1][1] - path[-1][0] > 1:
-            lo, hi = path[-1]
-            mid = (lo + hi) // 2
-            path.append((lo, mid) if pos < mid else (mid, hi))
+        path = self._leaf_path(pos)
         if path[-1] != (pos, pos + 1):
             raise ValueError(f"{pos} is not a position of the tree over [0, {self.n})")
         self.covered += 1
@@ -179,34 +175,37 @@ class Incremental:
             >>> sorted(inc.partners(3)), sorted(inc.partners(5))
             ([(0, 2), (2, 3)], [(4, 5)])
         """
+        return {sibling for _, sibling, _ in self._finished_siblings(self._leaf_path(pos))}
+
+    def _leaf_path(self, pos: int) -> list[Node]:
+        """The nodes from the root down to the one-position node holding ``pos``."""
         path = [(0, self.n)]
         while path[-1][1] - path[-1][0] > 1:
             lo, hi = path[-1]
             mid = (lo + hi) // 2
             path.append((lo, mid) if pos < mid else (mid, hi))
-        out: set[Node] = set()
+        return path
+
+    def _finished_siblings(self, path: list[Node]) -> Iterator[tuple[Node, Node, Node]]:
+        """(node, its finished sibling, their parent) up ``path`` (root first) from its last node, as long
+        as the siblings are finished."""
         node = path[-1]
         for lo, hi in reversed(path[:-1]):
             mid = (lo + hi) // 2
             sibling = (mid, hi) if node == (lo, mid) else (lo, mid)
             if sibling not in self.done:
-                break
-            out.add(sibling)
+                return
+            yield node, sibling, (lo, hi)
             node = (lo, hi)
-        return out
 
     def _climb(self, path: list[Node], value: Any) -> None:
         """Combine the value of node ``path[-1]`` with finished siblings up ``path`` (root first)."""
-        node = path[-1]
-        for lo, hi in reversed(path[:-1]):
-            mid = (lo + hi) // 2
-            sibling = (mid, hi) if node == (lo, mid) else (lo, mid)
-            if sibling not in self.done:
-                break
+        top = path[-1]
+        for node, sibling, parent in self._finished_siblings(path):
             other = self.done.pop(sibling)
             value = self.combine(value, other) if node[0] < sibling[0] else self.combine(other, value)
-            node = (lo, hi)
-        self.done[node] = value
+            top = parent
+        self.done[top] = value
 
     def root(self) -> Any:
         """The value of ``[0, n)`` (every leaf added)."""
