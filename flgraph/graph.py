@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from abc import ABC, abstractmethod
@@ -47,7 +48,9 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
 }
 
 
+@functools.cache
 def _kebab(name: str) -> str:
+    """``LocalTrain`` -> ``local-train`` (cached: a stage's name is read once per client)."""
     return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
 
 
