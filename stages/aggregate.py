@@ -35,7 +35,14 @@ __all__ = ["Aggregate", "WeightedMean"]
 
 
 class WeightedMean(Reducer):
-    """Sample-weighted mean of the client deltas (``weight="samples"``) or the plain mean (``"uniform"``)."""
+    """Sample-weighted mean of the client deltas (``weight="samples"``) or the plain mean (``"uniform"``).
+
+    A partial sum is ``(acc, weight, scale)``: the weighted sum of its deltas is ``scale * acc`` and
+    ``weight`` their total weight. A leaf is the delta itself with ``scale`` its weight, so no client's
+    delta is multiplied by its weight; two parts with the same scale (equal weights: every client the same
+    size, or ``"uniform"``) add in one pass, others in two (the right part rescaled to the left's).
+    ``finalize`` multiplies by ``scale / weight`` once.
+    """
 
     def __init__(self, weight: str = "samples", *, dtype: str | None = None) -> None:
         if weight not in ("samples", "uniform"):
@@ -45,7 +52,8 @@ class WeightedMean(Reducer):
         self.weight = weight
         self.dtype = dtype
 
-    def leaf(self, update: Update, spec: ParamSpec) -> tuple[np.ndarray, float]:
+    def leaf(self, update: Update, spec: ParamSpec) -> tuple[np.ndarray, float, float]:
+        """``(acc, weight, scale)``: the weighted sum of the deltas is ``scale * acc`` (see the class docstring)."""
         w = float(update.num_samples) if self.weight == "samples" else 1.0
         delta = update.decoded(spec)
         if self.dtype is not None and delta.dtype != np.dtype(self.dtype):
@@ -55,20 +63,27 @@ class WeightedMean(Reducer):
             update.delta = None
         else:
             acc = np.array(delta, copy=True)
-        acc *= w
-        return acc, w
+        return acc, w, w
 
-    def combine(self, left: Any, right: Any) -> tuple[np.ndarray, float]:
-        acc, w = left
-        acc += right[0]
-        POOL.give(right[0])  # the right operand is consumed: its buffer serves the next client's delta
-        return acc, w + right[1]
+    def combine(self, left: Any, right: Any) -> tuple[np.ndarray, float, float]:
+        acc, w, s = left
+        racc, rw, rs = right
+        if s == 0.0 and rs != 0.0:  # the left part carries no weight: the sum is the right part's
+            POOL.give(acc)
+            return (racc if racc.flags.writeable else racc.copy()), w + rw, rs
+        if rs == s:
+            acc += racc
+        elif rs != 0.0:
+            # two passes, the same wherever this node is combined (worker or driver), so the same bits
+            acc += np.multiply(racc, rs / s, out=racc if racc.flags.writeable else None)
+        POOL.give(racc)  # the right operand is consumed: its buffer serves the next client's delta
+        return acc, w + rw, s
 
     def finalize(self, acc: Any, spec: ParamSpec) -> tuple[np.ndarray, float]:
-        total, w = acc
+        total, w, s = acc
         if w <= 0:
             raise ConfigError("the updates of this round carry no weight (every client had 0 samples)")
-        return (total / w).astype(spec.carrier, copy=False), w  # total / w is new: no second copy
+        return (total * (s / w)).astype(spec.carrier, copy=False), w  # a new array: no second copy
 
     def __repr__(self) -> str:
         return f"WeightedMean(weight={self.weight!r}, dtype={self.dtype!r})"

@@ -123,11 +123,12 @@ class BufferedAggregate(ReduceStage):
         return state
 
     def add(self, state: dict[str, Any], value: Any, staleness: int) -> bool:
-        """Add one update's leaf value (weighted delta, weight); False if it is too stale (dropped)."""
+        """Add one update's leaf value (:class:`WeightedMean`'s ``(acc, weight, scale)``: the weighted delta is
+        ``scale * acc``); False if it is too stale (dropped)."""
         if self.max_staleness is not None and staleness > self.max_staleness:
             return False
-        acc, w = value
-        f = float(self.staleness(staleness))
+        acc, w, scale = value
+        f = float(self.staleness(staleness)) * scale
         state["acc"] += acc * acc.dtype.type(f) if f != 1.0 else acc
         state["weight"] = float(state["weight"]) + float(w)
         state["count"] = int(state["count"]) + 1

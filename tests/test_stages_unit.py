@@ -87,6 +87,55 @@ def test_weighted_mean_is_bit_identical_for_any_chunking():
         assert got.tobytes() == ref.tobytes(), size
 
 
+def test_weighted_mean_scales_no_leaf_and_adds_equal_weights_in_one_pass():
+    """A leaf is the delta itself (scale = its weight); parts of equal scale add without rescaling, so an
+    equal-weight round sums the plain deltas and divides once."""
+    deltas = _deltas(5, SPEC32, seed=6)
+    wm = st.WeightedMean()
+    leaf = wm.leaf(Update(0, 64, 0, deltas[0].copy()), SPEC32)
+    assert leaf[1] == leaf[2] == 64.0 and leaf[0].tobytes() == deltas[0].tobytes()
+    got, weight = _tree_reduce(wm, _updates(deltas, [64] * 5), SPEC32, [(0, 5)])
+    summed = tree.evaluate(0, 5, lambda i: deltas[i].copy(), lambda a, b: a + b)  # the tree's own order
+    assert weight == 320.0
+    assert got.tobytes() == (summed * np.float32(64 / 320)).astype(np.float32).tobytes()
+
+
+def test_weighted_mean_parts_with_no_weight():
+    """Clients with 0 samples weigh nothing wherever they sit in the tree (left or right part)."""
+    deltas = _deltas(6, SPEC32, seed=7)
+    counts = [0, 5, 0, 0, 3, 0]
+    got, weight = _tree_reduce(st.WeightedMean(), _updates(deltas, counts), SPEC32, [(0, 6)])
+    assert weight == 8.0
+    expected = np.average(np.stack(deltas).astype(np.float64), axis=0, weights=counts)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for size in range(1, 7):  # and the same bits for any chunking
+        again, _ = _tree_reduce(st.WeightedMean(), _updates(deltas, counts), SPEC32, tree.chunks(6, 1, size=size))
+        assert again.tobytes() == got.tobytes(), size
+
+
+def test_weighted_mean_combines_read_only_parts_to_the_same_bits():
+    """A part that arrives read-only (e.g. deserialized from a message) is combined exactly like a
+    writable one, so where a node is combined (worker or driver) cannot change the result."""
+    wm = st.WeightedMean()
+    deltas = _deltas(2, SPEC32, seed=8)
+
+    def parts(read_only: bool):
+        left = wm.leaf(Update(0, 3, 0, deltas[0].copy()), SPEC32)
+        right = wm.leaf(Update(1, 11, 0, deltas[1].copy()), SPEC32)
+        if read_only:
+            right[0].flags.writeable = False
+        return left, right
+
+    a = wm.finalize(wm.combine(*parts(False)), SPEC32)[0]
+    b = wm.finalize(wm.combine(*parts(True)), SPEC32)[0]
+    assert a.tobytes() == b.tobytes()
+    zero_left = wm.leaf(Update(0, 0, 0, deltas[0].copy()), SPEC32)
+    ro_right = parts(True)[1]
+    acc, w, scale = wm.combine(zero_left, ro_right)  # the sum is the right part's: kept writable
+    assert acc.flags.writeable and w == 11.0 and scale == 11.0
+    np.testing.assert_array_equal(acc, deltas[1])
+
+
 def test_weighted_mean_decodes_encoded_updates():
     deltas = _deltas(4, SPEC32, seed=4)
     counts = [3, 1, 4, 1]
