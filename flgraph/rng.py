@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["client_torch_seed", "seed_sequence", "stage_tag", "stream", "torch_seed"]
+__all__ = ["client_torch_seed", "seed_sequence", "stage_tag", "stream", "torch_seed", "torch_seeds"]
 
 
 def stage_tag(stage_class: str, occurrence: int = 0) -> int:
@@ -45,17 +45,99 @@ def torch_seed(seed: int, *key: int) -> int:
     return int(seed_sequence(seed, *key).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-SEED_BLOCK = 16  # client_torch_seed computes this many clients' seeds at a time
+# numpy's SeedSequence constants (numpy/random/bit_generator.pyx; stream-stable by numpy's policy)
+_POOL = 4
+_INIT_A, _MULT_A = 0x43B0D7E5, 0x931E8875
+_INIT_B, _MULT_B = 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
+_M32 = 0xFFFFFFFF
+
+
+def _words(n: int) -> list[int]:
+    """``n`` as SeedSequence reads an int: little-endian 32-bit words, ``[0]`` for 0."""
+    out = [n & _M32]
+    n >>= 32
+    while n:
+        out.append(n & _M32)
+        n >>= 32
+    return out
+
+
+def torch_seeds(seed: int, key: tuple[int, ...], ids: np.ndarray) -> np.ndarray:
+    """``torch_seed(seed, *key, i)`` for every ``i`` of ``ids``, as a uint64 array, in one vector pass.
+
+    A SeedSequence costs 8-60 us in Python (more when the caches are cold), so a round of clients pays
+    milliseconds for its seeds one by one. The streams differ only in their last spawn-key word, the
+    client id, which SeedSequence mixes in last: the mixing of everything before it is done once, with
+    Python ints, and only the last word's mixing and ``generate_state`` run as numpy uint32 arithmetic over
+    all the ids together (the same operations, wrapping at 2**32 as SeedSequence's C code does). Ids
+    outside ``0 .. 2**32 - 1`` take the one-by-one path.
+
+    Example:
+        >>> ids = np.array([7, 3, 9])
+        >>> [int(s) for s in torch_seeds(0, (1, 2), ids)] == [torch_seed(0, 1, 2, i) for i in (7, 3, 9)]
+        True
+    """
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return np.zeros(0, np.uint64)
+    if ids.dtype.kind not in "iu" or int(ids.min()) < 0 or int(ids.max()) > _M32:
+        return np.array([torch_seed(seed, *key, int(i)) for i in ids.tolist()], np.uint64)
+    run = _words(int(seed))
+    # a spawn key pads the run entropy to the pool size (numpy >= 1.19), then follows it word by word
+    head = run + [0] * max(0, _POOL - len(run)) + [w for k in key for w in _words(int(k))]
+    hc = _INIT_A
+
+    def hashmix(value: int) -> int:
+        nonlocal hc
+        value ^= hc
+        hc = (hc * _MULT_A) & _M32
+        value = (value * hc) & _M32
+        return value ^ (value >> 16)
+
+    def mix(x: int, y: int) -> int:
+        r = (_MIX_L * x - _MIX_R * y) & _M32
+        return r ^ (r >> 16)
+
+    pool = [hashmix(head[i]) for i in range(_POOL)]  # head holds at least _POOL + 1 words
+    for src in range(_POOL):
+        for dst in range(_POOL):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for word in head[_POOL:]:
+        for dst in range(_POOL):
+            pool[dst] = mix(pool[dst], hashmix(word))
+    last = ids.astype(np.uint32)  # the id: the last entropy word, mixed into each pool word
+    vec: list[np.ndarray] = []
+    for dst in range(_POOL):
+        h = last ^ np.uint32(hc)
+        hc = (hc * _MULT_A) & _M32
+        h *= np.uint32(hc)
+        h ^= h >> np.uint32(16)
+        r = np.uint32((_MIX_L * pool[dst]) & _M32) - np.uint32(_MIX_R) * h  # array arithmetic wraps
+        r ^= r >> np.uint32(16)
+        vec.append(r)
+    out: list[np.ndarray] = []  # generate_state(2, uint64): the first two 32-bit words make the seed
+    hb = _INIT_B
+    for i in range(2):
+        v = vec[i] ^ np.uint32(hb)
+        hb = (hb * _MULT_B) & _M32
+        v *= np.uint32(hb)
+        v ^= v >> np.uint32(16)
+        out.append(v)
+    return (out[0].astype(np.uint64) | (out[1].astype(np.uint64) << np.uint64(32))) >> np.uint64(1)
+
+
 _seeds = threading.local()
 
 
 def client_torch_seed(seed: int, tag: int, rnd: int, ids: np.ndarray, pos: int) -> int:
     """``torch_seed(seed, tag, rnd, ids[pos])``, the seed of the client at position ``pos`` of a round's
-    clients ``ids``, computed for a block of :data:`SEED_BLOCK` of them at a time.
+    clients ``ids``.
 
-    A client's training starts with the caches its predecessor's training filled, where one seed costs
-    40-60 us (8-9 us in a warm loop; W1 on 2 workers). So the seeds of ``pos``'s block are computed
-    together and kept (per thread, for the latest round) until their clients ask for them.
+    The seeds of all of ``ids`` are computed at the first request (:func:`torch_seeds`, one vector pass:
+    about 60 us for a round, where one SeedSequence costs 20 us in a worker between two trainings) and kept
+    (per thread, for the latest round and ``ids``) until their clients ask for them.
 
     Example:
         >>> ids = np.array([7, 3, 9])
@@ -64,14 +146,10 @@ def client_torch_seed(seed: int, tag: int, rnd: int, ids: np.ndarray, pos: int) 
     """
     key = (int(seed), int(tag), int(rnd))
     cache = getattr(_seeds, "cache", None)
-    if cache is None or cache[0] != key:
-        cache = _seeds.cache = (key, {})
-    table: dict[int, int] = cache[1]
-    cid = int(ids[pos])
-    value = table.get(cid)
-    if value is None:
-        lo = pos - pos % SEED_BLOCK
-        for c in np.asarray(ids[lo : lo + SEED_BLOCK]).tolist():
-            table[int(c)] = torch_seed(seed, tag, rnd, int(c))
-        value = table[cid]
-    return value
+    if cache is None or cache[0] != key or cache[1] is not ids:
+        if cache is None or cache[0] != key or not np.array_equal(cache[1], ids):
+            cache = (key, ids, torch_seeds(seed, (tag, rnd), ids).tolist())
+        else:
+            cache = (key, ids, cache[2])  # the same round's ids in another array
+        _seeds.cache = cache
+    return int(cache[2][pos])
