@@ -23,10 +23,11 @@ session, with 6.5 nodes a round reaching the driver instead of 13.7).
 
 The table is a file in the data plane's private directory (so only for workers on the driver's machine),
 one row ``[next front, end of back, helper]`` per chunk, changed under an exclusive ``flock``; a claim
-costs two system calls. ``FLGRAPH_SHARE_WORK=0`` (or ``DaskTransport(..., share_work=False)``) turns
-sharing off; a ``chunk_size`` given to ``Run`` keeps its chunks as they are. A chunk's own task never
-waits for a helper and a helper never waits at all: the table only decides who runs which position, each
-position exactly once.
+costs two system calls, so a chunk's own task claims a quarter of what is left at a time and single
+positions near the end (:meth:`Claims.take_front_some`). ``FLGRAPH_SHARE_WORK=0`` (or
+``DaskTransport(..., share_work=False)``) turns sharing off; a ``chunk_size`` given to ``Run`` keeps its
+chunks as they are. A chunk's own task never waits for a helper and a helper never waits at all: the table
+only decides who runs which position, each position exactly once.
 
 Example:
     >>> import tempfile, os
@@ -50,7 +51,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -63,8 +64,11 @@ except ImportError:  # Windows: no flock (and no ipc:// data plane either); the 
 
 __all__ = ["Claims", "Share", "enabled", "run_shared"]
 
+_T = TypeVar("_T")
+
 _FRONT, _BACK, _HELPER = 0, 1, 2
 _NONE = -1
+FRONT_PART = 4  # a chunk's own task claims a quarter of its unclaimed positions at a time (see take_front_some)
 
 
 def enabled() -> bool:
@@ -109,7 +113,7 @@ class Claims:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _locked(self, fn: Callable[[np.ndarray], int | None]) -> int | None:
+    def _locked(self, fn: Callable[[np.ndarray], _T]) -> _T:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             return fn(self._rows)
@@ -118,13 +122,29 @@ class Claims:
 
     def take_front(self, j: int) -> int | None:
         """Claim the next position of chunk ``j`` from its front (its own task); None when none is left."""
+        got = self._take_front(j, 0)
+        return None if got is None else got.start
 
-        def take(rows: np.ndarray) -> int | None:
+    def take_front_some(self, j: int, part: int = FRONT_PART) -> range | None:
+        """Claim the next ``max(1, unclaimed // part)`` positions of chunk ``j`` from its front (its own
+        task, which runs them in order); None when none is left.
+
+        A claim is two system calls under the table's lock (17 us a claim in a W1 worker between two
+        trainings), so the chunk's task takes several positions at once while many are left: with
+        ``part=4``, a 50-client chunk needs about 14 claims instead of 50. It holds at most a quarter of
+        what was left, and single positions once fewer than ``2 * part`` are, so a helper still meets it
+        within one client of the middle."""
+        return self._take_front(j, part)
+
+    def _take_front(self, j: int, part: int) -> range | None:
+        def take(rows: np.ndarray) -> range | None:
             front, back = int(rows[j, _FRONT]), int(rows[j, _BACK])
             if front >= back:
                 return None
-            rows[j, _FRONT] = front + 1
-            return front
+            left = back - front
+            end = front + (left // part if part > 0 and left >= 2 * part else 1)
+            rows[j, _FRONT] = end
+            return range(front, end)
 
         return self._locked(take)
 
@@ -211,10 +231,12 @@ def run_shared(share: Share, n: int, leaf: Callable[[int], Any], combine: Callab
                 del inc.done[node]
 
     with claims:
-        while (pos := claims.take_front(share.index)) is not None:
-            if claims.exhausted(share.index):
-                flush(pos)
-            inc.add(pos, leaf(pos))
+        while (some := claims.take_front_some(share.index)) is not None:
+            last = claims.exhausted(share.index)  # this claim took the chunk's last position
+            for mine in some:
+                if last and mine == some[-1]:
+                    flush(mine)
+                inc.add(mine, leaf(mine))
         flush()
         while (other := claims.adopt(share.index)) is not None:
             while (pos := claims.take_back(other)) is not None:

@@ -22,8 +22,8 @@ from flgraph.sharing import Claims, Share, run_shared
 def _claimer(path: str, me: int, out: mp.Queue) -> None:
     got: list[tuple[int, str, int]] = []  # (position, "front"/"back", chunk)
     with Claims(path) as claims:
-        while (pos := claims.take_front(me)) is not None:
-            got.append((pos, "front", me))
+        while (some := claims.take_front_some(me)) is not None:  # as run_shared claims: blocks, then singles
+            got.extend((pos, "front", me) for pos in some)
         while (other := claims.adopt(me)) is not None:
             while (pos := claims.take_back(other)) is not None:
                 got.append((pos, "back", other))
@@ -53,6 +53,22 @@ def test_every_position_is_claimed_exactly_once_by_processes_racing(tmp_path):
         assert back == list(range(a + len(front), b))
         helpers = {me for me, got in results.items() for _, side, chunk in got if side == "back" and chunk == j}
         assert len(helpers) <= 1 and j not in helpers
+
+
+def test_own_task_claims_a_quarter_of_what_is_left_then_single_positions(tmp_path):
+    """Fewer locked claims for a chunk's own task, and still single positions where a helper may meet it."""
+    path = str(tmp_path / "claims")
+    Claims.create(path, [(0, 50), (50, 60)])
+    with Claims(path) as claims:
+        sizes = []
+        while (some := claims.take_front_some(0)) is not None:
+            assert some.start == sum(sizes)  # in order, no gap, no overlap
+            sizes.append(len(some))
+        assert sum(sizes) == 50 and len(sizes) < 20
+        assert sizes == [12, 9, 7, 5, 4, 3, 2, 2, 1, 1, 1, 1, 1, 1]  # a quarter of what is left; below 8, one
+        assert claims.take_back(1) == 59  # a helper meets the other chunk's task one position at a time
+        assert claims.take_front_some(1) == range(50, 52)  # 9 left: a quarter is 2
+        assert claims.take_front(1) == 52  # the single-position claim of the doctest
 
 
 def test_claims_refuse_bad_tables_and_a_missing_table_means_no_work(tmp_path):
