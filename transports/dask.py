@@ -536,11 +536,14 @@ class DaskTransport:
         """Release the previous round's futures now, keep this round's until the next round is submitted.
 
         Releasing sends a message on the client's batched stream, which then holds the next message (the
-        next round's tasks) back for up to 10 ms; released after the next submit, it costs nothing.
+        next round's tasks) back for up to 10 ms; released after the next submit, it costs nothing. The
+        round is over, so its futures are released, not cancelled: ``Future.release`` queues the release on
+        the client's loop without waiting for it, where ``Client.cancel`` blocks this thread on a round
+        trip to the loop and costs the scheduler a cancellation (0.46 ms a round against 0.03 in W1).
         """
         previous, self._held = self._held, futures
-        if previous:
-            self.client.cancel(previous, force=True)
+        for fut in previous:
+            fut.release()
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
         """``fn(work)`` for each client of ``ids`` on the workers (one task per chunk); results in order."""
