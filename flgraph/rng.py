@@ -99,7 +99,7 @@ def torch_seeds(seed: int, key: tuple[int, ...], ids: np.ndarray) -> np.ndarray:
         r = (_MIX_L * x - _MIX_R * y) & _M32
         return r ^ (r >> 16)
 
-    pool = [hashmix(head[i]) for i in range(_POOL)]  # head holds at least _POOL + 1 words
+    pool = [hashmix(head[i]) for i in range(_POOL)]  # head holds at least _POOL words; the id comes after
     for src in range(_POOL):
         for dst in range(_POOL):
             if src != dst:

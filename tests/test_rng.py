@@ -37,11 +37,11 @@ def test_client_torch_seed_is_torch_seed_whatever_the_order_the_round_or_the_thr
     assert client_torch_seed(7, 11, 9, other, 3) == torch_seed(7, 11, 9, int(other[3]))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2**31, 2**32 - 1, 2**32, 2**64 + 3, 2**100 + 11, 123456789012345])
+@pytest.mark.parametrize("seed", [0, 1, 2**31, 2**32 - 1, 2**32, 2**64 + 3, 2**100 + 11, 2**130 + 7, 123456789012345])
 @pytest.mark.parametrize("key", [(), (5,), (11, 4), (2**32 + 1, 0), (0, 2**31 - 1, 7)])
 def test_torch_seeds_match_numpy_seed_sequence_bit_for_bit(seed: int, key: tuple[int, ...]) -> None:
     """The vector pass reimplements SeedSequence's last mixing step: it must give numpy's own seeds for
-    run seeds of one to four 32-bit words, keys of any length and words, and any id up to 2**32 - 1."""
+    run seeds of one to five 32-bit words, keys of any length and words, and any id up to 2**32 - 1."""
     rng = np.random.default_rng(seed % 1000)
     ids = np.concatenate([rng.integers(0, 1000, 20), [0, 1, 2**31, 2**32 - 1]]).astype(np.int64)
     want = [torch_seed(seed, *key, int(i)) for i in ids]
