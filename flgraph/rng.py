@@ -71,7 +71,8 @@ def torch_seeds(seed: int, key: tuple[int, ...], ids: np.ndarray) -> np.ndarray:
     client id, which SeedSequence mixes in last: the mixing of everything before it is done once, with
     Python ints, and only the last word's mixing and ``generate_state`` run as numpy uint32 arithmetic over
     all the ids together (the same operations, wrapping at 2**32 as SeedSequence's C code does). Ids
-    outside ``0 .. 2**32 - 1`` take the one-by-one path.
+    outside ``0 .. 2**32 - 1`` take the one-by-one path (which refuses negative ones, as SeedSequence
+    does); ids that are not integers are refused.
 
     Example:
         >>> ids = np.array([7, 3, 9])
@@ -79,9 +80,11 @@ def torch_seeds(seed: int, key: tuple[int, ...], ids: np.ndarray) -> np.ndarray:
         True
     """
     ids = np.asarray(ids)
+    if ids.dtype.kind not in "iuO":
+        raise TypeError(f"client ids must be integers, not {ids.dtype}")
     if ids.size == 0:
         return np.zeros(0, np.uint64)
-    if ids.dtype.kind not in "iu" or int(ids.min()) < 0 or int(ids.max()) > _M32:
+    if ids.dtype.kind == "O" or int(ids.min()) < 0 or int(ids.max()) > _M32:
         return np.array([torch_seed(seed, *key, int(i)) for i in ids.tolist()], np.uint64)
     run = _words(int(seed))
     # a spawn key pads the run entropy to the pool size (numpy >= 1.19), then follows it word by word

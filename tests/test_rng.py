@@ -50,7 +50,14 @@ def test_torch_seeds_match_numpy_seed_sequence_bit_for_bit(seed: int, key: tuple
 
 
 def test_torch_seeds_outside_one_word_and_empty() -> None:
-    """Ids that SeedSequence reads as two words take the one-by-one path; no ids give no seeds."""
+    """Ids that SeedSequence reads as two words take the one-by-one path; no ids give no seeds; negative
+    ids are refused as SeedSequence refuses them, and ids that are not integers are refused too."""
     ids = np.array([3, 2**32, 2**40 + 9], np.int64)
     assert [int(s) for s in torch_seeds(0, (1, 2), ids)] == [torch_seed(0, 1, 2, int(i)) for i in ids]
     assert torch_seeds(0, (1, 2), np.array([], np.int64)).shape == (0,)
+    wide = np.array([2**70, 5], dtype=object)  # Python ints past int64
+    assert [int(s) for s in torch_seeds(0, (1,), wide)] == [torch_seed(0, 1, 2**70), torch_seed(0, 1, 5)]
+    with pytest.raises(ValueError, match="non-negative"):
+        torch_seeds(0, (1,), np.array([3, -1]))
+    with pytest.raises(TypeError, match="must be integers"):
+        torch_seeds(0, (1,), np.array([2.5]))
