@@ -122,7 +122,7 @@ class Claims:
 
     def take_front(self, j: int) -> int | None:
         """Claim the next position of chunk ``j`` from its front (its own task); None when none is left."""
-        got = self._take_front(j, 0)
+        got = self.take_front_some(j, 0)
         return None if got is None else got.start
 
     def take_front_some(self, j: int, part: int = FRONT_PART) -> range | None:
@@ -133,10 +133,8 @@ class Claims:
         trainings), so the chunk's task takes several positions at once while many are left: with
         ``part=4``, a 50-client chunk needs about 14 claims instead of 50. It holds at most a quarter of
         what was left, and single positions once fewer than ``2 * part`` are, so a helper still meets it
-        within one client of the middle."""
-        return self._take_front(j, part)
+        within one client of the middle. ``part=0`` claims one position."""
 
-    def _take_front(self, j: int, part: int) -> range | None:
         def take(rows: np.ndarray) -> range | None:
             front, back = int(rows[j, _FRONT]), int(rows[j, _BACK])
             if front >= back:
