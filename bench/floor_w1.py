@@ -31,18 +31,26 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 
-def worker(index: int, procs: int, workload: str, rounds: int, barrier: Any, out: Any) -> None:
-    """Train this process's share (positions index, index + procs, ...) of each round's clients."""
+def _setup(workload: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """This process's W1 module, workload settings, model and the weights every client starts from."""
     import torch
     import w1
 
     torch.set_num_threads(1)
     wl = w1.WORKLOADS[workload]
-    clients, epochs = int(wl["clients"]), int(wl["epochs"])
     model = w1.initial_model(wl["model"])
     start = {k: v.clone() for k, v in model.state_dict().items()}
+    return w1, wl, model, start
+
+
+def _rounds(setup: tuple[Any, dict[str, Any], Any, dict[str, Any]], index: int, procs: int, first: int,
+            last: int, barrier: Any) -> list[float]:
+    """Train this process's share (positions index, index + procs, ...) of rounds ``first..last``'
+    clients, each round started together with the other processes (``barrier``); its seconds a round."""
+    w1, wl, model, start = setup
+    clients, epochs = int(wl["clients"]), int(wl["epochs"])
     times: list[float] = []
-    for rnd in range(1, rounds + 1):
+    for rnd in range(first, last + 1):
         mine = w1.sample_clients(rnd, clients)[index::procs]
         barrier.wait()
         t0 = time.perf_counter()
@@ -52,7 +60,21 @@ def worker(index: int, procs: int, workload: str, rounds: int, barrier: Any, out
             w1.local_train(model, x, y, epochs, rnd, k)
             _ = [v.detach().numpy().copy() for v in model.state_dict().values()]
         times.append(time.perf_counter() - t0)
-    out.put((index, times))
+    return times
+
+
+def worker(index: int, procs: int, workload: str, rounds: int, barrier: Any, out: Any) -> None:
+    """Run rounds 1..``rounds`` and put ``(index, seconds a round)`` on ``out``."""
+    out.put((index, _rounds(_setup(workload), index, procs, 1, rounds, barrier)))
+
+
+def serve(index: int, procs: int, workload: str, barrier: Any, conn: Any) -> None:
+    """Stay alive and run the rounds asked for: ``(first, last)`` received on ``conn``, this process's
+    seconds a round sent back; None ends it (``paired_w1.py`` interleaves the floor with other runs)."""
+    setup = _setup(workload)
+    conn.send("ready")
+    while (asked := conn.recv()) is not None:
+        conn.send(_rounds(setup, index, procs, asked[0], asked[1], barrier))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
