@@ -35,6 +35,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -108,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="W1", choices=list(w1.WORKLOADS))
     ap.add_argument("--sets", type=int, default=10, help="sets of blocks (one block of each side a set)")
-    ap.add_argument("--block", type=int, default=5, help="rounds a block (at least 2: a block's first is left out)")
+    ap.add_argument("--block", type=int, default=5, help="rounds a block (at least 3: a block's first is left out)")
     ap.add_argument("--workers", type=int, default=2, help="flgraph's worker processes and the floor's processes")
     args = ap.parse_args(argv)
-    if args.block < 2 or args.sets < 1:
-        raise SystemExit("--block must be at least 2 and --sets at least 1")
+    if args.block < 3 or args.sets < 1:
+        raise SystemExit("--block must be at least 3 (a block's first round is left out) and --sets at least 1")
 
     wl = w1.WORKLOADS[args.workload]
     ctx = mp.get_context("spawn")
@@ -127,8 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for p in [bare, *floors]:
         p.start()
     for conn in [bare_conn, *floor_conns]:
-        if conn.recv() != "ready":
-            raise SystemExit("a bare or floor process did not start")
+        try:
+            ready = conn.recv()
+        except EOFError:
+            ready = None
+        if ready != "ready":
+            raise SystemExit("a bare-loop or floor process did not start (its error is above)")
 
     run = flgraph.Run(w1.pipeline(clients=int(wl["clients"]), epochs=int(wl["epochs"])),
                       model=w1.initial_model(wl["model"]), data=w1.dataset(), seed=0, workers=args.workers,
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         run.close()
         for conn in [bare_conn, *floor_conns]:
-            conn.send(None)
+            with contextlib.suppress(OSError):  # a process that died has closed its end
+                conn.send(None)
         for p in [bare, *floors]:
             p.join(timeout=30)
 
