@@ -12,7 +12,8 @@ Here the three sides stay alive side by side and take turns every ``--block`` ro
 * **flgraph**: ``Run.fit(block)`` of W1 on an embedded cluster of ``--workers`` single-threaded workers
   (``w1_flgraph.py``'s run), each round's ``round_time`` from the history.
 
-Only one side works at a time; the others wait on a pipe. A *set* is one block of each side, in the order
+Only one side works at a time; the others wait on a pipe. A first, uncounted set warms every side up
+(torch's first steps, the cluster's first rounds). A *set* is one block of each side, in the order
 bare, floor, flgraph, then reversed in the next set, so that a steady drift of the machine's speed weighs
 on every side alike. Each block's figure is the median of its rounds after the first (the first round of a
 block is also the first of a ``fit``, with nothing prepared ahead). The ratios are taken within each set
@@ -30,12 +31,14 @@ Usage (from the repository root)::
 
     .venv/bin/python bench/paired_w1.py                 # W1, 10 sets of 5 rounds each
     .venv/bin/python bench/paired_w1.py --sets 16 --block 4
+    .venv/bin/python bench/paired_w1.py --sets 24 --block 4 --csv notebooks/data/w1_paired.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import multiprocessing as mp
 import os
@@ -99,6 +102,18 @@ def summary(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 4)}
 
 
+def write_csv(path: Path, sets: list[dict[str, Any]]) -> None:
+    """One row a set: its rounds, each side's steady median and the three ratios."""
+    cols = ["set", "first_round", "last_round", "bare_s", "floor_s", "flgraph_s", "flgraph_bare", "floor_bare",
+            "flgraph_floor", "order"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(cols)
+        for row in sets:
+            out.writerow([row["set"], *row["rounds"], *(row[c] for c in cols[3:9]), "-".join(row["order"])])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import w1
     from check_w1 import shared_bench_dir
@@ -111,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sets", type=int, default=10, help="sets of blocks (one block of each side a set)")
     ap.add_argument("--block", type=int, default=5, help="rounds a block (at least 3: a block's first is left out)")
     ap.add_argument("--workers", type=int, default=2, help="flgraph's worker processes and the floor's processes")
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="also write one row a set here (notebooks/w1_performance.ipynb plots "
+                         "notebooks/data/w1_paired.csv)")
     args = ap.parse_args(argv)
     if args.block < 3 or args.sets < 1:
         raise SystemExit("--block must be at least 3 (a block's first round is left out) and --sets at least 1")
@@ -157,10 +175,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load = os.getloadavg()[0]
     t_start = time.perf_counter()
     try:
-        for s in range(args.sets):
-            first, last = s * args.block + 1, (s + 1) * args.block
+        for s in range(-1, args.sets):  # set -1 warms every side up (torch, the cluster's first rounds)
+            first, last = (s + 1) * args.block + 1, (s + 2) * args.block
             order = SIDES if s % 2 == 0 else SIDES[::-1]
             times = {side: block(side, first, last) for side in order}
+            if last == 20:
+                bare_conn.send("evaluate")
+                acc["bare"] = round(float(bare_conn.recv()[0]), 4)
+                acc["flgraph"] = round(float(w1.evaluate(run.model, xt, yt)[0]), 4)
+                print(f"after round 20: accuracy bare {acc['bare']:.4f}, flgraph {acc['flgraph']:.4f}", flush=True)
+            if s < 0:
+                continue
             med = {side: steady(times[side]) for side in SIDES}
             row = {"set": s + 1, "rounds": [first, last], **{f"{k}_s": round(v, 4) for k, v in med.items()},
                    "flgraph_bare": round(med["flgraph"] / med["bare"], 4),
@@ -171,11 +196,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"set {s + 1:2d} rounds {first:3d}-{last:3d}  bare {med['bare']:.4f}s  floor {med['floor']:.4f}s  "
                   f"flgraph {med['flgraph']:.4f}s   flgraph/bare {row['flgraph_bare']:.3f}  "
                   f"floor/bare {row['floor_bare']:.3f}  flgraph/floor {row['flgraph_floor']:.3f}", flush=True)
-            if last == 20:
-                bare_conn.send("evaluate")
-                acc["bare"] = round(float(bare_conn.recv()[0]), 4)
-                acc["flgraph"] = round(float(w1.evaluate(run.model, xt, yt)[0]), 4)
-                print(f"after round 20: accuracy bare {acc['bare']:.4f}, flgraph {acc['flgraph']:.4f}", flush=True)
     finally:
         run.close()
         for conn in [bare_conn, *floor_conns]:
@@ -201,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "accuracy_after_20": acc, "expected_acc": expected, "acc_ok": acc_ok,
         "loadavg_1m_start": round(load, 2), "wall_s": round(time.perf_counter() - t_start, 1), "per_set": sets,
     }
+    if args.csv is not None:
+        write_csv(args.csv, sets)
     r = ratios
     print(f"\nW1 paired: {args.sets} sets of {args.block} rounds, flgraph on {args.workers} workers, "
           f"{os.cpu_count()} cpus, {res['wall_s']} s")
