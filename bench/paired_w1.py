@@ -12,15 +12,17 @@ Here the three sides stay alive side by side and take turns every ``--block`` ro
 * **flgraph**: ``Run.fit(block)`` of W1 on an embedded cluster of ``--workers`` single-threaded workers
   (``w1_flgraph.py``'s run), each round's ``round_time`` from the history.
 
-Only one side works at a time; the others wait on a pipe. A first, uncounted set warms every side up
-(torch's first steps, the cluster's first rounds). A *set* is one block of each side, in the order
-bare, floor, flgraph, then reversed in the next set, so that a steady drift of the machine's speed weighs
-on every side alike. Each block's figure is the median of its rounds after the first (the first round of a
-block is also the first of a ``fit``, with nothing prepared ahead). The ratios are taken within each set
-(seconds apart) and their median over the sets is reported, with the lowest and highest. Noise only ever
-slows a block down, so the ratios of each side's *fastest* block are reported too: the sides as they run
-on a quiet machine. The floor's fastest block against the bare loop's says whether the machine gave two
-processes two cores at all during the run (at most 0.55x); when it did not, no orchestration of two
+Only one side works at a time; the others wait on a pipe (the bare and floor processes use no CPU then;
+flgraph's idle cluster keeps about 3.5% of one core busy with Dask's heartbeats and monitors, which the
+floor's two processes feel most: its figures may be 1-2% slower than alone, flgraph/floor that much lower). A
+first, uncounted set warms every side up (torch's first steps, the cluster's first rounds). A *set* is one
+block of each side, in the order bare, floor, flgraph, then reversed in the next set, so that a steady drift
+of the machine's speed weighs on every side alike. Each block's figure is the median of its rounds after the
+first (the first round of a block is also the first of a ``fit``, with nothing prepared ahead). The ratios are
+taken within each set (seconds apart) and their median over the sets is reported, with the lowest and highest.
+Noise only ever slows a block down, so the ratios of each side's *fastest* block are reported too: the sides
+as they run on a quiet machine. The floor's fastest block against the bare loop's says whether the machine
+gave two processes two cores at all during the run (at most 0.55x); when it did not, no orchestration of two
 processes could reach the issue's 0.6x, and the figure to read is flgraph / floor.
 
 Both W1 runs go on from round to round across blocks; after round 20 the bare loop and flgraph are both
