@@ -131,16 +131,18 @@ class RunDirectory:
         # round -> committed?, for every snapshot group; read from the store once, then kept up to date by
         # write and prune (a writer is the directory's only writer), so a snapshot costs few store calls
         self._known: dict[int, bool] | None = None
+        # the driver (retained_rounds) and the writer's thread (write) may both be first to ask: the table is
+        # read from the store once, under this lock, and never while a write of this directory is under way
+        self._known_lock = threading.Lock()
         self._table: Any = None  # the metrics table, opened once
 
     def _snapshots(self) -> dict[int, bool]:
-        if self._known is None:
-            self._known = {}
-            for rnd in self.snapshot_rounds(committed_only=False):
-                self._known[rnd] = False
-            for rnd in self.snapshot_rounds():
-                self._known[rnd] = True
-        return self._known
+        with self._known_lock:
+            if self._known is None:
+                known = dict.fromkeys(self.snapshot_rounds(committed_only=False), False)
+                known.update(dict.fromkeys(self.snapshot_rounds(), True))
+                self._known = known
+            return self._known
 
     # -- opening ---------------------------------------------------------------------------------------
     @staticmethod
@@ -290,9 +292,9 @@ class RunDirectory:
     def snapshot_rounds(self, committed_only: bool = True) -> list[int]:
         snaps = self.group["snapshots"]
         out = []
-        for name in snaps.group_keys():
-            if not name.startswith("r"):
-                continue
+        for name in self._snapshot_names():
+            if not (name.startswith("r") and name[1:].isdigit()):
+                continue  # not a snapshot of ours
             try:
                 ok = snaps[name].attrs.get("committed") is True
             except Exception:
@@ -300,6 +302,20 @@ class RunDirectory:
             if ok or not committed_only:
                 out.append(int(name[1:]))
         return sorted(out)
+
+    def _snapshot_names(self) -> list[str]:
+        """The groups under ``snapshots/``. In a local directory they are the folders holding a group's
+        metadata, listed from the file system: zarr's own listing warns about every file a write in progress
+        leaves there for a moment (its ``*.partial`` temporary files), and a run may be inspected while it
+        writes."""
+        root = getattr(self.group.store, "root", None)
+        if root is None:
+            return list(self.group["snapshots"].group_keys())
+        folder = Path(root) / self.group.path / "snapshots"
+        try:
+            return [p.name for p in folder.iterdir() if (p / "zarr.json").is_file()]
+        except FileNotFoundError:
+            return []
 
     def retained_rounds(self) -> tuple[int, ...]:
         """Rounds of the snapshots in the directory now, committed or being written (any thread)."""

@@ -14,7 +14,7 @@ import zarr.storage
 
 import flgraph as fg
 from flgraph import stages as st
-from flgraph.checkpoint import FORMAT_VERSION, RunDirectory
+from flgraph.checkpoint import FORMAT_VERSION, RunDirectory, Snapshot
 
 D, K = 8, 3
 
@@ -230,3 +230,70 @@ def test_unsaved_dataset_must_be_passed_at_resume(client1, tmp_path):
     assert "data=" in e.value.fix
     with fg.resume(path, data=ds, cluster=client1, progress=False) as resumed:
         assert resumed.round == 1 and np.array_equal(resumed.params.flat, expected)
+
+
+def _snap(r: int, rows: list) -> Snapshot:
+    rows.append({"round": r, "loss": 1.0 / r})
+    return Snapshot(r, 10, np.full(100, r, np.float32), {"00-aggregate": {"m": np.full(3, r, np.float64)}}, list(rows))
+
+
+@pytest.mark.filterwarnings("error::zarr.errors.ZarrUserWarning")
+def test_a_write_in_progress_next_to_the_snapshots_is_skipped_quietly(tmp_path):
+    """What another process's write leaves in snapshots/ for a moment (zarr's ``*.partial`` temporary files,
+    a folder whose group metadata is not written yet) is not a snapshot, and listing it warns of nothing:
+    `flgraph inspect` may look at a run while it writes."""
+    rows: list = []
+    d = RunDirectory.create(str(tmp_path / "run.zarr"), meta={"seed": 0}, blobs={})
+    d.write(_snap(1, rows))
+    snaps = tmp_path / "run.zarr" / "snapshots"
+    (snaps / "zarr.0123456789abcdef.partial").write_bytes(b"{")
+    (snaps / "r00000002").mkdir()  # a group being created: no zarr.json yet
+    zarr.open_group(str(snaps / "rogue"), mode="w")  # a group that is not one of ours
+    again = RunDirectory.open(str(tmp_path / "run.zarr"))
+    assert again.snapshot_rounds() == [1]
+    assert again.snapshot_rounds(committed_only=False) == [1]
+    assert again.retained_rounds() == (1,)
+
+
+@pytest.mark.filterwarnings("error::zarr.errors.ZarrUserWarning")
+def test_the_driver_and_the_writer_asking_first_at_once_agree(tmp_path):
+    """The driver (retained_rounds, after each submit) and the writer's thread (write) may both be first to
+    ask which snapshots exist: the table is read once, never while a write is under way (before, the
+    driver's listing could run into the write: zarr warned about the write's temporary files, here an error
+    in the thread), and the round just written is known as committed whoever came first."""
+    import threading
+
+    rows: list = []
+    path = str(tmp_path / "run.zarr")
+    d = RunDirectory.create(path, meta={"seed": 0}, blobs={})
+    d.write(_snap(1, rows))
+    errors: list = []
+    for r in range(2, 32):
+        fresh = RunDirectory.open(path)  # nothing read yet, as after a resume
+        start = threading.Barrier(2)
+        seen: list = []
+
+        def write(r: int = r, fresh: RunDirectory = fresh, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                fresh.write(_snap(r, rows))
+            except Exception as e:
+                errors.append(e)
+
+        def ask(fresh: RunDirectory = fresh, start: threading.Barrier = start, seen: list = seen) -> None:
+            start.wait()
+            try:
+                seen.append(fresh.retained_rounds())
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=write), threading.Thread(target=ask)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert set(seen[0]) <= set(range(1, r + 1))
+        assert sorted(fresh.retained_rounds()) == list(range(1, r + 1))
+        assert fresh._snapshots() == dict.fromkeys(range(1, r + 1), True)  # every one of them committed
+        assert RunDirectory.open(path).snapshot_rounds() == list(range(1, r + 1))
