@@ -57,9 +57,6 @@ if str(HERE) not in sys.path:
 
 EXPECTED_ACC_AT_20 = {"W1": 0.7650}
 SIDES = ("bare", "floor", "flgraph")
-# The machine gave two processes two cores when the floor's fastest block ran at most CALM_FLOOR x the bare
-# loop's fastest, as the issue's target (0.6x, the ideal 0.5x) assumes (compare_w1.py uses the same bound).
-CALM_FLOOR = 0.55
 
 
 def bare_serve(shared: str, workload: str, conn: Any) -> None:
@@ -95,11 +92,6 @@ def bare_serve(shared: str, workload: str, conn: Any) -> None:
         conn.send(times)
 
 
-def steady(times: list[float]) -> float:
-    """A block's figure: the median of its rounds after the first."""
-    return float(statistics.median(times[1:] if len(times) > 1 else times))
-
-
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4)}
@@ -120,7 +112,9 @@ def write_csv(path: Path, sets: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import w1
     from check_w1 import shared_bench_dir
+    from compare_w1 import CALM_FLOOR  # two processes got two cores: the floor's fastest block at most this x bare
     from floor_w1 import serve
+    from w1_flgraph import median_over_steady
 
     import flgraph
 
@@ -189,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"after round 20: accuracy bare {acc['bare']:.4f}, flgraph {acc['flgraph']:.4f}", flush=True)
             if s < 0:
                 continue
-            med = {side: steady(times[side]) for side in SIDES}
+            med = {side: median_over_steady(times[side]) for side in SIDES}  # the block's rounds after its first
             row = {"set": s + 1, "rounds": [first, last], **{f"{k}_s": round(v, 4) for k, v in med.items()},
                    "flgraph_bare": round(med["flgraph"] / med["bare"], 4),
                    "floor_bare": round(med["floor"] / med["bare"], 4),
