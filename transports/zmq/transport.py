@@ -55,6 +55,7 @@ from flgraph.client_runner import Bundle, Partial, combine_partials
 from flgraph.context import ClientSet, Update
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
+from .capabilities import unsupported
 from .gateway import EncodedParams, Gateway, RoundEvent
 from .wire import Limits
 
@@ -202,6 +203,10 @@ class ZmqTransport:
                               "devices cannot reach",
                               fix="keep such state on the device, inside the agent's task function (e.g. the "
                                   "error-feedback residual), and drop it from the pipeline's client stages")
+        refused = unsupported(bundle.stages)
+        if refused:
+            raise ConfigError("edge agents would not run " + "; ".join(refused) + " as a Dask worker does",
+                              fix="drop these from the pipeline's client stages for an edge run (or run it on Dask)")
         self._bundle = bundle
         self._base = _stage_config(bundle)
         self.gateway.start()
