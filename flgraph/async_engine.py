@@ -42,8 +42,8 @@ import numpy as np
 from .client_runner import Partial
 from .context import ClientSet, RoundContext
 from .engine import client_row
-from .errors import ConfigError
-from .graph import Segments
+from .errors import ConfigError, PipelineError
+from .graph import RoundGraph
 from .params import Params
 from .rng import stream
 
@@ -65,9 +65,13 @@ class _Flight:
 class AsyncEngine:
     """Runs asynchronous server steps of a pipeline whose reduce stage is a BufferedAggregate."""
 
-    def __init__(self, segments: Segments, *, seed: int, dataset: Any, model_source: Any) -> None:
+    def __init__(self, segments: RoundGraph, *, seed: int, dataset: Any, model_source: Any) -> None:
         from .stages import Select, Simulate
 
+        if not segments.plain:
+            raise PipelineError(f"the asynchronous engine steps the model from one buffered reducer; this graph "
+                                f"has {', '.join(segments.features())}",
+                                fix="use a synchronous Aggregate for fan-outs, branches and tiers")
         self.segments = segments
         self.seed = seed
         self.dataset = dataset

@@ -19,6 +19,7 @@ import numpy as np
 from . import tree
 from .client_state import ROW, ClientStateStore, ClientStateView
 from .context import ClientSet, ClientWork, Update
+from .engine.fanout import RoundReducer
 from .errors import ClientError, FlgraphError
 from .graph import ClientStage, Reducer
 from .params import Params, ParamSpec
@@ -43,12 +44,30 @@ class Bundle:
     seed: int
     client_state: ClientStateStore | None = None  # per-client state of stateful client stages, if any
     state_fields: list[tuple[int, dict[str, tuple[str, int]]]] = field(default_factory=list)
+    # A round with parallel branches: each branch's client stages and name (``stages`` is the main one's).
+    branch_stages: tuple[tuple[ClientStage, ...], ...] = ()
+    branch_names: tuple[str, ...] = ()
+    # Server values broadcast after the params in the round's flat buffer: (name, size), in order.
+    broadcast: tuple[tuple[str, int], ...] = ()
 
     def view(self, clients: ClientSet, pos: int, rnd: int) -> ClientStateView | None:
         """The client's state for this round (``None`` when no stage keeps per-client state)."""
         if self.client_state is None or ROW not in clients.settings:
             return None
+        if clients.branch is not None and clients.branch[pos] != 0:
+            return None  # per-client state is kept by the main branch's stages only
         return ClientStateView(self.client_state, clients, pos, rnd)
+
+    def global_params(self, flat: np.ndarray) -> tuple[Params, dict[str, np.ndarray]]:
+        """The round's params and the other server values broadcast with them (views of ``flat``)."""
+        if not self.broadcast:
+            return Params(self.spec, flat), {}
+        n = self.spec.size
+        values, at = {}, n
+        for name, size in self.broadcast:
+            values[name] = flat[at : at + size]
+            at += size
+        return Params(self.spec, flat[:n]), values
 
 
 @dataclass
@@ -102,19 +121,23 @@ def _sim_finish(bundle: Bundle, clients: ClientSet, pos: int, update: Update) ->
 
 
 def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: int, on_error: OnError,
-                reduce: bool = True) -> Partial:
+                reduce: bool = True, values: dict[str, np.ndarray] | None = None) -> Partial:
     """One client: its stages, then (``reduce``) the reducer's leaf, or a dropout/failure record.
 
     With ``reduce=False`` the partial's value is the Update itself (for selection after training).
     """
     cid = int(clients.ids[pos])
     work = ClientWork(rnd, cid, pos, bundle.seed, gp, bundle.dataset, clients, bundle.model_source)
+    branch = 0 if clients.branch is None else int(clients.branch[pos])
+    stages = bundle.stages if branch == 0 else bundle.branch_stages[branch]
+    if values:
+        work.values = values
     sums: dict[str, float] = {}
-    stage = bundle.stages[0]
+    stage = stages[0]
     t_start = time.perf_counter()
     try:
         work.state = bundle.view(clients, pos, rnd)
-        for stage in bundle.stages:
+        for stage in stages:
             work.tag = stage.tag
             t0 = time.perf_counter()
             stage.run(work)
@@ -122,9 +145,17 @@ def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: i
         if work.state is not None:
             work.state.finish(bundle.state_fields)
         update = work.update
+        if work.outputs:  # several per-client values: the update (or the first value) carries them all
+            outputs = dict(work.outputs)
+            if update is not None:
+                outputs["update"] = update
+            update = outputs.get("update") or next(iter(outputs.values()))
+            update.extras = outputs
         if update is None:
             raise ClientError("no client stage produced an update", client=cid,
                               stage=type(stage).__name__, round=rnd, fix="put LocalTrain in the pipeline")
+        if branch:
+            return _branch_leaf(bundle, update, clients, pos, branch, sums, reduce)
         finish = _sim_finish(bundle, clients, pos, update)
         maxes = {"finish": finish if finish is not None else time.perf_counter() - t_start}
         if finish is not None:
@@ -143,18 +174,37 @@ def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: i
         n = float(update.num_samples)
         for k, v in update.metrics.items():
             sums[f"wsum_{k}"] = float(v) * n
-        value = reducer_leaf(bundle, update) if reduce else update
+        value = reducer_leaf(bundle, update, clients, pos) if reduce else update
     except Exception as e:
         err = _as_client_error(e, cid, stage, rnd)
+        if branch:
+            err.message = f"branch {bundle.branch_names[branch]!r}: {err.message}"
         if on_error == "raise":
             raise err from (None if e is err else e)
         log.warning("dropped: %s", err)
-        return Partial(None, {"clients_failed": 1.0}, [(cid, str(err))])
+        failed = f"{bundle.branch_names[branch]}/clients_failed" if branch else "clients_failed"
+        return Partial(None, {failed: 1.0}, [(cid, str(err))])
     return Partial(value, sums, maxes=maxes)
 
 
-def reducer_leaf(bundle: Bundle, update: Update) -> Any:
-    return bundle.reducer.leaf(update, bundle.spec)  # may consume the update's buffers
+def _branch_leaf(bundle: Bundle, update: Update, clients: ClientSet, pos: int, branch: int,
+                 times: dict[str, float], reduce: bool) -> Partial:
+    """A parallel branch's client: its figures go under ``<branch>/`` (no device simulation there)."""
+    prefix = f"{bundle.branch_names[branch]}/"
+    n = float(update.num_samples)
+    sums = {prefix + k: v for k, v in times.items()}
+    sums.update({prefix + "clients_done": 1.0, prefix + "samples": n})
+    for k, v in update.metrics.items():
+        sums[f"{prefix}wsum_{k}"] = float(v) * n
+    return Partial(reducer_leaf(bundle, update, clients, pos) if reduce else update, sums, maxes={})
+
+
+def reducer_leaf(bundle: Bundle, update: Update, clients: ClientSet | None, pos: int) -> Any:
+    """The reducer's leaf for the client at ``pos`` (may consume the update's buffers)."""
+    if isinstance(bundle.reducer, RoundReducer):
+        assert clients is not None
+        return bundle.reducer.leaf_at(update, bundle.spec, clients, pos)
+    return bundle.reducer.leaf(update, bundle.spec)
 
 
 def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet,
@@ -169,13 +219,13 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
     and the nodes returned are those that cover the positions this call ran, less those sent on early
     through ``emit`` (see :func:`~flgraph.sharing.run_shared`).
     """
-    gp = Params(bundle.spec, global_flat)
+    gp, values = bundle.global_params(global_flat)
 
     def combine(a: Partial, b: Partial) -> Partial:
         return combine_partials(bundle.reducer, a, b)
 
     def leaf(p: int) -> Partial:
-        return client_leaf(bundle, gp, rnd, clients, p, on_error)
+        return client_leaf(bundle, gp, rnd, clients, p, on_error, values=values)
 
     if isinstance(nodes, Share):
         return run_shared(nodes, len(clients), leaf, combine, emit)
@@ -191,8 +241,8 @@ def one_client(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clien
 def hold_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: ClientSet, a: int, b: int,
                  on_error: OnError = "raise") -> dict[int, Partial]:
     """Phase 1 of selection after training: run positions ``a:b`` and keep their updates (not reduced)."""
-    gp = Params(bundle.spec, global_flat)
-    return {p: client_leaf(bundle, gp, rnd, clients, p, on_error, reduce=False) for p in range(a, b)}
+    gp, values = bundle.global_params(global_flat)
+    return {p: client_leaf(bundle, gp, rnd, clients, p, on_error, reduce=False, values=values) for p in range(a, b)}
 
 
 def finish_times(held: dict[int, Partial]) -> list[tuple[int, float]]:
@@ -201,7 +251,8 @@ def finish_times(held: dict[int, Partial]) -> list[tuple[int, float]]:
 
 
 def reduce_held(bundle: Bundle, held: dict[int, Partial], keep: frozenset[int], n: int,
-                nodes: Sequence[tuple[int, int]], reason: str) -> list[tuple[tuple[int, int], Partial]]:
+                nodes: Sequence[tuple[int, int]], reason: str, clients: ClientSet | None = None,
+                ) -> list[tuple[tuple[int, int], Partial]]:
     """Phase 2: reduce the kept positions along the round's tree; the others become dropouts."""
 
     def leaf(p: int) -> Partial:
@@ -211,7 +262,7 @@ def reduce_held(bundle: Bundle, held: dict[int, Partial], keep: frozenset[int], 
         if p not in keep:
             cid = int(part.value.client)
             return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, reason)])
-        part.value = reducer_leaf(bundle, part.value)
+        part.value = reducer_leaf(bundle, part.value, clients, p)
         return part
 
     def combine(a: Partial, b: Partial) -> Partial:

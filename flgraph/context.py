@@ -42,21 +42,28 @@ class ClientSet:
     ids: np.ndarray
     settings: dict[str, np.ndarray] = field(default_factory=dict)
     keep_first: int | None = None  # over-selection: aggregate only the first N to finish
+    # With parallel branches: each position's branch (0: the main one), and where each reducer of the round
+    # puts it (flgraph.engine.fanout.Layout). None in a plain round.
+    branch: np.ndarray | None = None
+    layout: Any = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64).reshape(-1)
         for k, v in self.settings.items():
             if len(v) != len(self.ids):
                 raise ConfigError(f"client setting {k!r} has {len(v)} values for {len(self.ids)} clients")
-        if len(np.unique(self.ids)) != len(self.ids):
+        keys = self.ids if self.branch is None else self.ids + (np.asarray(self.branch, np.int64) << 48)
+        if len(np.unique(keys)) != len(self.ids):
             raise ConfigError("a ClientSet lists a client twice", fix="select clients without replacement")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def setting(self, name: str, position: int) -> Any:
-        """The value of setting ``name`` for the client at ``position``."""
-        return self.settings[name][position].item()
+        """The value of setting ``name`` for the client at ``position`` (``None`` where a parallel branch's
+        clients have no such setting)."""
+        v = self.settings[name][position]
+        return v.item() if isinstance(v, np.generic) else v
 
 
 class Codec(Protocol):
@@ -88,6 +95,9 @@ class Update:
     payload: Any = None
     codec: Codec | None = None
     raw_nbytes: int = 0
+    # every per-client value the client's stages wrote, by name (filled only in rounds whose reducers read
+    # more than the update: flgraph.engine.fanout)
+    extras: dict[str, Update] | None = None
 
     def encoded_with(self, codec: Codec) -> None:
         """Replace the delta by ``codec``'s encoding of it (done on the client)."""
@@ -117,8 +127,10 @@ class Update:
 class ClientWork:
     """What a client stage sees: who, which round, the global model, the client's data, the update.
 
-    ``data`` is loaded on first use, on the worker. ``model`` (set by the first stage that needs it)
-    is a per-thread :class:`flgraph.models.adapter.BoundModel` holding the global weights.
+    ``data`` is loaded on first use, on the worker. ``update`` is the model delta a training stage
+    writes; ``outputs`` holds the client's other per-client values by name (SCAFFOLD's
+    ``control_delta``, an evaluation), each an :class:`Update`, each reduced by its own reducer.
+    ``values`` holds the server values broadcast besides the params (``Broadcast("params", "control")``).
     """
 
     round: int
@@ -133,6 +145,8 @@ class ClientWork:
     metrics: dict[str, float] = field(default_factory=dict)
     tag: int = 0
     state: ClientStateView | None = None
+    outputs: dict[str, Update] = field(default_factory=dict)
+    values: dict[str, np.ndarray] = field(default_factory=dict)
     _data: ClientData | None = None
 
     @property
@@ -144,7 +158,8 @@ class ClientWork:
     def setting(self, name: str, default: Any) -> Any:
         """This client's value of a per-client setting of the ClientSet, else ``default``."""
         if name in self.clients.settings:
-            return self.clients.setting(name, self.position)
+            v = self.clients.setting(name, self.position)
+            return default if v is None else v
         return default
 
     def load_state(self, name: str) -> np.ndarray | None:
@@ -168,7 +183,9 @@ class RoundContext:
     """What a server stage sees in the driver: the round, the global params, the chosen clients.
 
     ``state`` is the running stage's own explicit state (a dict of arrays and numbers, saved in
-    checkpoints); ``metrics`` collects this round's figures.
+    checkpoints); ``metrics`` collects this round's figures. ``aggregates`` holds the reduced per-client
+    values other than the update (``ctx.aggregates["control_delta"]``), ``values`` the server values
+    stages keep (``ctx.values["control"]``).
     """
 
     round: int
@@ -183,6 +200,10 @@ class RoundContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     tag: int = 0
     time: float | None = None  # the virtual clock at the round's start (seconds), with a Simulate stage
+    # the round's aggregates of per-client values other than the update: name -> (aggregate, total weight)
+    aggregates: dict[str, tuple[Any, float]] = field(default_factory=dict)
+    # server values kept by stages (e.g. SCAFFOLD's "control"): name -> array, as of the round's start
+    values: dict[str, Any] = field(default_factory=dict)
     mapper: Callable[[Callable[[ClientWork], Any], np.ndarray, np.ndarray], list[Any]] | None = None
 
     def map_clients(self, fn: Callable[[ClientWork], Any], ids: np.ndarray | list[int],

@@ -45,6 +45,29 @@ from .spec import describe
 
 __all__ = ["Run"]
 
+#: What a transport must declare in ``supports`` to run a graph that is more than a chain.
+GRAPH_FEATURES = frozenset({"parallel branches", "several per-client values", "tiers",
+                            "server values broadcast besides the params"})
+
+
+def _then(pipeline: Pipeline, stage: Any) -> Pipeline:
+    """``pipeline >> stage``; with parallel branches, the stage goes at the end of the main branch."""
+    if pipeline.branches is None:
+        return pipeline >> stage
+    main, *rest = pipeline.branches
+    return Pipeline(branches=(main >> stage, *rest))
+
+
+def _check_supported(graph: Any, transport: Any) -> None:
+    """Refuse, before the run starts, a graph that ``transport`` cannot run (it declares ``supports``)."""
+    have: frozenset[str] = getattr(transport, "supports", frozenset())
+    missing = {f: where for f, where in graph.feature_stages().items() if f not in have}
+    if missing:
+        said = "; ".join(f"{f} ({'; '.join(where)})" for f, where in missing.items())
+        raise ConfigError(f"{type(transport).__name__} cannot run this round: it has {said}",
+                          fix="run it on Dask (the default transport), or compose a chain "
+                              "Select >> Broadcast >> client stages >> Aggregate")
+
 log = logging.getLogger("flgraph")
 
 
@@ -132,7 +155,7 @@ class Run:
         user_pipeline = pipeline
         if (evaluate == "final" and getattr(data, "test", None) is not None
                 and not any(isinstance(s, Evaluate) for s in pipeline)):
-            pipeline = pipeline >> Evaluate(every=2**31 - 1)
+            pipeline = _then(pipeline, Evaluate(every=2**31 - 1))
         self.segments = pipeline.check()
         self.pipeline = pipeline
         self.adapter = ModelAdapter.from_module(model)
@@ -167,6 +190,8 @@ class Run:
             self.callbacks.append(Dashboard())
         if transport is not None and not isinstance(self.engine, SyncEngine):
             self.engine.check_transport(transport)  # the asynchronous engine dispatches clients one by one
+        if transport is not None:
+            _check_supported(self.segments, transport)
         self._custom_transport = transport
         self._workers = workers
         self._connect_timeout = connect_timeout
@@ -180,6 +205,11 @@ class Run:
         self._writer: SnapshotWriter | None = None
         options = {"chunk_size": chunk_size, "on_client_error": on_client_error, "evaluate": evaluate}
         self._state_fields = stateful_stages(self.segments.clients, params.spec)
+        for branch in self.segments.branches[1:]:
+            if stateful_stages(branch.clients, params.spec):
+                raise ConfigError(f"branch {branch.name!r} has client stages that keep per-client state; only the "
+                                  "main (first) branch's client stages may", fix="move the stateful stage into "
+                                  "the first branch, or keep the state on the device")
         self._client_state_tmp: str | None = None
         place: ClientStatePlace | None = None
         if self._state_fields:
@@ -223,8 +253,14 @@ class Run:
 
         malloc.tune_this_process()  # model-sized buffers every round: keep freed memory (flgraph.malloc)
         states = getattr(self.engine, "client_state", None)
-        bundle = Bundle(self.segments.clients, self._reducer().reducer, self.data, self.adapter,
-                        self.state.params.spec, self.seed, states[0].store if states else None, self._state_fields)
+        graph = self.segments
+        reducer = getattr(self.engine, "reducer", None) or self._reducer().reducer
+        sizes = {name: int(np.asarray(v).size) for name, v in self._server_values().items()}
+        bundle = Bundle(graph.clients, reducer, self.data, self.adapter, self.state.params.spec, self.seed,
+                        states[0].store if states else None, self._state_fields,
+                        branch_stages=tuple(b.clients for b in graph.branches),
+                        branch_names=tuple(b.name for b in graph.branches),
+                        broadcast=tuple((v, sizes[v]) for b in graph.branches for v in b.broadcast))
         if self._custom_transport is not None:
             transport = self._custom_transport
         else:
@@ -240,6 +276,11 @@ class Run:
             if self.progress:
                 print(f"flgraph: Dask dashboard at {link}", file=sys.stderr, flush=True)
         return transport
+
+    def _server_values(self) -> dict[str, Any]:
+        """The server values stages keep (SCAFFOLD's ``control``...), as of now."""
+        return {v: st[v] for s in self.pipeline.stages for v in s.keeps
+                if (st := self.state.stage_states.get(self._keys[id(s)], {})) and v in st}
 
     def _reducer(self) -> ReduceStage:
         assert self.segments.reduce is not None

@@ -95,8 +95,25 @@ def _object(obj: Any) -> JSON:
 
 
 def describe(pipeline: Any) -> list[JSON]:
-    """The JSON spec of ``pipeline`` (one entry per stage)."""
-    return [_object(s) for s in pipeline]
+    """The JSON spec of ``pipeline``: one entry per stage; a graph that is more than a chain ends with one
+    more entry, ``{"graph": ...}``, its shape (branches, fan-outs) in terms of the stages' positions."""
+    out = [_object(s) for s in pipeline]
+    branches = getattr(pipeline, "branches", None)
+    steps = getattr(pipeline, "steps", ())
+    if branches is None and not any(isinstance(st, dict) for st in steps):
+        return out
+    at = iter(range(len(out)))
+
+    def shape(p: Any) -> JSON:
+        items: list[JSON] = []
+        for st in p.steps:
+            if isinstance(st, dict):
+                items.append({"fan": {v: [next(at) for _ in sub.stages] for v, sub in st.items()}})
+            else:
+                items.append(next(at))
+        return {"name": p.name, "steps": items}
+
+    return [*out, {"graph": {"branches": [shape(b) for b in (branches or (pipeline,))]}}]
 
 
 def unimportable(spec: JSON, where: str = "") -> list[str]:
@@ -141,7 +158,29 @@ def rebuild(spec: list[JSON]) -> Any:
     """The pipeline described by ``spec``."""
     from .graph import Pipeline
 
-    return Pipeline(_build(s) for s in spec)
+    entries, graph = _split(spec)
+    stages = [_build(s) for s in entries]
+    if graph is None:
+        return Pipeline(stages)
+
+    def branch(b: JSON) -> Pipeline:
+        steps: list[Any] = []
+        for item in b["steps"]:
+            if isinstance(item, dict):
+                steps.append({v: Pipeline([stages[i] for i in idx]) for v, idx in item["fan"].items()})
+            else:
+                steps.append(stages[item])
+        return Pipeline(steps, name=b.get("name"))
+
+    parts = [branch(b) for b in graph["branches"]]
+    return parts[0] if len(parts) == 1 else Pipeline(branches=tuple(parts))
+
+
+def _split(spec: list[JSON]) -> tuple[list[JSON], JSON | None]:
+    """The stage entries and the graph's shape (None for a chain)."""
+    if spec and isinstance(spec[-1], dict) and "graph" in spec[-1]:
+        return spec[:-1], spec[-1]["graph"]
+    return spec, None
 
 
 def _label(i: int, s: JSON) -> str:
@@ -169,6 +208,9 @@ def _short(v: JSON) -> str:
 def differences(old: list[JSON], new: list[JSON]) -> list[str]:
     """Human-readable differences between two pipeline specs, e.g. ``stage 3 (LocalTrain).lr: 0.05 -> 0.01``."""
     out: list[str] = []
+    (old, old_graph), (new, new_graph) = _split(old), _split(new)
+    if old_graph != new_graph:
+        out.append("the graph's shape changed (its branches or fan-outs)")
     if len(old) != len(new):
         out.append(f"the pipeline has {len(new)} stages, the run had {len(old)}: "
                    + " >> ".join(_label(i, s).split("(")[1].rstrip(")") for i, s in enumerate(new)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["Incremental", "assemble", "chunks", "cover", "evaluate"]
+__all__ = ["Incremental", "assemble", "assemble_partial", "chunks", "cover", "evaluate"]
 
 T = TypeVar("T")
 Node = tuple[int, int]
@@ -97,6 +97,30 @@ def assemble(n: int, nodes: Mapping[Node, Any], combine: Callable[[Any, Any], An
         return combine(left, walk(mid, hi))
 
     return walk(0, n)
+
+
+def assemble_partial(n: int, nodes: Mapping[Node, Any], combine: Callable[[Any, Any], Any]) -> Any:
+    """Like :func:`assemble`, for nodes that may leave positions uncovered (clients that failed or were
+    dropped): a missing leaf counts as nothing, so a node with one child present is that child, as in the
+    round's own tree. ``None`` when no node is given.
+
+    Example:
+        >>> assemble_partial(4, {(0, 2): 1, (3, 4): 5}, lambda a, b: a + b), assemble_partial(3, {}, max)
+        (6, None)
+    """
+
+    def walk(lo: int, hi: int) -> Any:
+        if (lo, hi) in nodes:
+            return nodes[(lo, hi)]
+        if hi - lo <= 1:
+            return None
+        mid = (lo + hi) // 2
+        left, right = walk(lo, mid), walk(mid, hi)
+        if left is None or right is None:
+            return right if left is None else left
+        return combine(left, right)
+
+    return walk(0, n) if nodes else None
 
 
 class Incremental:

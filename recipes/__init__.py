@@ -17,5 +17,7 @@ from .fedbuff import fedbuff
 from .fedprox import fedprox
 from .fedyogi import fedyogi
 from .robust import robust_fedavg
+from .scaffold import scaffold
 
-__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fedprox", "fedyogi", "robust_fedavg"]
+__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fedprox", "fedyogi", "robust_fedavg",
+           "scaffold"]

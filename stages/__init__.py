@@ -10,15 +10,17 @@ Example:
 
 from flgraph.graph import ClientStage, Reducer, ReduceStage, ServerStage, Stage
 
-from .aggregate import Aggregate, WeightedMean
+from .aggregate import Aggregate, Mean, MetricsMean, WeightedMean
 from .broadcast import Broadcast
 from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
 from .byzantine import Byzantine
 from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
 from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
+from .evaluate_cohort import ClientEvaluate, Discard
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
 from .robust import Krum, Median, TrimmedMean
+from .scaffold import ScaffoldControl
 from .select import Select
 from .server_opt import ServerOpt
 from .simulate import Simulate
@@ -33,10 +35,12 @@ __all__ = [
     "Broadcast",
     "BufferedAggregate",
     "Byzantine",
+    "ClientEvaluate",
     "ClientStage",
     "ClipNorm",
     "Compress",
     "Constant",
+    "Discard",
     "Evaluate",
     "FederatedEvaluate",
     "Float16",
@@ -45,12 +49,15 @@ __all__ = [
     "Int8",
     "Krum",
     "LocalTrain",
+    "Mean",
     "Median",
+    "MetricsMean",
     "PersonalizedEvaluate",
     "Polynomial",
     "PrivacyAccountant",
     "ReduceStage",
     "Reducer",
+    "ScaffoldControl",
     "Select",
     "ServerOpt",
     "ServerStage",

@@ -31,7 +31,7 @@ from flgraph.errors import ConfigError
 from flgraph.graph import Reducer, ReduceStage
 from flgraph.params import Params, ParamSpec
 
-__all__ = ["Aggregate", "WeightedMean"]
+__all__ = ["Aggregate", "Mean", "MetricsMean", "WeightedMean"]
 
 
 class WeightedMean(Reducer):
@@ -85,18 +85,94 @@ class WeightedMean(Reducer):
             raise ConfigError("the updates of this round carry no weight (every client had 0 samples)")
         return (total * (s / w)).astype(spec.carrier, copy=False), w  # a new array: no second copy
 
+    def merges(self, inner: Reducer) -> bool:
+        """A sample-weighted mean of weighted means, each weighted by its group's total weight, is the
+        weighted mean of all their clients: the groups' partial sums are combined as they are."""
+        return self.weight == "samples" and isinstance(inner, WeightedMean) and inner.dtype == self.dtype
+
     def __repr__(self) -> str:
         return f"WeightedMean(weight={self.weight!r}, dtype={self.dtype!r})"
 
 
-class Aggregate(ReduceStage):
-    """Aggregate the updates with ``reducer`` and step the global params by ``server_lr`` times the result."""
+class Mean(WeightedMean):
+    """The plain mean of the values, every client counting once (SCAFFOLD's averages).
 
-    def __init__(self, reducer: Reducer | None = None, *, server_lr: float = 1.0) -> None:
+    Example:
+        >>> Mean()
+        Mean(dtype=None)
+    """
+
+    def __init__(self, *, dtype: str | None = None) -> None:
+        super().__init__("uniform", dtype=dtype)
+
+    def settings(self) -> dict[str, Any]:
+        return {"dtype": self.dtype}
+
+    def __repr__(self) -> str:
+        return f"Mean(dtype={self.dtype!r})"
+
+
+class MetricsMean(Reducer):
+    """The sample-weighted mean of each metric the clients report (``update.metrics``), for evaluation
+    branches: its result is a dict of figures that the round's row records.
+
+    Example:
+        >>> import numpy as np
+        >>> from flgraph.context import Update
+        >>> mm = MetricsMean()
+        >>> a = mm.leaf(Update(0, 1, 0, None, {"accuracy": 1.0}), None)
+        >>> b = mm.leaf(Update(1, 3, 0, None, {"accuracy": 0.5}), None)
+        >>> mm.finalize(mm.combine(a, b), None)
+        ({'accuracy': 0.625}, 4.0)
+    """
+
+    yields_metrics = True
+
+    def leaf(self, update: Update, spec: ParamSpec | None) -> tuple[dict[str, float], float]:
+        w = float(update.num_samples)
+        return {k: float(v) * w for k, v in sorted(update.metrics.items())}, w
+
+    def combine(self, left: Any, right: Any) -> tuple[dict[str, float], float]:
+        sums, w = left
+        for k, v in right[0].items():
+            sums[k] = sums.get(k, 0.0) + v
+        return sums, w + right[1]
+
+    def finalize(self, acc: Any, spec: ParamSpec | None) -> tuple[dict[str, float], float]:
+        sums, w = acc
+        if w <= 0:
+            raise ConfigError("the evaluated clients hold no samples")
+        return {k: v / w for k, v in sorted(sums.items())}, w
+
+    def __repr__(self) -> str:
+        return "MetricsMean()"
+
+
+class Aggregate(ReduceStage):
+    """Reduce a per-client value with ``reducer``. Over the model update it steps the global params by
+    ``server_lr`` times the result; over another value (in a fan-out) it writes that value's aggregate.
+
+    ``by="site"`` reduces each group of clients sharing the attribute ``site`` (a per-client setting of the
+    round, or the dataset's :meth:`~flgraph.data.FederatedDataset.attribute`); the reduce stage after it
+    combines the groups: ``Aggregate(WeightedMean(), by="site") >> Aggregate(Median())``.
+
+    Example:
+        >>> from flgraph import stages as st
+        >>> st.Aggregate(st.WeightedMean(), by="site")
+        Aggregate(reducer=WeightedMean(weight='samples', dtype=..., server_lr=1.0, by='site')
+    """
+
+    any_value = True
+
+    def __init__(self, reducer: Reducer | None = None, *, server_lr: float = 1.0, by: str | None = None) -> None:
         if server_lr <= 0:
             raise ConfigError(f"Aggregate(server_lr={server_lr}): must be > 0")
+        if by is not None and (not isinstance(by, str) or not by):
+            raise ConfigError(f"Aggregate(by={by!r}): name a client attribute", fix="e.g. by='site'")
         self.reducer = reducer if reducer is not None else WeightedMean()
         self.server_lr = server_lr
+        if by is not None:
+            self.by = by
 
     def apply(self, ctx: RoundContext, delta: Any, weight: float) -> None:
         step = delta if self.server_lr == 1.0 else (delta * self.server_lr).astype(delta.dtype)

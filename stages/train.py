@@ -9,7 +9,9 @@ Options: ``mu > 0`` adds FedProx's proximal term ``mu/2 ||w - w_global||^2`` to 
 gradient ``mu (w - w_global)`` is added to each step's gradient; the reported ``loss`` is the task loss);
 ``freeze=("head",)`` keeps parameters frozen by name or module prefix (``"head"`` matches ``head.weight``;
 shell wildcards work too): they get no gradient and their delta is exactly zero; ``holdout=f`` trains on
-the samples the evaluators do not hold out (:mod:`flgraph.stages.split`). Per-client ``epochs`` or
+the samples the evaluators do not hold out (:mod:`flgraph.stages.split`); ``correction="scaffold"``
+corrects each step's gradient by SCAFFOLD's control variates and writes the client's ``control_delta``
+next to its ``update`` (:mod:`flgraph.stages.scaffold`). Per-client ``epochs`` or
 ``steps`` come from the ClientSet's settings when present (stragglers, device profiles); the metrics
 report the ``steps`` actually done.
 
@@ -42,9 +44,10 @@ from flgraph.data import ClientData
 from flgraph.errors import ClientError, ConfigError
 from flgraph.graph import ClientStage
 from flgraph.models.adapter import BoundModel, ModelAdapter
-from flgraph.params import all_finite
+from flgraph.params import ParamSpec, all_finite
 from flgraph.rng import client_torch_seed, stream
 
+from . import scaffold
 from .split import check_fraction, heldout
 
 __all__ = ["SGD", "LocalTrain", "TrainContext", "frozen_names"]
@@ -98,6 +101,7 @@ class LocalTrain(ClientStage):
         mu: float = 0.0,
         freeze: Sequence[str] | None = None,
         holdout: float = 0.0,
+        correction: str | None = None,
     ) -> None:
         if not (mu >= 0 and math.isfinite(mu)):
             raise ConfigError(f"LocalTrain(mu={mu}): the proximal weight must be finite and >= 0",
@@ -128,6 +132,18 @@ class LocalTrain(ClientStage):
         self.mu = float(mu)
         self.freeze: tuple[str, ...] | None = tuple(freeze) if freeze else None
         self.holdout = holdout
+        if correction is not None:
+            scaffold.check_options(correction, train_fn=train_fn, optimizer=optimizer, freeze=self.freeze)
+            self.correction = correction
+
+    def reads(self) -> frozenset[str]:
+        return scaffold.client_reads(self.requires, getattr(self, "correction", None))
+
+    def writes(self) -> frozenset[str]:
+        return scaffold.client_writes(self.provides, getattr(self, "correction", None))
+
+    def client_fields(self, spec: ParamSpec) -> dict[str, tuple[str, int]]:
+        return scaffold.client_fields(spec) if getattr(self, "correction", None) else {}
 
     def prepare(self, dataset: Any, model_source: Any) -> None:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -169,6 +185,7 @@ class LocalTrain(ClientStage):
                               round=work.round, fix="remove empty clients from the dataset, or "
                               "pass on_client_error='drop' to Run to skip them")
         frozen = self._frozen_params(model)
+        control = scaffold.ClientControl.start(work, model) if getattr(self, "correction", None) else None
         try:
             for p in frozen:
                 p.requires_grad_(False)
@@ -178,7 +195,7 @@ class LocalTrain(ClientStage):
                 self._check_loss(metrics.get("loss", 0.0), work, "the training step")
                 metrics.setdefault("samples_processed", float(epochs * n))
             else:
-                metrics = self._train(model, data, ctx, work)
+                metrics = self._train(model, data, ctx, work, control.corrections if control else ())
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -187,6 +204,8 @@ class LocalTrain(ClientStage):
             for e in work.global_params.spec.entries:
                 if frozen_names([e.name], self.freeze):
                     delta[e.offset : e.offset + e.size] = 0
+        if control is not None:  # SCAFFOLD: the new client control variate and its change, from this delta
+            control.finish(work, delta, int(metrics.get("steps", 0)), self.lr, n)
         work.update = Update(work.client, n, work.round - 1, delta, metrics)
 
     def _frozen_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -205,7 +224,8 @@ class LocalTrain(ClientStage):
                               fix="lower the learning rate or clip gradients; check the client's data")
         return delta
 
-    def _train(self, model: torch.nn.Module, data: Any, ctx: TrainContext, work: ClientWork) -> dict[str, float]:
+    def _train(self, model: torch.nn.Module, data: Any, ctx: TrainContext, work: ClientWork,
+               corrections: Sequence[torch.Tensor] = ()) -> dict[str, float]:
         x = torch.as_tensor(data.x, device=ctx.device)
         y = torch.as_tensor(data.y, device=ctx.device)
         n = len(y)
@@ -247,6 +267,11 @@ class LocalTrain(ClientStage):
                         for p, p0 in zip(trainable, anchors):
                             if p.grad is not None:
                                 p.grad.add_(p.detach() - p0, alpha=self.mu)
+                if corrections:  # SCAFFOLD: the gradient corrected by c - c_i (the controls' difference)
+                    with torch.no_grad():
+                        for p, corr in zip(trainable, corrections):
+                            if p.grad is not None:
+                                p.grad.add_(corr)
                 opt.step()
                 lv = float(loss.detach())
                 self._check_loss(lv, work, f"step {done + 1}")

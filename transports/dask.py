@@ -144,6 +144,10 @@ def _warm(bundle: Bundle, flat: np.ndarray) -> float:
 class DaskTransport:
     """Runs the client segment of rounds on a Dask cluster through ``client``."""
 
+    #: Every shape of round graph: fan-outs, parallel branches, tiers, server values broadcast.
+    supports: frozenset[str] = frozenset({"parallel branches", "several per-client values", "tiers",
+                                          "server values broadcast besides the params"})
+
     def __init__(self, client: Client, run_token: str, stage_name: str, chunk_size: int | None = None,
                  data_plane: bool | None = None, share_work: bool | None = None) -> None:
         self.client = client

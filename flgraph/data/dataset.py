@@ -153,6 +153,40 @@ class FederatedDataset(abc.ABC):
         """The central held-out set, or None."""
         return None
 
+    def with_attributes(self, **attributes: Any) -> FederatedDataset:
+        """Give the clients attributes (site, region, device class...) that tiers group by
+        (``st.Aggregate(..., by="site")``): each an array aligned with :attr:`client_ids`, or a function
+        ``ids -> values`` (a million clients need no table). Returns this dataset.
+
+        Example:
+            >>> import numpy as np
+            >>> ds = FederatedDataset.from_function(lambda k: (np.ones((2, 1)), np.zeros(2, np.int64)), 6)
+            >>> ds.with_attributes(site=lambda ids: ids % 3).attribute("site", np.array([4, 5])).tolist()
+            [1, 2]
+        """
+        table = dict(getattr(self, "_attributes", {}))
+        for name, values in attributes.items():
+            if not callable(values):
+                values = np.asarray(values)
+                if values.shape != (self.num_clients,):
+                    raise DataError(f"attribute {name!r} has shape {values.shape}; the dataset has "
+                                    f"{self.num_clients} clients", fix="give one value per client, in "
+                                                                       "client_ids order, or a function of the ids")
+            table[name] = values
+        self._attributes = table
+        return self
+
+    def attribute(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """The values of attribute ``name`` for clients ``ids`` (KeyError when the clients have none)."""
+        values = getattr(self, "_attributes", {})[name]
+        ids = np.asarray(ids, np.int64)
+        if callable(values):
+            out = np.asarray(values(ids))
+            if out.shape != ids.shape:
+                raise DataError(f"attribute {name!r}'s function returned shape {out.shape} for {ids.shape} ids")
+            return out
+        return values[np.searchsorted(self.client_ids, ids)]
+
     def __contains__(self, client: object) -> bool:
         if isinstance(client, bool) or not isinstance(client, int | np.integer):
             return False

@@ -1,4 +1,5 @@
-"""The synchronous engine: one round = server stages, the client segment on a transport, reduce, server stages.
+"""The synchronous engine: one round = each branch's server stages, ONE client pass on a transport, the
+reducers (and their tiers), each branch's server stages after them.
 
 The engine never imports torch. A round changes the run state only when it completes: a client error or
 a lost cluster leaves the previous round's params, stage states and round counter untouched.
@@ -9,29 +10,33 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .client_runner import Partial
-from .client_state import ClientStateTable
-from .context import ClientSet, RoundContext
-from .errors import ClientError, PipelineError
-from .graph import Segments, ServerStage
-from .params import Params
+from ..client_state import ClientStateTable
+from ..context import ClientSet, RoundContext, Update
+from ..errors import ClientError, ConfigError, PipelineError
+from ..graph import Branch, RoundGraph, ServerStage
+from ..graph.hooks import ChoosesAhead, KeepsClock
+from ..params import Params
+from .fanout import Consumer, Layout, RoundReducer, combine_groups, merge_cohorts
 
-__all__ = ["RunState", "SyncEngine", "Transport", "client_row"]
+if TYPE_CHECKING:
+    from ..client_runner import Partial
+
+__all__ = ["PlansAhead", "RunState", "SyncEngine", "Transport", "client_row"]
 
 
 class Transport(Protocol):
-    """Runs a round's client segment somewhere and returns the root partial."""
+    """Runs a round's client pass somewhere and returns the root partial."""
 
     def start(self, bundle: Any, flat: np.ndarray) -> float:
         """Ship what does not change between rounds; return the warm-up seconds."""
         ...
 
     def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
-        """Run the client segment for ``clients`` and return the round's root partial (the fixed tree)."""
+        """Run the client stages for ``clients`` and return the round's root partial (the fixed tree)."""
         ...
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
@@ -44,11 +49,20 @@ class Transport(Protocol):
 
     def close(self) -> None: ...
 
-    # Optional (looked up with getattr): ``plan_ahead(next_round: int | None, prepare=None)``, called before
-    # each ``run_round`` with the round that follows it at once (and a function that prepares that round in
-    # the driver, e.g. chooses its clients, for the transport to call once while this round's clients
-    # train: SyncEngine.lookahead), and ``cancel_ahead()``, called when ``fit`` ends, so that a transport may
-    # prepare the next round while one runs and drop what it prepared.
+
+@runtime_checkable
+class PlansAhead(Protocol):
+    """A transport that prepares the next round while one runs (and drops what it prepared when told)."""
+
+    def plan_ahead(self, next_round: int | None, prepare: Callable[[], None] | None = None) -> None:
+        """Called before each ``run_round`` with the round that follows it at once (``None``: none does) and
+        a function that prepares that round in the driver (chooses its clients), to call while this round's
+        clients train."""
+        ...
+
+    def cancel_ahead(self) -> None:
+        """Drop what was prepared (``fit`` ended)."""
+        ...
 
 
 @dataclass
@@ -60,18 +74,30 @@ class RunState:
     stage_states: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def consumers_of(graph: RoundGraph) -> tuple[Consumer, ...]:
+    """The reducers of the round's client pass: the first tier of each branch's reductions."""
+    return tuple(Consumer(b, r.value, r.tiers[0].reducer, tuple(t.by for t in r.tiers if t.by is not None))
+                 for b, branch in enumerate(graph.branches) for r in branch.reductions)
+
+
 class SyncEngine:
     """Runs synchronous rounds of a checked pipeline."""
 
-    def __init__(self, segments: Segments, *, seed: int, dataset: Any, model_source: Any) -> None:
-        if segments.reduce is None:
+    def __init__(self, graph: RoundGraph, *, seed: int, dataset: Any, model_source: Any) -> None:
+        if graph.reduce is None:
             raise PipelineError("the pipeline has no Aggregate stage")
-        self.segments = segments
+        self.graph = graph
         self.seed = seed
         self.dataset = dataset
         self.model_source = model_source
+        self.consumers = consumers_of(graph)
+        self.reducer: RoundReducer | None = None if graph.plain else RoundReducer(self.consumers)
         # per-client state of stateful client stages: the driver's table and the stage-state key it lives in
         self.client_state: tuple[ClientStateTable, str] | None = None
+
+    @property
+    def segments(self) -> RoundGraph:
+        return self.graph
 
     @staticmethod
     def state_key(index: int, stage: Any) -> str:
@@ -83,70 +109,146 @@ class SyncEngine:
         return {SyncEngine.state_key(i, s): s.init_state(params) for i, s in enumerate(stages)
                 if hasattr(s, "init_state")}
 
+    def broadcast_flat(self, state: RunState, keys: dict[int, str]) -> np.ndarray:
+        """What the clients get: the params, then the server values the branches broadcast, in order."""
+        extra = [self._value(name, state.stage_states, keys) for b in self.graph.branches for name in b.broadcast]
+        return state.params.flat if not extra else np.concatenate([state.params.flat, *extra])
+
+    def _value(self, name: str, states: dict[str, dict[str, Any]], keys: dict[int, str]) -> np.ndarray:
+        for b in self.graph.branches:
+            for s in b.stages:
+                if name in s.keeps:
+                    return np.asarray(states[keys[id(s)]][name])
+        raise PipelineError(f"no stage keeps the server value {name!r}")
+
     def run_round(self, state: RunState, rnd: int, last: bool, transport: Transport,
                   keys: dict[int, str], on_error: str = "raise") -> dict[str, Any]:
         """Run round ``rnd``; on success update ``state`` and return the round's metrics row."""
         t_round = time.perf_counter()
-        seg = self.segments
-        ctx = RoundContext(rnd, self.seed, state.params, self.dataset, self.model_source, last)
-        ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
+        g = self.graph
         new_states = {k: dict(v) for k, v in state.stage_states.items()}
         times: dict[str, float] = {}
-        for s in seg.before:  # a stage that keeps a virtual clock (Simulate) tells the round its start time
-            clock = getattr(s, "clock", None)
-            if clock is not None:
-                ctx.time = clock(new_states.get(keys[id(s)], {}))
-        for s in seg.before:
-            self._server(s, ctx, new_states, keys, times)
-        if ctx.clients is None:
-            raise PipelineError("no stage before the client stages chose clients", fix="start with st.Select(...)")
+        ctxs = [self._before(branch, state, rnd, last, transport, new_states, keys, times) for branch in g.branches]
+        main = ctxs[0]
+        assert main.clients is not None
         table: dict[str, Any] | None = None
         if self.client_state is not None:
             states, skey = self.client_state
             table = new_states.get(skey) or states.initial()
-            ctx.clients = states.prepare(ctx.clients, table, rnd)
-        plan_ahead = getattr(transport, "plan_ahead", None)  # optional: prepare the next round meanwhile
-        if plan_ahead is not None:
-            plan_ahead(None if last else rnd + 1, None if last else self.lookahead(rnd + 1))
+            main.clients = states.prepare(main.clients, table, rnd)
+        clients = main.clients if self.reducer is None else self._layout(ctxs)
+        if isinstance(transport, PlansAhead):
+            transport.plan_ahead(None if last else rnd + 1, None if last or self.reducer else self.lookahead(rnd + 1))
         t0 = time.perf_counter()
-        root = transport.run_round(rnd, ctx.params.flat, ctx.clients, on_error)
+        root = transport.run_round(rnd, self.broadcast_flat(state, keys), clients, on_error)
         times["time_clients_wall"] = time.perf_counter() - t0
-        for s in seg.before:  # e.g. Simulate: advance the virtual clock by the round's simulated time
-            hook = getattr(s, "after_clients", None)
-            if hook is not None:
-                ctx.tag = s.tag
-                ctx.state = new_states.setdefault(keys[id(s)], {})
-                hook(ctx, root)
-        assert seg.reduce is not None
+        for s in g.before:  # e.g. Simulate: advance the virtual clock by the round's simulated time
+            if isinstance(s, KeepsClock):
+                main.tag = s.tag
+                main.state = new_states.setdefault(keys[id(s)], {})
+                s.after_clients(main, root)
         t0 = time.perf_counter()
         if root.value is None and (root.failures or not root.dropped):
-            cid, msg = (root.failures or [(int(ctx.clients.ids[0]), "no update")])[0]
-            raise ClientError(f"all {len(ctx.clients)} clients of the round failed; the first: {msg}",
+            cid, msg = (root.failures or [(int(clients.ids[0]), "no update")])[0]
+            raise ClientError(f"all {len(clients)} clients of the round failed; the first: {msg}",
                               client=cid, stage="Aggregate", round=rnd,
                               fix="fix the cause above; the run's state is unchanged")
-        if root.value is not None:  # else every client was dropped by the simulation: the model stays
-            delta, weight = seg.reduce.reducer.finalize(root.value, ctx.params.spec)
-            ctx.state = new_states.get(keys[id(seg.reduce)], {})
-            ctx.tag = seg.reduce.tag
-            seg.reduce.apply(ctx, delta, weight)
+        if self.reducer is None:
+            if root.value is not None:  # else every client was dropped by the simulation: the model stays
+                reduce = g.reduce
+                assert reduce is not None
+                delta, weight = reduce.reducer.finalize(root.value, main.params.spec)
+                main.state = new_states.get(keys[id(reduce)], {})
+                main.tag = reduce.tag
+                reduce.apply(main, delta, weight)
+        else:
+            self._reduce_all(ctxs, root, clients, new_states, keys)
         times["time_aggregate"] = time.perf_counter() - t0
-        for s in seg.after:
-            self._server(s, ctx, new_states, keys, times)
+        for branch, ctx in zip(g.branches, ctxs):
+            if ctx is not main:
+                ctx.params = main.params  # the model the branches' after-stages see is the round's new one
+            for s in branch.after:
+                self._server(s, ctx, new_states, keys, times)
+            if ctx is not main:
+                main.params = ctx.params
         if self.client_state is not None and table is not None:
             gone = [c for c, _ in root.failures] + [c for c, _ in root.dropped]
-            done = np.flatnonzero(~np.isin(ctx.clients.ids, np.asarray(gone, np.int64)))
-            new_states[self.client_state[1]] = ClientStateTable.commit(ctx.clients, done, table, rnd)
-        row = self._row(rnd, ctx, root, transport)
+            done = np.flatnonzero(~np.isin(main.clients.ids, np.asarray(gone, np.int64)))
+            new_states[self.client_state[1]] = ClientStateTable.commit(main.clients, done, table, rnd)
+        row = self._row(rnd, main, root, transport)
+        for branch, ctx in zip(g.branches[1:], ctxs[1:]):
+            row.update(branch_row(branch.name, ctx, root.sums))
         row.update(times)
         row["round_time"] = time.perf_counter() - t_round
-        state.params, state.round, state.stage_states = ctx.params, rnd, new_states
+        state.params, state.round, state.stage_states = main.params, rnd, new_states
         return row
+
+    def _before(self, branch: Branch, state: RunState, rnd: int, last: bool, transport: Transport,
+                states: dict[str, dict[str, Any]], keys: dict[int, str], times: dict[str, float]) -> RoundContext:
+        ctx = RoundContext(rnd, self.seed, state.params, self.dataset, self.model_source, last)
+        ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
+        if self.reducer is not None:
+            ctx.values = {v: self._value(v, states, keys) for b in self.graph.branches for s in b.stages
+                          for v in s.keeps}
+        for s in branch.before:  # a stage that keeps a virtual clock (Simulate) tells the round its start time
+            if isinstance(s, KeepsClock):
+                ctx.time = s.clock(states.get(keys[id(s)], {}))
+        for s in branch.before:
+            self._server(s, ctx, states, keys, times)
+        if ctx.clients is None:
+            raise PipelineError(f"no stage of branch {branch.name!r} chose clients before its client stages",
+                                fix="start the branch with st.Select(...)")
+        return ctx
+
+    def _layout(self, ctxs: list[RoundContext]) -> ClientSet:
+        parts = [c.clients for c in ctxs if c.clients is not None]
+        if any(p.keep_first is not None for p in parts):
+            raise ConfigError("over-selection (Select(over_select=...)) in a round with several reducers",
+                              fix="over-select in a plain round (one reducer of the update)")
+        clients = merge_cohorts(parts) if len(parts) > 1 else parts[0]
+        names = {b for c in self.consumers for b in c.bys}
+        attributes = {name: group_attribute(self.dataset, clients, name) for name in sorted(names)}
+        clients.layout = Layout.of(self.consumers, clients, attributes)
+        return clients
+
+    def _reduce_all(self, ctxs: list[RoundContext], root: Partial, clients: ClientSet,
+                    states: dict[str, dict[str, Any]], keys: dict[int, str]) -> None:
+        """Finish every reduction: finalize its slots (tiers above the first here), then apply the model
+        step or record the aggregate for the server stages after it."""
+        assert self.reducer is not None
+        spec = ctxs[0].params.spec
+        slots = self.reducer.finish(root.value, clients.layout)
+        k = 0
+        for b, branch in enumerate(self.graph.branches):
+            ctx = ctxs[b]
+            for r in branch.reductions:
+                parts = {key: v for (kk, key), v in slots.items() if kk == k}
+                k += 1
+                if not parts:
+                    continue  # every client of this reducer failed or was dropped
+                if len(r.tiers) == 1:
+                    acc, holder = parts[()], r.tiers[0].reducer
+                else:
+                    acc, holder = combine_groups(parts, [t.reducer for t in r.tiers], spec, _group_update)
+                result, weight = holder.finalize(acc, spec)
+                stage = r.stage
+                if r.value == "update":
+                    ctx.state = states.get(keys[id(stage)], {})
+                    ctx.tag = stage.tag
+                    stage.apply(ctx, result, weight)
+                    if ctx is not ctxs[0]:
+                        ctxs[0].params = ctx.params
+                elif holder.yields_metrics:
+                    ctx.metrics.update(result)
+                    ctx.aggregates[r.value] = (result, weight)
+                else:
+                    ctx.aggregates[r.value] = (result, weight)
 
     def lookahead(self, rnd: int) -> Callable[[], None] | None:
         """A function that chooses round ``rnd``'s clients ahead of that round (its Select keeps them for
         it, see :meth:`flgraph.stages.Select.lookahead`), for the transport to call while the round before
         trains; None when no stage before the client segment can choose ahead."""
-        selects = [s for s in self.segments.before if hasattr(s, "lookahead")]
+        selects = [s for s in self.graph.before if isinstance(s, ChoosesAhead)]
         if not selects:
             return None
 
@@ -164,11 +266,43 @@ class SyncEngine:
         s.run(ctx)
         times[f"time_{s.name}"] = times.get(f"time_{s.name}", 0.0) + time.perf_counter() - t0
 
-    @staticmethod
-    def _row(rnd: int, ctx: RoundContext, root: Partial, transport: Transport) -> dict[str, Any]:
+    def _row(self, rnd: int, ctx: RoundContext, root: Partial, transport: Transport) -> dict[str, Any]:
         row = client_row(rnd, ctx, root.sums, [c for c, _ in root.failures], [c for c, _ in root.dropped])
         row["bytes_broadcast"] = ctx.params.nbytes * transport.places()
         return row
+
+
+def _group_update(delta: Any, weight: float) -> Update:
+    """A group's finalized result as the next tier's input (its weight: the group's total weight)."""
+    return Update(-1, round(weight), -1, np.asarray(delta))
+
+
+def group_attribute(dataset: Any, clients: ClientSet, name: str) -> np.ndarray:
+    """Attribute ``name`` of the round's clients: a per-client setting of the ClientSet (e.g. a gateway's
+    id), else the dataset's client attribute (:meth:`flgraph.data.FederatedDataset.attribute`)."""
+    if name in clients.settings:
+        return np.asarray(clients.settings[name])
+    try:
+        return np.asarray(dataset.attribute(name, clients.ids))
+    except (AttributeError, KeyError) as e:
+        raise ConfigError(f"Aggregate(by={name!r}): the clients have no attribute {name!r}",
+                          fix=f"give the dataset one: data.with_attributes({name}=array_or_function)") from e
+
+
+def branch_row(name: str, ctx: RoundContext, sums: dict[str, float]) -> dict[str, Any]:
+    """A parallel branch's figures, each under ``<branch>/``: its clients' sums and its stages' metrics."""
+    prefix = f"{name}/"
+    own = {k[len(prefix):]: v for k, v in sums.items() if k.startswith(prefix)}
+    samples = own.get("samples", 0.0)
+    row: dict[str, Any] = {}
+    for k, v in own.items():
+        if k.startswith("wsum_") and samples:
+            row[prefix + k[5:]] = v / samples
+    row.update({prefix + k: v for k, v in ctx.metrics.items()})
+    row[prefix + "clients_done"] = int(own.get("clients_done", 0))
+    row[prefix + "clients_failed"] = int(own.get("clients_failed", 0))
+    row[prefix + "samples"] = int(samples)
+    return row
 
 
 def client_row(rnd: int, ctx: RoundContext, sums: dict[str, float], failed: list[int],

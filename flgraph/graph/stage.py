@@ -1,51 +1,38 @@
-"""Stages and pipelines: a federated round as a small dataflow graph.
+"""Stages: the steps of a round, each declaring the named values it reads and writes.
 
 Three kinds of stage, told apart by where they run:
 
-* **server** stages run once per round in the driver (select clients, evaluate, server optimizer);
+* **server** stages run once per round in the driver (select clients, evaluate, server steps);
 * **client** stages run once per participating client, where that client lives (local train, compress);
-* **reduce** stages combine client outputs associatively (aggregate).
+* **reduce** stages combine one per-client value across clients associatively (aggregate).
 
-``a >> b`` composes stages into a :class:`Pipeline`; :meth:`Pipeline.check` verifies, before anything
-runs, that every stage gets what it needs from the stages before it.
+A stage reads and writes **named values** (:mod:`flgraph.graph.values`): round values (``clients``,
+``params``, a server control variate), per-client values (``update``, ``control_delta``) and the
+aggregates of per-client values. The pipeline check (:mod:`flgraph.graph.check`) verifies, before
+anything runs, that every value read has a writer upstream.
 
 Example:
     >>> from flgraph import stages as st
-    >>> p = st.Select(clients=10) >> st.Broadcast() >> st.LocalTrain() >> st.Aggregate(st.WeightedMean())
-    >>> [s.name for s in p.stages]
-    ['select', 'broadcast', 'local-train', 'aggregate']
-    >>> st.Select(clients=10) >> st.LocalTrain() >> st.Aggregate(st.WeightedMean())  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    flgraph.errors.PipelineError: stage 2 (LocalTrain) needs the global model on the clients, but no stage ...
-      fix: insert st.Broadcast() before LocalTrain, e.g. Select(...) >> Broadcast() >> LocalTrain(...)
+    >>> sorted(st.Broadcast().writes()), sorted(st.LocalTrain().reads())
+    (['model'], ['model'])
 """
 
 from __future__ import annotations
 
 import functools
-import html
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from .context import ClientWork, RoundContext, Update
-from .errors import PipelineError
-from .params import Params, ParamSpec
-from .rng import stage_tag
+from ..context import ClientWork, RoundContext, Update
+from ..params import Params, ParamSpec
 
-__all__ = ["ClientStage", "Pipeline", "ReduceStage", "Reducer", "ServerStage", "Stage"]
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["ClientStage", "ReduceStage", "Reducer", "ServerStage", "Stage"]
 
 Kind = Literal["server", "client", "reduce"]
-
-# What each capability means, and which stage provides it: used to word the errors.
-CAPABILITIES: dict[str, tuple[str, str]] = {
-    "clients": ("the round's clients", "st.Select(clients=...)"),
-    "model": ("the global model on the clients", "st.Broadcast()"),
-    "update": ("a client update", "st.LocalTrain(...)"),
-}
 
 
 @functools.cache
@@ -57,14 +44,17 @@ def _kebab(name: str) -> str:
 class Stage(ABC):
     """Base of every stage. Subclass :class:`ServerStage`, :class:`ClientStage` or :class:`ReduceStage`.
 
-    Class attributes declare the contract that :meth:`Pipeline.check` verifies:
-    ``requires`` (capabilities a stage before it must provide) and ``provides``.
+    A stage declares the named values it reads and writes (:meth:`reads`, :meth:`writes`; by default the
+    class attributes ``requires`` and ``provides``), and ``keeps``: the entries of its explicit state that
+    are server values other stages may read (e.g. SCAFFOLD's ``control``, which ``Broadcast("params",
+    "control")`` ships to the clients). :meth:`flgraph.Pipeline.check` verifies them before anything runs.
     ``name`` is the task-key prefix in the Dask dashboard (lower-case words joined by ``-``).
     """
 
     kind: ClassVar[Kind]
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
+    keeps: ClassVar[frozenset[str]] = frozenset()
     tag: int = 0
 
     @property
@@ -74,6 +64,19 @@ class Stage(ABC):
     def prepare(self, dataset: Any, model_source: Any) -> None:
         """Check, before anything runs, that this stage can work with the run's data and model."""
 
+    def reads(self) -> frozenset[str]:
+        """The named values this stage reads (see :mod:`flgraph.graph.values`)."""
+        return self.requires
+
+    def writes(self) -> frozenset[str]:
+        """The named values this stage writes; a value it also reads is transformed in place."""
+        return self.provides
+
+    def reads_kept(self) -> frozenset[str]:
+        """The server values among :meth:`reads` that some stage of the round keeps from round to round
+        (it may stand anywhere in the round: this round reads the value the last round left)."""
+        return frozenset()
+
     def settings(self) -> dict[str, Any]:
         """The stage's settings, shown in ``repr`` and saved in the pipeline spec."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "tag"}
@@ -82,8 +85,15 @@ class Stage(ABC):
         args = ", ".join(f"{k}={_short(v)}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
 
-    def __rshift__(self, other: Stage | Pipeline) -> Pipeline:
+    def __rshift__(self, other: Any) -> Pipeline:
+        from .pipeline import Pipeline
+
         return Pipeline([self]) >> other
+
+    def __or__(self, other: Any) -> Pipeline:
+        from .pipeline import Pipeline
+
+        return Pipeline([self]) | other
 
 
 def _short(v: Any) -> str:
@@ -117,6 +127,10 @@ class ClientStage(Stage):
         :mod:`flgraph.client_state` (on disk, in snapshots' terms: resumed exactly). Default: none."""
         return {}
 
+    def drops(self) -> frozenset[str]:
+        """Per-client values this stage discards on purpose (so that no reducer need consume them)."""
+        return frozenset()
+
     @abstractmethod
     def run(self, work: ClientWork) -> None: ...
 
@@ -129,6 +143,13 @@ class Reducer(ABC):
     """
 
     needs_all: ClassVar[bool] = False
+    yields_metrics: ClassVar[bool] = False  # finalize gives {metric: value}: the round's row records them
+
+    def merges(self, inner: Reducer) -> bool:
+        """Whether this reducer, as the tier above ``inner``, may combine ``inner``'s partial results as they
+        are instead of its finalized group results (a weighted mean of weighted means is one weighted
+        mean). Default: no."""
+        return False
 
     @abstractmethod
     def leaf(self, update: Update, spec: ParamSpec) -> Any: ...
@@ -142,12 +163,21 @@ class Reducer(ABC):
 
 
 class ReduceStage(Stage):
-    """Across client outputs: holds a :class:`Reducer` and turns its result into new global params."""
+    """Across clients: holds a :class:`Reducer` over one per-client value.
+
+    Over the model ``update`` it turns the result into new global params (:meth:`apply`). Over another
+    value (``control_delta``, a metric) it writes that value's aggregate, which server stages after it read
+    from ``ctx.aggregates`` (only stages with ``any_value = True``, such as ``Aggregate``, may reduce
+    values other than the update). ``by`` (a client attribute such as ``"site"``) reduces per group:
+    the next reduce stage then combines the groups (tiers).
+    """
 
     kind: ClassVar[Kind] = "reduce"
     requires: ClassVar[frozenset[str]] = frozenset({"update"})
     provides: ClassVar[frozenset[str]] = frozenset({"aggregate"})
+    any_value: ClassVar[bool] = False
     reducer: Reducer
+    by: str | None = None
 
     def init_state(self, params: Params) -> dict[str, Any]:
         return {}
@@ -156,143 +186,4 @@ class ReduceStage(Stage):
     def apply(self, ctx: RoundContext, delta: Any, weight: float) -> None:
         """Update ``ctx.params`` in place from the aggregated ``delta``."""
 
-
-@dataclass(frozen=True)
-class Segments:
-    """A checked pipeline split by where stages run."""
-
-    before: tuple[ServerStage, ...]
-    clients: tuple[ClientStage, ...]
-    reduce: ReduceStage | None
-    after: tuple[ServerStage, ...]
-
-
-class Pipeline:
-    """An ordered composition of stages, checked when it is built.
-
-    Example:
-        >>> from flgraph import stages as st
-        >>> p = st.Select(clients=5) >> st.Broadcast() >> st.LocalTrain() >> st.Aggregate(st.WeightedMean())
-        >>> print(p)  # doctest: +NORMALIZE_WHITESPACE
-        Pipeline: Select(clients=5, ...) >> Broadcast() >> LocalTrain(...) >> Aggregate(...)
-        ...
-    """
-
-    def __init__(self, stages: Iterable[Stage]) -> None:
-        self.stages: tuple[Stage, ...] = tuple(stages)
-        for s in self.stages:
-            if not isinstance(s, Stage):
-                raise PipelineError(
-                    f"{s!r} is not a stage",
-                    fix="compose flgraph stages with >>, e.g. st.Select(clients=10) >> st.Broadcast()",
-                )
-        self.segments = self._check()
-        counts: dict[str, int] = {}
-        for s in self.stages:
-            cls = type(s).__name__
-            s.tag = stage_tag(cls, counts.get(cls, 0))
-            counts[cls] = counts.get(cls, 0) + 1
-
-    def __rshift__(self, other: Stage | Pipeline) -> Pipeline:
-        more = other.stages if isinstance(other, Pipeline) else (other,)
-        return Pipeline(self.stages + tuple(more))
-
-    def _check(self, final: bool = False) -> Segments:
-        # A pipeline under construction may be a fragment (``a >> (b >> c)`` builds ``b >> c`` first): it
-        # assumes that what its first stage needs comes from upstream. The final check assumes nothing.
-        have: set[str] = set() if final or not self.stages else set(self.stages[0].requires)
-        before: list[ServerStage] = []
-        clients: list[ClientStage] = []
-        after: list[ServerStage] = []
-        reduce: ReduceStage | None = None
-        for i, s in enumerate(self.stages, 1):
-            where = f"stage {i} ({type(s).__name__})"
-            for need in sorted(s.requires - have):
-                what, provider = CAPABILITIES.get(need, (repr(need), "a stage that provides it"))
-                example = {
-                    "model": "Select(...) >> Broadcast() >> LocalTrain(...)",
-                    "clients": "Select(clients=10) >> Broadcast() >> ...",
-                    "update": "... >> Broadcast() >> LocalTrain(...) >> Aggregate(...)",
-                }.get(need)
-                fix = f"insert {provider} before {type(s).__name__}"
-                raise PipelineError(
-                    f"{where} needs {what}, but no stage before it provides it",
-                    fix=fix + (f", e.g. {example}" if example else ""),
-                )
-            dup = s.provides & have & {"clients", "model", "aggregate"}
-            if dup:
-                raise PipelineError(
-                    f"{where} provides {sorted(dup)[0]!r} a second time (a round has one "
-                    f"{ {'clients': 'Select', 'model': 'Broadcast', 'aggregate': 'Aggregate'}[sorted(dup)[0]] })",
-                    fix=f"remove one of the two {type(s).__name__} stages",
-                )
-            if isinstance(s, ClientStage):
-                if reduce is not None:
-                    raise PipelineError(
-                        f"{where} is a client stage after the Aggregate stage",
-                        fix="a round has one client segment: put client stages before Aggregate",
-                    )
-                clients.append(s)
-            elif isinstance(s, ReduceStage):
-                reduce = s
-            elif isinstance(s, ServerStage):
-                if clients and reduce is None:
-                    raise PipelineError(
-                        f"{where} is a server stage between client stages and the Aggregate stage",
-                        fix="server stages run before the client stages or after Aggregate",
-                    )
-                (after if reduce is not None else before).append(s)
-            else:
-                raise PipelineError(f"{where} is neither a server, a client nor a reduce stage",
-                                    fix="subclass flgraph.ServerStage, flgraph.ClientStage or flgraph.ReduceStage")
-            have |= s.provides
-        if final:
-            if not clients:
-                raise PipelineError(
-                    "the pipeline has no client stage, so no client ever trains",
-                    fix="add st.Broadcast() >> st.LocalTrain(...) after Select",
-                )
-            if reduce is None:
-                raise PipelineError(
-                    "nothing aggregates the client updates",
-                    fix="end the client stages with st.Aggregate(st.WeightedMean())",
-                )
-        return Segments(tuple(before), tuple(clients), reduce, tuple(after))
-
-    def check(self) -> Segments:
-        """Check that the pipeline is a complete round (it has client stages and an aggregate)."""
-        return self._check(final=True)
-
-    def __iter__(self) -> Any:
-        return iter(self.stages)
-
-    def __len__(self) -> int:
-        return len(self.stages)
-
-    def __repr__(self) -> str:
-        seg = self.segments
-        lines = ["Pipeline: " + " >> ".join(repr(s) for s in self.stages)]
-        for label, group in (
-            ("server, before", seg.before),
-            ("client", seg.clients),
-            ("reduce", (seg.reduce,) if seg.reduce else ()),
-            ("server, after", seg.after),
-        ):
-            if group:
-                lines.append(f"  [{label}] " + " -> ".join(s.name for s in group))
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        colors = {"server": "#dbeafe", "client": "#dcfce7", "reduce": "#fde68a"}
-        boxes = []
-        for s in self.stages:
-            tip = html.escape(repr(s))
-            boxes.append(
-                f'<div title="{tip}" style="display:inline-block;padding:6px 10px;border:1px solid #555;'
-                f'border-radius:6px;background:{colors[s.kind]};font-family:monospace">'
-                f"<b>{html.escape(type(s).__name__)}</b><br><small>{s.kind}</small></div>"
-            )
-        legend = " ".join(f'<span style="background:{c};padding:0 6px">{k}</span>' for k, c in colors.items())
-        arrow = ' <span style="font-size:18px">&rarr;</span> '
-        return "<div>" + arrow.join(boxes) + f"<br><small>{legend}</small></div>"
 
