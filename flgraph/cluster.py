@@ -3,10 +3,10 @@
 The embedded cluster starts one single-threaded worker *process* per core. Dask's nanny would start them
 with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's dynamic mmap threshold (every tensor-sized
 allocation is then mmapped and unmapped, and small-model torch training such as W1's runs about 1.7x
-slower); the embedded workers get :mod:`flgraph.malloc`'s settings
-instead (large blocks from the heap, freed memory kept for the next round). Users who bring their own
-cluster get the same by setting them in ``distributed.nanny.pre-spawn-environ`` in the Dask config of the
-machines where the nannies start (see the README).
+slower); the embedded workers get :mod:`flgraph.malloc`'s settings instead (large blocks from the heap,
+freed memory kept for the next round). Users who bring their own cluster get the same by setting them in
+``distributed.nanny.pre-spawn-environ`` in the Dask config of the machines where the nannies start (see
+the README's "Advanced: tuning").
 
 Example:
     >>> from flgraph.cluster import connect
@@ -144,7 +144,7 @@ def connect(cluster: Any = None, *, workers: int | None = None, timeout: float =
     if cluster is None:
         local = embedded(workers)
         # scatter and gather straight to and from the workers (all on 127.0.0.1), not through the scheduler:
-        # one hop instead of two for every params broadcast and result
+        # the round's data then never passes through the scheduler's event loop, which this process shares
         try:
             return ClusterHandle(embedded_client(local), local)
         except BaseException:
