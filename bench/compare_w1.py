@@ -1,4 +1,4 @@
-"""W1 through flgraph versus the shared bare loop, in the same session, one process at a time.
+"""W1 through flgraph versus the shared bare loop, on the same machine, one process at a time.
 
 Runs ``<shared>/bench/bare_loop.py --threads 1`` (the reference: one process, a plain for-loop, one torch
 thread) and ``bench/w1_flgraph.py`` (2 single-threaded workers by default) alternately, ``--repeats``
@@ -9,7 +9,7 @@ expected accuracy (W1 at 20 or 3 rounds) is not met.
 
 Between them (unless ``--no-floor``) it also runs ``bench/floor_w1.py``: the same client work on
 ``--workers`` plain processes in lock step, no framework, the best any orchestration can do on this
-machine at that moment. The issue's target is ratio flgraph / bare <= 0.6: on the 2-core reference
+machine at that moment. The target is ratio flgraph / bare <= 0.6: on the 2-core reference
 machine the floor is about 0.57 (DESIGN.md), so flgraph's own cost must stay within a few hundredths of
 a second a round.
 

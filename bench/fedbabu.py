@@ -8,7 +8,7 @@ named ``head``, initialized by torch's default (the paper keeps the head at its 
 Both methods run the same ``recipes.fedbabu`` pipeline and differ only in whether local training updates
 the head (``train_head=True`` is FedAvg, the paper's baseline): 5 clients per round, E = 10 local epochs,
 batch 10, lr 0.05 with SGD momentum 0.9, 20 rounds. Personalized evaluation after the last round, on every
-client: fine-tune the head (``--finetune head``, the issue's claim; ``full`` fine-tunes the whole model)
+client: fine-tune the head (``--finetune head``, the paper's claim; ``full`` fine-tunes the whole model)
 for tau = 5 epochs of plain SGD (lr 0.1, batch 10) on the client's training part, then evaluate on its
 held-out part. Printed per seed: accuracy before and after fine-tuning, and whether FedBABU's head stayed
 bit for bit at its initial values.

@@ -23,7 +23,7 @@ All configurations run one after the other on ONE embedded cluster (``flgraph.cl
 the same cluster ``Run`` would start itself: ``--workers`` single-threaded processes), passed to each
 ``Run`` as the cluster object (a Run closes a ``distributed.Client`` it is given, but not a cluster). The figure is the
 median round time over rounds 2..R divided by the clients per round, in microseconds per client. The
-issue's target is <= 200 us per client.
+target is <= 200 us per client.
 
 Usage (from the repository root)::
 

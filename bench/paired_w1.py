@@ -6,7 +6,7 @@ Here the three sides stay alive side by side and take turns every ``--block`` ro
 
 * **bare**: one process running the shared ``w1common``'s functions in ``bare_loop.py``'s order (for each
   client: ``client_data``, ``set_weights``, ``local_train``, ``get_weights``; then ``fedavg``), torch on one
-  thread: the reference of the issue's target;
+  thread: the reference of the 0.6x target;
 * **floor**: ``--workers`` plain processes in lock step, ``floor_w1.py``'s loop (the same client work, no
   framework, nothing aggregated): the best any orchestration of that many processes can do;
 * **flgraph**: ``Run.fit(block)`` of W1 on an embedded cluster of ``--workers`` single-threaded workers
@@ -23,7 +23,7 @@ taken within each set (seconds apart) and their median over the sets is reported
 Noise only ever slows a block down, so the ratios of each side's *fastest* block are reported too: the sides
 as they run on a quiet machine. The floor's fastest block against the bare loop's says whether the machine
 gave two processes two cores at all during the run (at most 0.55x). Above 0.6x no orchestration of two
-processes could reach the issue's 0.6x and the figure to read is flgraph / floor; below, the script says how
+processes could reach the 0.6x target and the figure to read is flgraph / floor; below, the script says how
 close to the floor 0.6x requires.
 
 Both W1 runs go on from round to round across blocks; after round 20 the bare loop and flgraph are both

@@ -19,7 +19,7 @@ Accuracy is reported after W1's 20 rounds and, by default, after ``--extra-round
 continued): W1 stops early in training (clean FedAvg reaches 0.765 at round 20 and ~1.0 at round 40), so
 the 20-round figure mostly measures how fast an aggregator makes progress, the 40-round one where it goes.
 
-What the table showed (2 workers, seed 0; the numbers equal an in-process numpy re-implementation of the
+What the table shows (2 workers, seed 0; the numbers equal an in-process numpy re-implementation of the
 same rounds): under the sign flip the mean falls to chance (0.10) and diverges at round 29; median and
 trimmed mean lose about a quarter of their clean accuracy at round 20 (0.50 / 0.53 against their own
 0.66 / 0.68 and FedAvg's 0.765) and reach 0.90 / 0.91 at round 40, when clean FedAvg is at 1.00; multi-Krum
@@ -31,7 +31,7 @@ With ``--momentum 0.9`` every aggregator's result drives a server SGD step with 
 ``recipes.robust_fedavg(momentum=0.9)``), which averages the robust aggregate's per-round error away
 (Karimireddy, He and Jaggi, ICML 2021). Then, at W1's 20 rounds: clean 1.00 for every aggregator; under the
 sign flip median 0.9995, trimmed mean 1.00, multi-Krum 1.00, and the mean diverges (chance, 0.10); under
-the 100x boost, which now destabilises the mean (0.415), median, trimmed mean and multi-Krum stay at 1.00.
+the 100x boost, which then destabilises the mean (0.415), median, trimmed mean and multi-Krum stay at 1.00.
 
 Usage (from the repository root)::
 

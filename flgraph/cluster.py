@@ -1,11 +1,12 @@
 """Reach a Dask cluster: an embedded LocalCluster (default), a ``distributed.Client``, or an address.
 
 The embedded cluster starts one single-threaded worker *process* per core. Dask's nanny would start them
-with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's dynamic mmap threshold (small-model torch
-training runs about 1.7x slower, measured on W1); the embedded workers get :mod:`flgraph.malloc`'s settings
-instead (large blocks from the heap, freed memory kept for the next round). Users who bring their own
-cluster get the same by setting them in ``distributed.nanny.pre-spawn-environ`` in the Dask config of the
-machines where the nannies start (see the README).
+with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's dynamic mmap threshold (every tensor-sized
+allocation is then mmapped and unmapped, and small-model torch training such as W1's runs about 1.7x
+slower); the embedded workers get :mod:`flgraph.malloc`'s settings instead (large blocks from the heap,
+freed memory kept for the next round). Users who bring their own cluster get the same by setting them in
+``distributed.nanny.pre-spawn-environ`` in the Dask config of the machines where the nannies start (see
+the README's "Advanced: tuning").
 
 Example:
     >>> from flgraph.cluster import connect
@@ -84,8 +85,8 @@ QUIET = {
 }
 """The embedded cluster's background work, slowed down from distributed's defaults (profile samples every
 10 ms, event-loop ticks every 20 ms, system monitor every 0.5 s, memory monitor every 0.1 s). On a machine
-whose cores all train, these wake-ups in every worker, nanny and the scheduler cost client work 10-15%
-(W1 on 2 cores: median round 0.199 s with the defaults, 0.172 s with these, 5 interleaved runs each).
+whose cores all train, every wake-up in a worker, a nanny or the scheduler takes a core from a client's
+training; at distributed's defaults they take 10-15% of the client work of a W1 round on 2 cores.
 The dashboard keeps every page; the Profile page gets 10 samples a second instead of 100."""
 
 
@@ -119,9 +120,9 @@ def embedded_client(cluster: LocalCluster) -> Client:
     The scheduler lives in this process; a client reaching it over TCP pays a socket write, a wake-up and
     a read on both ends for every message (tasks submitted, results reported, futures released), all on
     the event loop that also serves the workers. Over ``inproc://`` on the cluster's own loop a message is
-    a queue entry: W1 on 2 workers, median round -5.4 ms (6 interleaved pairs, 0.118-0.124 s against
-    0.118-0.133 s) and 1-3 ms less driver CPU a round. Scatter and gather still go straight to the
-    workers (``direct_to_workers``). A cluster without an in-process listener gets a TCP client.
+    a queue entry, with no socket and no wake-up on either end: a few milliseconds of the driver's CPU a
+    W1 round, on the cores that train. Scatter and gather still go straight to the workers
+    (``direct_to_workers``). A cluster without an in-process listener gets a TCP client.
     """
     scheduler = getattr(cluster, "scheduler", None)
     listeners = getattr(scheduler, "listeners", [])
@@ -143,7 +144,7 @@ def connect(cluster: Any = None, *, workers: int | None = None, timeout: float =
     if cluster is None:
         local = embedded(workers)
         # scatter and gather straight to and from the workers (all on 127.0.0.1), not through the scheduler:
-        # W1 median round 0.152 s against 0.157 s (4 interleaved runs each)
+        # the round's data then never passes through the scheduler's event loop, which this process shares
         try:
             return ClusterHandle(embedded_client(local), local)
         except BaseException:

@@ -108,8 +108,8 @@ def test_scheduler_and_workers_by_address(cli_cluster, client1):
 
 def test_worker_list_survives_the_clients_periodic_scheduler_info_refresh(client2):
     # client.scheduler_info(n_workers=-1) returns a cache that the client's periodic refresh (no per-worker
-    # entries) can overwrite mid-call; a CI run once failed "the Dask cluster has no workers" from it.
-    # With the refresh every 1 ms that happened in about 1 call in 10 here; worker_threads asks directly.
+    # entries) can overwrite mid-call, and then reports "the Dask cluster has no workers" on a cluster that
+    # has two. A refresh every 1 ms makes that race frequent; worker_threads asks the scheduler directly.
     with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):
         address = client2.run_on_scheduler(lambda dask_scheduler: dask_scheduler.address)  # its TCP listener
         client = Client(address, set_as_default=False)
