@@ -34,7 +34,7 @@ def dir_bytes(path: Path) -> int:
 
 def w1_run(checkpoint: Path | None, rounds: int) -> tuple[float, list[float], int]:
     with fg.Run(w1.pipeline(), model=w1.initial_model("mlp"), data=w1.dataset(), seed=0, workers=2,
-                progress=False, evaluate="never", checkpoint=checkpoint, keep_last=3) as run:
+                progress=False, evaluate="never", checkpoint=fg.Checkpoints(checkpoint, keep_last=3)) as run:
         h = run.fit(rounds=rounds)
         writes = list(run._writer.write_seconds) if run._writer else []
     times = [r["round_time"] for r in h][1:]

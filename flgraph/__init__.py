@@ -16,6 +16,7 @@ import importlib
 from typing import Any
 
 from . import data, errors
+from .checkpoint import Checkpoints
 from .context import ClientSet, ClientWork, RoundContext, Update
 from .errors import CheckpointError, ClientError, ClusterError, ConfigError, DataError, FlgraphError, PipelineError
 from .graph import ClientStage, Pipeline, Reducer, ReduceStage, ServerStage, Stage
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Checkpoints",
     "ClientError",
     "ClientSet",
     "ClientStage",

@@ -46,7 +46,7 @@ import zarr.storage
 
 from .errors import CheckpointError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "RunDirectory", "Snapshot", "SnapshotWriter"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "Checkpoints", "RunDirectory", "Snapshot", "SnapshotWriter"]
 
 log = logging.getLogger("flgraph")
 
@@ -54,6 +54,44 @@ FORMAT = "flgraph-run"
 FORMAT_VERSION = 1
 _CHUNK = 8 * 2**20  # elements per params chunk (32 MiB of float32)
 _INT_METRICS = ("clients", "bytes", "samples")  # counts: read back as ints
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a run keeps its snapshots, how often it writes them, and which it keeps:
+    ``Run(..., checkpoint=Checkpoints("runs/exp.zarr", every=10, keep_last=3, keep_every=100))``.
+
+    ``path``: a directory path or a zarr store (``Run(checkpoint=path)`` is ``Checkpoints(path)``; on
+    :func:`flgraph.resume`, leave it out: the run continues in its own directory). ``every``: rounds between
+    snapshots (the last round of each ``fit`` always gets one; ``None``: only by time); ``minutes``: also
+    write when this much time passed since the last one; ``keep_last``: newest snapshots kept;
+    ``keep_every``: also keep every round divisible by it (milestones).
+
+    Example:
+        >>> Checkpoints("runs/exp.zarr", every=10, keep_every=100).policy
+        CheckpointPolicy(every=10, minutes=None, keep_last=3, keep_every=100)
+    """
+
+    path: Any = None
+    every: int | None = 1
+    minutes: float | None = None
+    keep_last: int = 3
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        self.policy  # noqa: B018 - checks the settings now, not at the first snapshot
+
+    @property
+    def policy(self) -> CheckpointPolicy:
+        """When to write and what to keep (without the place)."""
+        return CheckpointPolicy(self.every, self.minutes, self.keep_last, self.keep_every)
+
+    @staticmethod
+    def of(value: Any) -> Checkpoints | None:
+        """``Run(checkpoint=...)``'s value as Checkpoints: None, a path or store, or Checkpoints itself."""
+        if value is None or isinstance(value, Checkpoints):
+            return value
+        return Checkpoints(value)
 
 
 @dataclass
@@ -72,11 +110,12 @@ class CheckpointPolicy:
 
     def __post_init__(self) -> None:
         if self.every is None and self.minutes is None:
-            raise CheckpointError("a checkpoint policy needs every= rounds or minutes=")
+            raise CheckpointError("Checkpoints(every=None, minutes=None) would never write a snapshot",
+                                  fix="give every= rounds or minutes=")
         if self.every is not None and self.every < 1:
-            raise CheckpointError(f"checkpoint_every={self.every}: must be >= 1")
+            raise CheckpointError(f"Checkpoints(every={self.every}): must be >= 1")
         if self.keep_last < 1:
-            raise CheckpointError(f"keep_last={self.keep_last}: keep at least the newest snapshot")
+            raise CheckpointError(f"Checkpoints(keep_last={self.keep_last}): keep at least the newest snapshot")
 
     def due(self, rnd: int, last: bool, since_last_s: float) -> bool:
         """Whether round ``rnd`` ends with a snapshot."""

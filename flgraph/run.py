@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import malloc
-from .checkpoint import CheckpointPolicy, RunDirectory, Snapshot, SnapshotWriter
+from .checkpoint import Checkpoints, RunDirectory, Snapshot, SnapshotWriter
 from .client_runner import Bundle
 from .client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
 from .cluster import ClusterHandle, connect
@@ -91,11 +91,10 @@ class Run:
             Evaluate stage and the data has a test split; ``"never"`` does not.
         progress: show a progress bar (round, loss, accuracy, client updates per second).
         connect_timeout: seconds to wait for a scheduler given by address (and for its ``workers``).
-        checkpoint: a path (or a zarr store) for the run directory; ``None`` writes no checkpoints.
-            Continue an interrupted run with :func:`flgraph.resume` (``flgraph resume PATH``).
-        checkpoint_every: rounds between snapshots (the last round of each ``fit`` always gets one).
-        checkpoint_minutes: also snapshot when this many minutes passed since the last snapshot.
-        keep_last: snapshots kept (the newest); ``keep_every``: also keep every M-th round (milestones).
+        checkpoint: a path (or a zarr store) for the run directory, or :class:`flgraph.Checkpoints` with the
+            path and how often to snapshot and what to keep (default: every round, the newest 3); ``None``
+            writes no checkpoints. Continue an interrupted run with :func:`flgraph.resume`
+            (``flgraph resume PATH``).
         callbacks: objects told about the run: ``on_start(run)`` once the cluster is up,
             ``on_round(run, row)`` after each completed round, ``on_end(run)`` at the end of each ``fit``
             (each method optional; an exception in a callback is logged, never stops the run).
@@ -130,10 +129,6 @@ class Run:
         progress: bool = True,
         connect_timeout: float = 30.0,
         checkpoint: Any = None,
-        checkpoint_every: int | None = 1,
-        checkpoint_minutes: float | None = None,
-        keep_last: int = 3,
-        keep_every: int | None = None,
         callbacks: Sequence[Any] = (),
         transport: Any = None,
         metrics_log: str | os.PathLike[str] | None = "auto",
@@ -211,6 +206,14 @@ class Run:
                                   "main (first) branch's client stages may", fix="move the stateful stage into "
                                   "the first branch, or keep the state on the device")
         self._client_state_tmp: str | None = None
+        given = Checkpoints.of(checkpoint)
+        if given is not None and given.path is not None and _resume is not None:
+            raise ConfigError("a resumed run continues in its own run directory",
+                              fix="give Checkpoints(every=..., keep_last=...) without a path to change its schedule")
+        if given is not None and given.path is None and _resume is None:
+            raise ConfigError("Checkpoints() has no path", fix="give the run directory: Checkpoints('runs/exp.zarr')")
+        checkpoints = given or Checkpoints()
+        path = checkpoints.path
         place: ClientStatePlace | None = None
         if self._state_fields:
             if not isinstance(self.engine, SyncEngine):
@@ -218,16 +221,16 @@ class Run:
                                                                    if s.client_fields(params.spec)) +
                                   ") is kept by synchronous rounds; the asynchronous engine does not keep it",
                                   fix="use a synchronous Aggregate, or a client stage without per-client state")
-            place = ClientStatePlace.choose(client_state, checkpoint, _resume[0] if _resume else None, keep_last)
+            place = ClientStatePlace.choose(client_state, path, _resume[0] if _resume else None,
+                                            checkpoints.keep_last)
         if _resume is not None:
             directory, snap = _resume
             self._restore(snap)
-        elif checkpoint is not None:
-            directory = create_directory(checkpoint, self, user_pipeline, options,
+        elif path is not None:
+            directory = create_directory(path, self, user_pipeline, options,
                                          place.meta() if place is not None else {})
-        if checkpoint is not None or _resume is not None:
-            policy = CheckpointPolicy(checkpoint_every, checkpoint_minutes, keep_last, keep_every)
-            self._writer = SnapshotWriter(directory, policy)
+        if path is not None or _resume is not None:
+            self._writer = SnapshotWriter(directory, checkpoints.policy)
         if place is not None:
             self._open_client_state(place, _resume)
 

@@ -137,7 +137,7 @@ def test_full_disk_during_a_write_loses_nothing(client1, tmp_path, reference):
 
 def test_cadence_and_retention(client1, tmp_path):
     path = tmp_path / "run.zarr"
-    with make_run(client1, path, checkpoint_every=3, keep_last=2, keep_every=3) as run:
+    with make_run(client1, fg.Checkpoints(path, every=3, keep_last=2, keep_every=3)) as run:
         run.fit(rounds=7)
         assert run.checkpoint_directory is not None
     assert RunDirectory.open(path).snapshot_rounds() == [3, 6, 7]  # every 3rd + the last; milestones kept
@@ -297,3 +297,21 @@ def test_the_driver_and_the_writer_asking_first_at_once_agree(tmp_path):
         assert sorted(fresh.retained_rounds()) == list(range(1, r + 1))
         assert fresh._snapshots() == dict.fromkeys(range(1, r + 1), True)  # every one of them committed
         assert RunDirectory.open(path).snapshot_rounds() == list(range(1, r + 1))
+
+
+def test_checkpoints_group_the_schedule_and_refuse_what_cannot_be(client1, tmp_path):
+    with pytest.raises(fg.CheckpointError, match=r"Checkpoints\(every=None, minutes=None\) would never write"):
+        fg.Checkpoints(tmp_path / "x.zarr", every=None)
+    with pytest.raises(fg.CheckpointError, match=r"Checkpoints\(keep_last=0\)"):
+        fg.Checkpoints(tmp_path / "x.zarr", keep_last=0)
+    with pytest.raises(fg.ConfigError, match=r"Checkpoints\(\) has no path"):
+        make_run(client1, fg.Checkpoints(every=2))
+    path = tmp_path / "run.zarr"
+    with make_run(client1, fg.Checkpoints(str(path), every=2)) as run:
+        run.fit(3)
+    assert RunDirectory.open(str(path)).snapshot_rounds() == [2, 3]
+    with pytest.raises(fg.ConfigError, match="continues in its own run directory"):
+        fg.resume(str(path), cluster=client1, progress=False, checkpoint=fg.Checkpoints(str(tmp_path / "other")))
+    with fg.resume(str(path), cluster=client1, progress=False, checkpoint=fg.Checkpoints(every=5)) as run:
+        run.fit(3)
+    assert RunDirectory.open(str(path)).snapshot_rounds() == [3, 5, 6]

@@ -91,7 +91,7 @@ DRIVER = textwrap.dedent("""
     if __name__ == "__main__":
         pipeline, model, data = build()
         run = fg.Run(pipeline, model=model, data=data, seed=11, workers=1, progress=False,
-                     checkpoint=sys.argv[1], keep_last=2)
+                     checkpoint=fg.Checkpoints(sys.argv[1], keep_last=2))
         run.fit(rounds=int(sys.argv[2]))
         run.close()
 """)

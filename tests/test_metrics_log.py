@@ -34,7 +34,7 @@ class _FakeRun:
 def test_checkpointed_run_writes_metrics_jsonl_in_its_directory_and_resume_keeps_it_exact(client2, tmp_path):
     path = tmp_path / "run.zarr"
     with fg.Run(_pipeline(), model=fg.models.mlp(8, [16], 3), data=_data(), seed=0, cluster=client2,
-                progress=False, checkpoint=path, checkpoint_every=2, dashboard=False) as run:
+                progress=False, checkpoint=fg.Checkpoints(path, every=2), dashboard=False) as run:
         run.fit(rounds=3)
         rows = read_metrics(path / "metrics.jsonl")
         assert rows == [{k: v for k, v in r.items()} for r in run.history.rows]
