@@ -19,7 +19,7 @@ from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
 from .robust import Krum, Median, TrimmedMean
-from .select import Select
+from .select import Select, is_pure_sampler, pure_sampler
 from .server_opt import ServerOpt
 from .simulate import Simulate
 from .stragglers import Stragglers
@@ -62,4 +62,6 @@ __all__ = [
     "TrimmedMean",
     "WeightedMean",
     "dp_mean",
+    "is_pure_sampler",
+    "pure_sampler",
 ]
