@@ -203,6 +203,42 @@ class Select(ServerStage):
         self._ahead = (rnd, seed, id(dataset), clients)
         return clients
 
+    def draw(self, population: np.ndarray, count: int, *, seed: int, round: int | None = None,
+             dispatch: int | None = None, p: np.ndarray | None = None) -> ClientSet:
+        """The seeded draw itself: ``count`` clients of ``population``, unchecked.
+
+        A synchronous round draws all its clients at once (``round=``, from this stage's stream for the
+        round); an asynchronous run draws one client per dispatch (``dispatch=``, the dispatch's index, from
+        a stream of its own, so the draw does not depend on which client arrived first). The choice is
+        uniform without replacement, or proportional to ``p`` (probabilities over ``population``), or the
+        ``sampler``'s. :meth:`run` narrows ``population`` to the available clients and checks the ids the
+        draw returns; a caller of ``draw`` does both itself.
+
+        Example:
+            >>> import numpy as np
+            >>> sel = Select(clients=3)
+            >>> a = sel.draw(np.arange(10), 3, seed=0, round=1)
+            >>> a.ids.tolist() == sel.draw(np.arange(10), 3, seed=0, round=1).ids.tolist(), len(a)
+            (True, 3)
+            >>> len(sel.draw(np.arange(10), 1, seed=0, dispatch=7))
+            1
+        """
+        if (round is None) == (dispatch is None):
+            raise ConfigError("Select.draw needs exactly one of round= (a synchronous round) or dispatch= "
+                              "(an asynchronous dispatch)")
+        # rounds count from 1, so a dispatch's stream (tag, 0, dispatch) never meets a round's (tag, round)
+        if round is not None:
+            rng = stream(seed, self.tag, round)
+        else:
+            assert dispatch is not None
+            rng = stream(seed, self.tag, 0, dispatch)
+        if self.sampler is None:
+            # with count=1 this is the same draw as rng.choice(population): numpy draws one bounded integer
+            chosen: Any = rng.choice(population, size=count, replace=False, p=p)
+        else:
+            chosen = self.sampler(round if round is not None else 0, population, count, rng)
+        return chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
+
     def _drawn(self, count: int) -> int:
         """Clients drawn for a round that keeps ``count`` (over-selection draws ceil(f * count))."""
         return math.ceil(self.over_select * count) if self.over_select > 1.0 else count
@@ -266,12 +302,7 @@ class Select(ServerStage):
                                   fix="check the availability function or trace (some client must be online)")
             count = min(count, len(population))
         drawn = min(self._drawn(count), len(population))
-        rng = stream(seed, self.tag, rnd)
-        if self.sampler is None:
-            chosen: Any = rng.choice(population, size=drawn, replace=False, p=p)
-        else:
-            chosen = self.sampler(rnd, population, drawn, rng)
-        clients = chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
+        clients = self.draw(population, drawn, seed=seed, round=rnd, p=p)
         if self.over_select > 1.0 and len(clients) > count:
             clients.keep_first = count  # the first `count` to finish are aggregated, the rest dropped
         if len(clients) == 0:

@@ -576,6 +576,20 @@ def test_a_decorated_sampler_is_saved_by_import_path_and_stays_pure_when_rebuilt
     assert differences(old, spec) == [] and st.is_pure_sampler(rebuild(old).stages[0].sampler)
 
 
+def test_select_draw_is_the_rounds_choice_and_one_client_per_dispatch():
+    ds = _select_ctx().dataset
+    sel = st.Select(clients=5)
+    sel.tag = stage_tag("Select", 0)
+    ctx = _select_ctx(rnd=3, seed=2)
+    sel.run(ctx)
+    assert sel.draw(ds.client_ids, 5, seed=2, round=3).ids.tolist() == ctx.clients.ids.tolist()
+    # a dispatch draws one client from its own stream, as rng.choice(population) would
+    one = sel.draw(ds.client_ids, 1, seed=2, dispatch=9).ids.tolist()
+    assert one == [int(stream(2, sel.tag, 0, 9).choice(ds.client_ids))]
+    with pytest.raises(ConfigError, match=r"exactly one of round= .* or dispatch="):
+        sel.draw(ds.client_ids, 1, seed=2)
+
+
 def test_broadcast_marks_the_round_and_counts_downlink_bytes():
     ctx = _select_ctx()
     st.Select(clients=4).run(ctx)
