@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flgraph.stages import pure_sampler
 from torch import nn
 
 __all__ = [
@@ -188,8 +189,10 @@ def dataset() -> Any:
                                           test=test_data)
 
 
+@pure_sampler
 def sampler(round: int, population: np.ndarray, count: int, rng: np.random.Generator) -> list[int]:
-    """flgraph ``Select(sampler=...)``: W1's seeded choice (ignores flgraph's own stream ``rng``)."""
+    """flgraph ``Select(sampler=...)``: W1's seeded choice (ignores flgraph's own stream ``rng``), pure: it
+    depends on the round and count only, so flgraph may choose a round's clients ahead."""
     return sample_clients(round, count)
 
 
@@ -202,5 +205,5 @@ def pipeline(clients: int = 100, epochs: int = 1) -> Any:
     """The W1 round: W1's sampler, broadcast, W1's local step, sample-weighted FedAvg."""
     from flgraph import stages as st
 
-    return (st.Select(clients=clients, sampler=sampler, sampler_is_pure=True) >> st.Broadcast()
+    return (st.Select(clients=clients, sampler=sampler) >> st.Broadcast()
             >> st.LocalTrain(epochs, train_fn=train_fn) >> st.Aggregate(st.WeightedMean()))

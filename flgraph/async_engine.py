@@ -45,7 +45,6 @@ from .engine import client_row
 from .errors import ConfigError, PipelineError
 from .graph import RoundGraph
 from .params import Params
-from .rng import stream
 
 __all__ = ["AsyncEngine"]
 
@@ -184,7 +183,8 @@ class AsyncEngine:
         self.completed.add(fut)
 
     def _draw(self, transport: Any, idx: int, at: float) -> int:
-        """Dispatch ``idx``'s client: uniform among those not in flight (available; real time: idle agents)."""
+        """Dispatch ``idx``'s client, drawn by Select among those not in flight (available; real time: idle
+        agents)."""
         population = self.dataset.client_ids
         busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
         free = population[~np.isin(population, busy)]
@@ -193,7 +193,7 @@ class AsyncEngine:
             free = here if len(here) else free  # none: an offline client is dispatched, and dropped
         if self.realtime:
             free = transport.ready_clients(free)  # waits (bounded) for an agent to be free
-        return int(stream(self.seed, self.select.tag, 0, idx).choice(free))
+        return int(self.select.draw(free, 1, seed=self.seed, dispatch=idx).ids[0])
 
     # -- one server step -----------------------------------------------------------------------------
     def run_round(self, state_obj: Any, rnd: int, last: bool, transport: Any, keys: dict[int, str],

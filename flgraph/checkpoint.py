@@ -7,8 +7,16 @@ Layout::
       blobs/model, blobs/dataset   the model template (torch.save) and the dataset handle (pickle)
       metrics/table                an append-only float64 table: one row a round, one column a numeric
                                    metric (names in its attributes), NaN where a round has no value
+      metrics/other, other_end     the other values of each row (lists, strings) as JSON: bytes, and the
+                                   end offset of each row's bytes (format 2; format 1 kept them in every
+                                   snapshot's attributes, which grew with the run)
       snapshots/r000012/           params, state/<stage>/<name> arrays; attrs: round, checksum, ...
                                    and, written LAST, ``committed: true`` (the commit)
+
+A snapshot carries the metrics rows since the previous one, which are appended to the metrics tables
+before its commit; the committed ``history_len`` says how many rows are valid, so rows past it (from a
+crash) are overwritten by the next snapshot. The driver keeps only recent rows in memory and reads older
+ones back with :meth:`RunDirectory.read_rows`.
 
 A snapshot is written array by array, then committed by writing its attributes with
 ``committed: true`` and a CRC32 checksum of everything it holds (one atomic file replace on a local
@@ -51,7 +59,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "Checkpoints", "RunDi
 log = logging.getLogger("flgraph")
 
 FORMAT = "flgraph-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CHUNK = 8 * 2**20  # elements per params chunk (32 MiB of float32)
 _INT_METRICS = ("clients", "bytes", "samples")  # counts: read back as ints
 
@@ -135,7 +143,11 @@ class CheckpointPolicy:
 
 @dataclass
 class Snapshot:
-    """Everything a round changes: params, stage states, the round counter, the metrics history."""
+    """Everything a round changes: params, stage states, the round counter, the metrics history.
+
+    ``rows`` are the run's metrics rows from index ``first_row`` on (to write: at least those the run
+    directory does not hold yet; read back: the newest ones asked for, or all).
+    """
 
     round: int
     target_round: int
@@ -143,6 +155,12 @@ class Snapshot:
     states: dict[str, dict[str, Any]]
     rows: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    first_row: int = 0
+
+    @property
+    def history_len(self) -> int:
+        """Rows in the run's history at this snapshot."""
+        return self.first_row + len(self.rows)
 
 
 def _crc(crc: int, a: np.ndarray) -> int:
@@ -174,6 +192,10 @@ class RunDirectory:
         # read from the store once, under this lock, and never while a write of this directory is under way
         self._known_lock = threading.Lock()
         self._table: Any = None  # the metrics table, opened once
+        # the driver reads rows back (read_rows) while the writer's thread appends them: one at a time
+        self._rows_lock = threading.Lock()
+        # format 1: the other values of every row, by round, from the snapshot read (rows_other)
+        self._legacy_other: dict[str, dict[str, Any]] = {}
 
     def _snapshots(self) -> dict[int, bool]:
         with self._known_lock:
@@ -287,21 +309,27 @@ class RunDirectory:
                         crc = _crc(crc, arr)
                     else:
                         scalars.setdefault(key, {})[k] = v
-            rows = self._append_metrics(snap.rows, min(self.rows_written, len(snap.rows)))
-            commit = {"round": snap.round, "target_round": snap.target_round, "history_len": len(snap.rows),
-                      "scalars": scalars, "rows_other": rows, "extra": snap.extra, "written": time.time()}
+            total = snap.history_len
+            start = min(self.rows_written, total)
+            if start < snap.first_row:
+                raise CheckpointError(f"the snapshot of round {snap.round} carries metrics rows from {snap.first_row} "
+                                      f"on, and the run directory holds {start} rows: rows would be missing",
+                                      fix="this is a bug in flgraph: please report it")
+            with self._rows_lock:
+                self._append_metrics(snap.rows[start - snap.first_row:], start, total)
+            commit = {"round": snap.round, "target_round": snap.target_round, "history_len": total,
+                      "scalars": scalars, "rows_other": {}, "extra": snap.extra, "written": time.time()}
             body = json.dumps(commit, sort_keys=True, default=_json_default)
             g.attrs.update({**json.loads(body), "checksum": zlib.crc32(body.encode(), crc), "committed": True})
-            self.rows_written = len(snap.rows)
+            self.rows_written = total
             known[snap.round] = True
         except OSError as e:
             raise CheckpointError(f"writing the snapshot of round {snap.round} failed: {e}",
                                   fix=_storage_hint(e)) from e
 
-    def _append_metrics(self, rows: list[dict[str, Any]], start: int) -> dict[str, dict[str, Any]]:
-        """Append rows ``start:`` to the metrics table (numeric metrics, one column each, NaN where a round
-        did not report one); return the non-numeric values (lists, strings) of every row by round."""
-        n = len(rows)
+    def _append_metrics(self, rows: list[dict[str, Any]], start: int, n: int) -> None:
+        """Write ``rows`` as rows ``start .. n - 1`` of the metrics tables (numeric metrics one column each,
+        NaN where a round did not report one; the other values as JSON), which then hold ``n`` rows."""
         table = self._table
         if table is None:
             metrics = self.group["metrics"]
@@ -310,7 +338,7 @@ class RunDirectory:
                                      fill_value=math.nan, attributes={"columns": []})
             table = self._table = metrics["table"]
         columns: list[str] = list(table.attrs.get("columns", []))
-        new = sorted({k for r in rows[start:] for k, v in r.items() if _is_number(v)} - set(columns))
+        new = sorted({k for r in rows for k, v in r.items() if _is_number(v)} - set(columns))
         if new:
             columns += new
             table.attrs.update({"columns": columns})
@@ -318,14 +346,46 @@ class RunDirectory:
             table.resize((n, len(columns)))
         if start < n:
             block = np.full((n - start, len(columns)), math.nan)
-            for i, r in enumerate(rows[start:]):
+            for i, r in enumerate(rows):
                 for j, k in enumerate(columns):
                     v: Any = r.get(k)
                     if _is_number(v):
                         block[i, j] = float(v)
             table[start:n, :] = block
-        return {str(r["round"]): {k: v for k, v in r.items() if not _is_number(v) and k != "round"}
-                for r in rows if any(not _is_number(v) for v in r.values())}
+        self._append_other(rows, start, n)
+
+    def _other_arrays(self, start: int) -> tuple[Any, Any]:
+        """The arrays of other values; created (in a format 1 directory: filled with the rows before
+        ``start`` from the snapshot read) at the first write."""
+        metrics = self.group["metrics"]
+        if "other_end" in metrics:
+            return metrics["other"], metrics["other_end"]
+        other = metrics.create_array("other", shape=(0,), dtype="uint8", chunks=(2**20,), fill_value=0)
+        ends = metrics.create_array("other_end", shape=(0,), dtype="int64", chunks=(2**16,), fill_value=0)
+        if start:
+            rounds = np.asarray(self._table[:start, list(self._table.attrs["columns"]).index("round")])
+            earlier = [self._legacy_other.get(str(int(r)), {}) for r in rounds]
+            self._write_other(other, ends, earlier, 0, start)
+        self.group.attrs.update({"format_version": FORMAT_VERSION})
+        return other, ends
+
+    def _append_other(self, rows: list[dict[str, Any]], start: int, n: int) -> None:
+        other, ends = self._other_arrays(start)
+        values = [{k: v for k, v in r.items() if not _is_number(v) and k != "round"} for r in rows]
+        self._write_other(other, ends, values, start, n)
+
+    @staticmethod
+    def _write_other(other: Any, ends: Any, values: list[dict[str, Any]], start: int, n: int) -> None:
+        base = int(ends[start - 1]) if start else 0
+        blobs = [json.dumps(v, sort_keys=True, default=_json_default).encode() if v else b"" for v in values]
+        end = base + np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        top = int(end[-1]) if len(end) else base
+        ends.resize((n,))
+        if start < n:
+            ends[start:n] = end
+        other.resize((top,))
+        if top > base:
+            other[base:top] = np.frombuffer(b"".join(blobs), np.uint8)
 
     # -- reading ---------------------------------------------------------------------------------------
     def snapshot_rounds(self, committed_only: bool = True) -> list[int]:
@@ -360,8 +420,11 @@ class RunDirectory:
         """Rounds of the snapshots in the directory now, committed or being written (any thread)."""
         return tuple(self._snapshots())
 
-    def read(self, rnd: int) -> Snapshot:
-        """Read and verify the snapshot of round ``rnd``; CheckpointError if it is damaged."""
+    def read(self, rnd: int, *, rows: int | None = None) -> Snapshot:
+        """Read and verify the snapshot of round ``rnd``; CheckpointError if it is damaged.
+
+        ``rows``: how many of the newest metrics rows to read (None: all of them); the snapshot's
+        ``first_row`` says where they start."""
         name = f"r{rnd:08d}"
         try:
             g = self.group[f"snapshots/{name}"]
@@ -388,39 +451,78 @@ class RunDirectory:
             want = zlib.crc32(json.dumps(body, sort_keys=True).encode(), crc)
             if want != attrs.get("checksum"):
                 raise CheckpointError(f"snapshot {name} is damaged (checksum mismatch)")
-            rows = self._read_rows(int(attrs["history_len"]), attrs.get("rows_other", {}))
+            n = int(attrs["history_len"])
+            first = 0 if rows is None else max(0, n - rows)
+            with self._rows_lock:
+                self._legacy_other.update(attrs.get("rows_other", {}))
+                got = self._read_rows(first, n)
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"snapshot {name} is damaged or incomplete: {type(e).__name__}: {e}") from e
-        return Snapshot(int(attrs["round"]), int(attrs["target_round"]), params, states, rows,
-                        dict(attrs.get("extra", {})))
+        return Snapshot(int(attrs["round"]), int(attrs["target_round"]), params, states, got,
+                        dict(attrs.get("extra", {})), first_row=first)
 
-    def _read_rows(self, n: int, other: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        if "table" not in self.group["metrics"]:
+    def read_rows(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Metrics rows ``start .. stop - 1`` of the run (saved rows: ``stop <= rows_written``).
+
+        Example:
+            >>> import numpy as np, zarr
+            >>> rd = RunDirectory.create(zarr.storage.MemoryStore(), meta={}, blobs={})
+            >>> rows = [{"round": r, "loss": r / 4, "arrivals": [r]} for r in (1, 2, 3)]
+            >>> rd.write(Snapshot(3, 3, np.ones(1, np.float32), {}, rows))
+            >>> rd.read_rows(1, 3)
+            [{'round': 2, 'loss': 0.5, 'arrivals': [2]}, {'round': 3, 'loss': 0.75, 'arrivals': [3]}]
+        """
+        with self._rows_lock:
+            return self._read_rows(start, stop)
+
+    def _read_rows(self, start: int, stop: int) -> list[dict[str, Any]]:
+        metrics = self.group["metrics"]
+        if "table" not in metrics or stop <= start:
             return []
-        table = self.group["metrics/table"]
+        table = metrics["table"]
         columns: list[str] = list(table.attrs.get("columns", []))
-        values = np.asarray(table[:n, :]) if n else np.zeros((0, len(columns)))
+        values = np.asarray(table[start:stop, :])
+        other = self._read_other(metrics, start, stop)
         rows: list[dict[str, Any]] = []
-        for i in range(n):
+        for i in range(stop - start):
             row: dict[str, Any] = {}
             for j, k in enumerate(columns):
                 v = float(values[i, j])
                 if not math.isnan(v):
                     row[k] = int(v) if v.is_integer() and (k == "round" or k.startswith(_INT_METRICS)) else v
-            if "round" in row:
-                row.update(other.get(str(row["round"]), {}))
+            if other is not None:
+                row.update(other[i])
+            elif "round" in row:
+                row.update(self._legacy_other.get(str(row["round"]), {}))
             rows.append(dict(sorted(row.items(), key=lambda kv: kv[0] != "round")))
         return rows
 
-    def latest(self) -> tuple[Snapshot, list[str]]:
-        """The newest intact snapshot, and a line for each newer one that was skipped (damaged)."""
+    @staticmethod
+    def _read_other(metrics: Any, start: int, stop: int) -> list[dict[str, Any]] | None:
+        """The other values of rows ``start .. stop - 1``; None in a format 1 directory (or rows it lacks)."""
+        if "other_end" not in metrics or metrics["other_end"].shape[0] < stop:
+            return None
+        ends = np.asarray(metrics["other_end"][max(0, start - 1):stop])
+        base = int(ends[0]) if start else 0
+        ends = ends[1:] if start else ends
+        top = int(ends[-1])
+        data = bytes(np.asarray(metrics["other"][base:top]).tobytes()) if top > base else b""
+        out, at = [], base
+        for e in ends.tolist():
+            out.append(json.loads(data[at - base:e - base]) if e > at else {})
+            at = e
+        return out
+
+    def latest(self, *, rows: int | None = None) -> tuple[Snapshot, list[str]]:
+        """The newest intact snapshot (with its ``rows`` newest metrics rows, None: all), and a line for
+        each newer one that was skipped (damaged)."""
         skipped: list[str] = []
         for rnd in reversed(self.snapshot_rounds()):
             try:
-                snap = self.read(rnd)
-                self.rows_written = len(snap.rows)  # rows past these (from a lost snapshot) get rewritten
+                snap = self.read(rnd, rows=rows)
+                self.rows_written = snap.history_len  # rows past these (from a lost snapshot) get rewritten
                 return snap, skipped
             except CheckpointError as e:
                 skipped.append(str(e))

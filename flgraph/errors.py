@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FlgraphError",
+    "HistoryError",
     "PipelineError",
 ]
 
@@ -69,6 +70,10 @@ class ClusterError(FlgraphError):
 
 class CheckpointError(FlgraphError):
     """A run directory that cannot be written or read; the previous snapshot stays valid."""
+
+
+class HistoryError(FlgraphError, LookupError):
+    """A metrics row the run's history no longer holds (older than its in-memory window, no run directory)."""
 
 
 class ClientError(FlgraphError):

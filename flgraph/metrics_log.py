@@ -3,11 +3,12 @@
 :class:`MetricsLog` is the callback behind ``Run(metrics_log=...)``. ``"auto"`` (the default) writes
 ``metrics.jsonl`` inside the run directory when the run checkpoints to a local path (beside the zarr
 metrics table the snapshots carry), and nothing otherwise. The file always holds exactly the run's
-history: it is (re)written from ``run.history`` when the run starts, so a resumed run keeps the rows up to
-its snapshot and drops the rows of rounds that are run again; then one line is appended (and flushed) per
-completed round, so a crash loses at most the round in flight. A ``.csv`` path writes CSV instead (its
-header grows when a new metric appears, e.g. accuracy at the first evaluation: the file is then rewritten).
-Writing errors are logged once and stop the file, never the run.
+history: it is (re)written from ``run.history`` when the run first starts, so a resumed run keeps the rows
+up to its snapshot and drops the rows of rounds that are run again; then one line is appended (and flushed)
+per completed round, so a crash loses at most the round in flight. The rows are not kept in memory (a run
+may last many thousand rounds): a later ``fit`` goes on appending. A ``.csv`` path writes CSV instead (its
+header grows when a new metric appears, e.g. accuracy at the first evaluation: the file is then read back
+and rewritten). Writing errors are logged once and stop the file, never the run.
 
 Read a file back with :func:`read_metrics` (a list of row dicts; ``History(read_metrics(path))``).
 
@@ -88,7 +89,7 @@ class MetricsLog:
         self.path: Path | None = None if self.auto else Path(path).expanduser()
         self._file: IO[str] | None = None
         self._columns: list[str] = []
-        self._rows: list[dict[str, Any]] = []
+        self._started = False  # the file holds the run's history; later fits append to it
         self._failed = False
 
     @property
@@ -100,10 +101,10 @@ class MetricsLog:
         if self.auto:
             root = _local_run_path(run)
             self.path = root / AUTO_NAME if root is not None else None
-        if self.path is None:
+        if self.path is None or self._started:
             return
-        self._rows = [{k: _plain(v) for k, v in r.items()} for r in getattr(run, "history", [])]
-        self._guard(self._rewrite)
+        self._started = True
+        self._guard(lambda: self._rewrite([{k: _plain(v) for k, v in r.items()} for r in getattr(run, "history", [])]))
         if self.path is not None and not self._failed:
             log.info("flgraph: metrics of every round go to %s", self.path)
 
@@ -111,7 +112,6 @@ class MetricsLog:
         if self.path is None or self._failed:
             return
         plain = {k: _plain(v) for k, v in row.items()}
-        self._rows.append(plain)
         self._guard(lambda: self._append(plain))
 
     def on_end(self, run: Any) -> None:
@@ -136,24 +136,26 @@ class MetricsLog:
             log.warning("flgraph: writing the metrics file %s failed (%s); the run goes on without it",
                         self.path, e)
 
-    def _rewrite(self) -> None:
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
         assert self.path is not None
         self.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             if self.csv:
-                self._columns = _columns(self._rows)
+                self._columns = _columns(rows)
                 if self._columns:
-                    f.write(_csv_lines(self._columns, self._rows, header=True))
+                    f.write(_csv_lines(self._columns, rows, header=True))
             else:
-                f.writelines(json.dumps(r) + "\n" for r in self._rows)
+                f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(tmp, self.path)
 
     def _append(self, row: dict[str, Any]) -> None:
         assert self.path is not None
         if self.csv and (not self._columns or set(row) - set(self._columns)):
-            self._rewrite()  # a new column: the header changes
+            self.close()
+            earlier = read_metrics(self.path) if self._columns else []
+            self._rewrite([*earlier, row])  # a new column: the header changes
             return
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 (kept open across rounds)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .checkpoint import RunDirectory, Snapshot
 from .errors import CheckpointError, ConfigError
+from .history import History
 from .params import ParamSpec
 from .spec import describe, differences, rebuild, unimportable
 
@@ -64,11 +65,17 @@ def create_directory(store: Any, run: Run, user_pipeline: Any, options: dict[str
 
 
 def snapshot_of(run: Run, target_round: int) -> Snapshot:
-    """A snapshot of ``run``'s state now (params are never changed in place, so they are not copied)."""
+    """A snapshot of ``run``'s state now (params are never changed in place, so they are not copied).
+
+    It carries the metrics rows the run directory does not hold yet (the rows of a write still in flight
+    too: the directory skips those it holds by then), never the whole history."""
     states = {k: {kk: (v.copy() if isinstance(v, np.ndarray) else v) for kk, v in d.items()}
               for k, d in run.state.stage_states.items()}
+    directory = run.checkpoint_directory
+    first = min(directory.rows_written, len(run.history)) if directory is not None else 0
     return Snapshot(run.state.round, target_round, run.state.params.flat, states,
-                    [dict(r) for r in run.history], {"pipeline": run._spec, "changes": run.changes})
+                    [dict(r) for r in run.history[first:]], {"pipeline": run._spec, "changes": run.changes},
+                    first_row=first)
 
 
 def _load_blob(directory: RunDirectory, name: str, what: str, load: Any, instead: str) -> Any:
@@ -127,7 +134,7 @@ def resume(
 
     directory = RunDirectory.open(store)
     meta = directory.meta
-    snap, skipped = directory.latest()
+    snap, skipped = directory.latest(rows=History.default_window)  # older rows are read back when asked for
     saved = snap.extra.get("pipeline") or meta["pipeline"]
     changes = list(snap.extra.get("changes", []))
     if pipeline is None:

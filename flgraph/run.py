@@ -231,6 +231,7 @@ class Run:
                                          place.meta() if place is not None else {})
         if path is not None or _resume is not None:
             self._writer = SnapshotWriter(directory, checkpoints.policy)
+            self.history.attach(directory)  # rows older than the history's window are read back from it
         if place is not None:
             self._open_client_state(place, _resume)
 
@@ -356,7 +357,7 @@ class Run:
                               fix="resume with a model of the run's architecture (or without model=)")
         self.state = RunState(snap.round, Params(self.state.params.spec, snap.params.astype(
             self.state.params.spec.carrier, copy=False)), {**self.state.stage_states, **snap.states})
-        self.history = History(snap.rows)
+        self.history = History(snap.rows, first=snap.first_row)
         self.target_round = snap.target_round
 
     @property

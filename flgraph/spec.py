@@ -6,7 +6,9 @@ nested object of the same form (a reducer, a codec), or a callable recorded by i
 defined inside another) is recorded as ``{"unimportable": "<repr>"}``: such a pipeline is resumed by
 passing it again (``flgraph.resume(path, pipeline=...)``).
 
-Convention: a stage's :meth:`~flgraph.graph.Stage.settings` are its constructor's keyword arguments.
+Convention: a stage's :meth:`~flgraph.graph.Stage.settings` are its constructor's keyword arguments. A
+marker a decorator sets on a callable (e.g. :func:`flgraph.stages.pure_sampler`) is not recorded: it comes
+back with the callable when its import path is imported again.
 
 Example:
     >>> from flgraph import stages as st
@@ -34,6 +36,16 @@ from .errors import ConfigError
 __all__ = ["describe", "differences", "import_path", "load_path", "rebuild", "unimportable"]
 
 JSON = Any
+
+# settings a stage no longer takes, which specs written before still hold: dropped when rebuilding and
+# comparing, since what they said now travels another way (a sampler's purity: @pure_sampler on the sampler;
+# without it the choice is made at its round, the same choice)
+_RETIRED: dict[str, tuple[str, ...]] = {"flgraph.stages.select:Select": ("sampler_is_pure",)}
+
+
+def _settings(v: dict[str, Any]) -> dict[str, Any]:
+    retired = _RETIRED.get(v.get("class", ""), ())
+    return {k: x for k, x in v["settings"].items() if k not in retired}
 
 
 def import_path(obj: Any) -> str | None:
@@ -143,7 +155,7 @@ def _build(v: JSON) -> Any:
                               fix="resume with the same object passed again: flgraph.resume(path, pipeline=...)")
         if "class" in v:
             cls = load_path(v["class"])
-            kwargs = {k: _build(x) for k, x in v["settings"].items()}
+            kwargs = {k: _build(x) for k, x in _settings(v).items()}
             try:
                 return cls(**kwargs)
             except TypeError as e:
@@ -191,8 +203,9 @@ def _label(i: int, s: JSON) -> str:
 def _diff(a: JSON, b: JSON, where: str, out: list[str]) -> None:
     if isinstance(a, dict) and isinstance(b, dict) and "settings" in a and "settings" in b \
             and a.get("class") == b.get("class"):
-        for k in sorted(set(a["settings"]) | set(b["settings"])):
-            _diff(a["settings"].get(k), b["settings"].get(k), f"{where}.{k}", out)
+        sa, sb = _settings(a), _settings(b)
+        for k in sorted(set(sa) | set(sb)):
+            _diff(sa.get(k), sb.get(k), f"{where}.{k}", out)
     elif a != b:
         out.append(f"{where}: {_short(a)} -> {_short(b)}")
 

@@ -21,7 +21,7 @@ from .evaluate_cohort import ClientEvaluate, Discard
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
-from .select import Select
+from .select import Select, is_pure_sampler, pure_sampler
 from .server_opt import ServerOpt
 from .simulate import Simulate
 from .stragglers import Stragglers
@@ -69,4 +69,6 @@ __all__ = [
     "TrimmedMean",
     "WeightedMean",
     "dp_mean",
+    "is_pure_sampler",
+    "pure_sampler",
 ]

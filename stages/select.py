@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -29,9 +29,52 @@ from flgraph.errors import ClientError, ConfigError, DataError
 from flgraph.graph import ServerStage
 from flgraph.rng import stream
 
-__all__ = ["Sampler", "Select"]
+__all__ = ["Sampler", "Select", "is_pure_sampler", "pure_sampler"]
 
 Sampler = Callable[[int, np.ndarray, int, np.random.Generator], "Sequence[int] | np.ndarray | ClientSet"]
+
+_PURE = "__flgraph_pure_sampler__"
+S = TypeVar("S")
+
+
+def pure_sampler(sampler: S) -> S:
+    """Declare that a sampler's choice depends on its arguments only: ``(round, population, count, rng)``.
+
+    Decorate a function, or a class whose instances are called as samplers. flgraph may then call it for
+    the next round while the current one trains (:meth:`Select.lookahead`), taking the choice off the
+    critical path between rounds; the choice, and so the run, is the same as when it is called at its
+    round. An undecorated sampler (one that keeps state, reads a clock or a file) is called once, at its
+    round.
+
+    Purity is marked on the sampler itself, not on the stage, so it travels with it: a decorated function
+    is returned unchanged (the same object, still recorded in the pipeline spec by its import path), and a
+    resumed run that imports it again finds it pure.
+
+    Example:
+        >>> import numpy as np
+        >>> from flgraph import stages as st
+        >>> @st.pure_sampler
+        ... def every_other(round, population, count, rng):
+        ...     return population[round % 2::2][:count]
+        >>> st.is_pure_sampler(every_other), st.is_pure_sampler(lambda *a: [])
+        (True, False)
+        >>> every_other(1, np.arange(10), 3, None).tolist()
+        [1, 3, 5]
+    """
+    if not callable(sampler):
+        raise ConfigError(f"pure_sampler({sampler!r}): a sampler is a function or a class of callable objects",
+                          fix="decorate a function (round, population, count, rng) -> client ids")
+    try:
+        setattr(sampler, _PURE, True)
+    except (AttributeError, TypeError):
+        raise ConfigError(f"pure_sampler cannot mark {sampler!r} (it takes no attributes, e.g. a bound method)",
+                          fix="decorate the function or the class itself, or wrap it in a function") from None
+    return sampler
+
+
+def is_pure_sampler(sampler: Any) -> bool:
+    """Whether ``sampler`` (or its class) was decorated with :func:`pure_sampler`."""
+    return getattr(sampler, _PURE, False) is True
 
 
 class Select(ServerStage):
@@ -42,10 +85,10 @@ class Select(ServerStage):
     ``over_select=1.3`` draws ceil(1.3 N) clients and aggregates the first N to finish (by simulated time
     with :class:`~flgraph.stages.Simulate`, else by real time); the others count as dropped.
 
-    ``sampler_is_pure=True`` says the sampler's choice depends on its arguments only (a seeded choice per
-    round, as W1's is): flgraph may then call it for the next round while the current one trains
-    (:meth:`lookahead`), which takes the choice off the critical path between two rounds. The built-in
-    choice is always pure. A sampler left undeclared is called once, at its round.
+    A sampler decorated with :func:`pure_sampler` (its choice depends on its arguments only, a seeded
+    choice per round, as W1's is) may be called for the next round while the current one trains
+    (:meth:`lookahead`). The built-in choice is always pure. An undecorated sampler is called once, at its
+    round.
 
     ``available`` skips clients that are away. Either a :class:`~flgraph.sim.DevicePopulation` (a client is
     available when its device is online at the round's start on the virtual clock of the pipeline's
@@ -73,8 +116,14 @@ class Select(ServerStage):
         weighting: str = "uniform",
         over_select: float = 1.0,
         available: Any = None,
-        sampler_is_pure: bool = False,
+        **removed: Any,
     ) -> None:
+        if "sampler_is_pure" in removed:
+            raise ConfigError("Select(sampler_is_pure=...) was removed: purity is a property of the sampler",
+                              fix="decorate the sampler with @flgraph.stages.pure_sampler (a function or a "
+                                  "class) and drop sampler_is_pure=")
+        if removed:
+            raise TypeError(f"Select() got unexpected keyword arguments: {', '.join(sorted(removed))}")
         if (clients is None) == (fraction is None):
             raise ConfigError("Select needs exactly one of clients= or fraction=",
                               fix="e.g. st.Select(clients=100) or st.Select(fraction=0.1)")
@@ -99,15 +148,12 @@ class Select(ServerStage):
         self._weights: tuple[int, np.ndarray] | None = None
         self.over_select = over_select
         self.available = available
-        self.sampler_is_pure = bool(sampler_is_pure)
         self._ahead: tuple[int, int, int, ClientSet] | None = None  # (round, seed, id(dataset), clients)
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
         if out.get("available") is None:
             out.pop("available", None)  # the default: every client is always available
-        if not out.get("sampler_is_pure"):
-            out.pop("sampler_is_pure", None)  # the default
         return out
 
     def available_mask(self, ids: np.ndarray, rnd: int, time: float | None) -> np.ndarray:
@@ -130,8 +176,8 @@ class Select(ServerStage):
 
     def lookahead(self, rnd: int, seed: int, dataset: Any) -> ClientSet | None:
         """Choose round ``rnd``'s clients now, ahead of that round, and keep them for it; None when the choice
-        may depend on more than the round (``available=``, a sampler not declared pure) or fails (the error
-        then surfaces at the round itself).
+        may depend on more than the round (``available=``, a sampler not decorated with :func:`pure_sampler`)
+        or fails (the error then surfaces at the round itself).
 
         The engine calls this while the previous round's clients train (see
         :meth:`flgraph.engine.SyncEngine.lookahead`), so that :meth:`run` finds the round's clients chosen
@@ -148,7 +194,7 @@ class Select(ServerStage):
             True
         """
         self._ahead = None
-        if self.available is not None or (self.sampler is not None and not self.sampler_is_pure):
+        if self.available is not None or (self.sampler is not None and not is_pure_sampler(self.sampler)):
             return None
         try:
             clients = self._select(rnd, seed, dataset, None, {})
@@ -156,6 +202,42 @@ class Select(ServerStage):
             return None
         self._ahead = (rnd, seed, id(dataset), clients)
         return clients
+
+    def draw(self, population: np.ndarray, count: int, *, seed: int, round: int | None = None,
+             dispatch: int | None = None, p: np.ndarray | None = None) -> ClientSet:
+        """The seeded draw itself: ``count`` clients of ``population``, unchecked.
+
+        A synchronous round draws all its clients at once (``round=``, from this stage's stream for the
+        round); an asynchronous run draws one client per dispatch (``dispatch=``, the dispatch's index, from
+        a stream of its own, so the draw does not depend on which client arrived first). The choice is
+        uniform without replacement, or proportional to ``p`` (probabilities over ``population``), or the
+        ``sampler``'s. :meth:`run` narrows ``population`` to the available clients and checks the ids the
+        draw returns; a caller of ``draw`` does both itself.
+
+        Example:
+            >>> import numpy as np
+            >>> sel = Select(clients=3)
+            >>> a = sel.draw(np.arange(10), 3, seed=0, round=1)
+            >>> a.ids.tolist() == sel.draw(np.arange(10), 3, seed=0, round=1).ids.tolist(), len(a)
+            (True, 3)
+            >>> len(sel.draw(np.arange(10), 1, seed=0, dispatch=7))
+            1
+        """
+        if (round is None) == (dispatch is None):
+            raise ConfigError("Select.draw needs exactly one of round= (a synchronous round) or dispatch= "
+                              "(an asynchronous dispatch)")
+        # rounds count from 1, so a dispatch's stream (tag, 0, dispatch) never meets a round's (tag, round)
+        if round is not None:
+            rng = stream(seed, self.tag, round)
+        else:
+            assert dispatch is not None
+            rng = stream(seed, self.tag, 0, dispatch)
+        if self.sampler is None:
+            # with count=1 this is the same draw as rng.choice(population): numpy draws one bounded integer
+            chosen: Any = rng.choice(population, size=count, replace=False, p=p)
+        else:
+            chosen = self.sampler(round if round is not None else 0, population, count, rng)
+        return chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
 
     def _drawn(self, count: int) -> int:
         """Clients drawn for a round that keeps ``count`` (over-selection draws ceil(f * count))."""
@@ -220,12 +302,7 @@ class Select(ServerStage):
                                   fix="check the availability function or trace (some client must be online)")
             count = min(count, len(population))
         drawn = min(self._drawn(count), len(population))
-        rng = stream(seed, self.tag, rnd)
-        if self.sampler is None:
-            chosen: Any = rng.choice(population, size=drawn, replace=False, p=p)
-        else:
-            chosen = self.sampler(rnd, population, drawn, rng)
-        clients = chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
+        clients = self.draw(population, drawn, seed=seed, round=rnd, p=p)
         if self.over_select > 1.0 and len(clients) > count:
             clients.keep_first = count  # the first `count` to finish are aggregated, the rest dropped
         if len(clients) == 0:

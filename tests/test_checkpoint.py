@@ -315,3 +315,24 @@ def test_checkpoints_group_the_schedule_and_refuse_what_cannot_be(client1, tmp_p
     with fg.resume(str(path), cluster=client1, progress=False, checkpoint=fg.Checkpoints(every=5)) as run:
         run.fit(3)
     assert RunDirectory.open(str(path)).snapshot_rounds() == [3, 5, 6]
+
+
+def test_a_long_run_keeps_a_window_of_rows_in_memory_and_resumes_with_all_of_them(client1, tmp_path, reference,
+                                                                                     monkeypatch):
+    """With a run directory, rows older than the history's window leave memory once saved and are read back
+    from the metrics table; a resumed run sees the whole history and continues bit for bit."""
+    def results(rows: list[dict]) -> list[dict]:  # what the computation decides (timings differ by run)
+        return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "round_time"} for r in rows]
+
+    monkeypatch.setattr(fg.History, "default_window", 2)
+    path = tmp_path / "run.zarr"
+    with make_run(client1, path, metrics_log=None) as run:
+        run.fit(rounds=3)
+        assert len(run.history.recent) <= 2 and len(run.history) == 3
+        assert results(run.history.rows) == results(reference["history"][:3])
+        assert results([run.history[0]]) == results(reference["history"][:1])  # read back from the run directory
+    with fg.resume(path, cluster=client1, progress=False) as resumed:
+        assert len(resumed.history.recent) == 2 and [r["round"] for r in resumed.history] == [1, 2, 3]
+        resumed.fit(rounds=2)
+        assert np.array_equal(resumed.params.flat, reference[5])
+        assert results(resumed.history.rows) == results(reference["history"])

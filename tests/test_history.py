@@ -110,3 +110,83 @@ def test_repr():
     r = repr(h)
     assert r.splitlines()[0] == "History(3 rounds)"
     assert r.endswith(h.table())
+
+
+# -- the window: a bounded number of rows in memory --------------------------------------------------------
+import logging  # noqa: E402
+
+import numpy as np  # noqa: E402
+import zarr  # noqa: E402
+import zarr.storage  # noqa: E402
+
+from flgraph.checkpoint import RunDirectory, Snapshot  # noqa: E402
+from flgraph.errors import HistoryError  # noqa: E402
+
+
+def _row(r: int) -> dict:
+    return {"round": r, "loss": 1.0 / r, **({"accuracy": r / 100} if r % 10 == 0 else {})}
+
+
+def test_without_a_run_directory_the_window_bounds_memory_and_a_dropped_row_says_how_to_keep_it(caplog):
+    h = History(window=50)
+    with caplog.at_level(logging.WARNING, logger="flgraph"):
+        for r in range(1, 1001):
+            h.append(_row(r))
+    assert len(h.recent) == 50 and len(h) == 1000 and h.first_kept == 950  # the bound
+    assert [m for m in caplog.messages if "newest 50 rows" in m and "checkpoint=" in m]
+    assert len(caplog.messages) == 1  # said once, not every round
+    assert h[-1]["round"] == 1000 and h[950]["round"] == 951 and [r["round"] for r in h[998:]] == [999, 1000]
+    assert h.column("round") == list(range(951, 1001)) and h.last("accuracy") == 10.0
+    with pytest.raises(HistoryError) as e:
+        h[0]
+    assert "round 1" in e.value.message and "window" in e.value.message
+    assert "checkpoint=" in e.value.fix and "History.default_window" in e.value.fix
+    with pytest.raises(HistoryError):
+        h[10:20]
+    with pytest.raises(IndexError):
+        h[1000]
+    with pytest.raises(Exception, match="at least one row"):
+        History(window=0)
+
+
+def test_the_default_window_keeps_a_typical_run_whole(monkeypatch):
+    assert History.default_window == 10_000
+    monkeypatch.setattr(History, "default_window", 3)
+    h = History()
+    for r in range(1, 6):
+        h.append(_row(r))
+    assert h.window == 3 and len(h.recent) == 3
+
+
+
+
+def test_with_a_run_directory_older_rows_are_read_back_and_only_saved_rows_leave_memory():
+    rd = RunDirectory.create(zarr.storage.MemoryStore(), meta={}, blobs={})
+    h = History(window=20, store=rd)
+    reference = []
+    for r in range(1, 301):
+        row = {**_row(r), "arrivals": [r, r + 1]} if r % 3 == 0 else _row(r)
+        h.append(row)
+        reference.append(row)
+        if r % 25 == 0:  # a snapshot every 25 rounds: it carries the rows the directory does not hold yet
+            first = rd.rows_written
+            rd.write(Snapshot(r, 300, np.zeros(2, np.float32), {}, h[first:], first_row=first))
+        assert len(h.recent) <= 20 + 25  # the window, and the rows not saved yet
+    assert len(h) == 300 and h.first_kept == 0 and len(h.recent) <= 45
+    assert h.rows == reference  # every row, numbers and lists, read back in order
+    assert h[0] == reference[0] and h[2]["arrivals"] == [3, 4] and h[10:13] == reference[10:13]
+    assert h.column("accuracy") == [r / 100 for r in range(10, 301, 10)]
+    assert h.last("accuracy") == 3.0 and h.time_to(0.5, clock="round") == 50
+    assert h.keys()[:3] == ["round", "loss", "arrivals"]
+    assert "  300" in h.table()
+
+
+def test_a_resumed_history_starts_from_the_snapshots_newest_rows():
+    rd = RunDirectory.create(zarr.storage.MemoryStore(), meta={}, blobs={})
+    rows = [_row(r) for r in range(1, 41)]
+    rd.write(Snapshot(40, 50, np.zeros(2, np.float32), {}, rows))
+    snap, _ = rd.latest(rows=5)
+    assert snap.first_row == 35 and [r["round"] for r in snap.rows] == [36, 37, 38, 39, 40]
+    h = History(snap.rows, first=snap.first_row, store=rd)
+    assert len(h) == 40 and h.rows == rows
+    assert rd.read(40).rows == rows  # all of them, by default

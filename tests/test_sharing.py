@@ -226,7 +226,7 @@ def test_a_slow_workers_clients_are_taken_over_and_the_result_is_unchanged(clien
 
 
 def test_a_pure_sampler_chooses_each_round_once_ahead_and_the_result_is_unchanged(client2):
-    """A sampler declared pure is called for the next round while a round trains (Select.lookahead), and
+    """A sampler decorated with pure_sampler is called for the next round while a round trains (Select.lookahead), and
     the round takes that choice instead of calling it again; the params are bit-identical to an undeclared
     sampler's, which is called at its round only."""
 
@@ -239,7 +239,7 @@ def test_a_pure_sampler_chooses_each_round_once_ahead_and_the_result_is_unchange
 
         data = fg.data.synthetic_classification(num_clients=40, samples_per_client=8, num_features=6,
                                                 num_classes=3, seed=4, test_samples=30)
-        p = (st.Select(clients=12, sampler=sampler, sampler_is_pure=pure) >> st.Broadcast()
+        p = (st.Select(clients=12, sampler=st.pure_sampler(sampler) if pure else sampler) >> st.Broadcast()
              >> st.LocalTrain(lr=0.1) >> st.Aggregate(st.WeightedMean()))
         with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=1, cluster=client2,
                     progress=False, evaluate="never", dashboard=False) as r:

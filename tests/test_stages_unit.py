@@ -529,14 +529,65 @@ def test_select_does_not_call_a_sampler_ahead_unless_it_is_declared_pure():
     ds = _select_ctx().dataset
     assert st.Select(clients=3, sampler=sampler).lookahead(2, 0, ds) is None and calls == []
     assert st.Select(clients=3, available=lambda ids, round, time: ids < 20).lookahead(2, 0, ds) is None
-    pure = st.Select(clients=3, sampler=sampler, sampler_is_pure=True)
+    assert st.pure_sampler(sampler) is sampler  # marked, not wrapped: the same function (and import path)
+    pure = st.Select(clients=3, sampler=sampler)
     assert pure.lookahead(2, 0, ds).ids.tolist() == [2, 3, 4] and calls == [2]
-    assert "sampler_is_pure=True" in repr(pure) and "sampler_is_pure" not in repr(st.Select(clients=3))
+    assert "sampler_is_pure" not in repr(pure) and "sampler" in pure.settings()
+
+    class Stateless:  # a class-based sampler: decorating the class marks its instances
+        def __call__(self, rnd, population, count, rng):
+            return population[:count]
+
+    assert st.Select(clients=3, sampler=Stateless()).lookahead(2, 0, ds) is None
+    assert st.Select(clients=3, sampler=st.pure_sampler(Stateless)()).lookahead(2, 0, ds).ids.tolist() == [0, 1, 2]
     # a choice that fails ahead is not kept: the round makes it again and reports the error there
-    bad = st.Select(clients=3, sampler=lambda rnd, pop, count, rng: [1, 77, 2], sampler_is_pure=True)
+    bad = st.Select(clients=3, sampler=st.pure_sampler(lambda rnd, pop, count, rng: [1, 77, 2]))
     assert bad.lookahead(6, 0, ds) is None
     with pytest.raises(ClientError, match="77"):
         bad.run(_select_ctx(rnd=6))
+
+
+def test_select_refuses_the_removed_purity_flag_and_says_to_decorate_the_sampler():
+    with pytest.raises(ConfigError, match="sampler_is_pure") as info:
+        st.Select(clients=3, sampler=lambda *a: [1], sampler_is_pure=True)
+    assert "@flgraph.stages.pure_sampler" in info.value.fix
+    with pytest.raises(TypeError, match="clientz"):
+        st.Select(clients=3, clientz=4)
+    with pytest.raises(ConfigError, match="bound method"):
+        st.pure_sampler(_dataset50().load)
+
+
+@st.pure_sampler
+def _first_of_round(rnd, population, count, rng):
+    return population[rnd : rnd + count]
+
+
+def test_a_decorated_sampler_is_saved_by_import_path_and_stays_pure_when_rebuilt():
+    from flgraph.spec import describe, differences, rebuild
+
+    p = st.Select(clients=3, sampler=_first_of_round) >> st.Broadcast() >> st.LocalTrain() >> st.Aggregate()
+    spec = describe(p)
+    assert spec[0]["settings"]["sampler"] == {"callable": f"{__name__}:_first_of_round"}
+    again = rebuild(spec)
+    assert again.stages[0].sampler is _first_of_round and st.is_pure_sampler(again.stages[0].sampler)
+    assert again.stages[0].lookahead(2, 0, _dataset50()).ids.tolist() == [2, 3, 4]
+    # a spec saved with the retired flag still rebuilds, and compares equal to the decorated pipeline
+    old = [dict(spec[0], settings={**spec[0]["settings"], "sampler_is_pure": True}), *spec[1:]]
+    assert differences(old, spec) == [] and st.is_pure_sampler(rebuild(old).stages[0].sampler)
+
+
+def test_select_draw_is_the_rounds_choice_and_one_client_per_dispatch():
+    ds = _select_ctx().dataset
+    sel = st.Select(clients=5)
+    sel.tag = stage_tag("Select", 0)
+    ctx = _select_ctx(rnd=3, seed=2)
+    sel.run(ctx)
+    assert sel.draw(ds.client_ids, 5, seed=2, round=3).ids.tolist() == ctx.clients.ids.tolist()
+    # a dispatch draws one client from its own stream, as rng.choice(population) would
+    one = sel.draw(ds.client_ids, 1, seed=2, dispatch=9).ids.tolist()
+    assert one == [int(stream(2, sel.tag, 0, 9).choice(ds.client_ids))]
+    with pytest.raises(ConfigError, match=r"exactly one of round= .* or dispatch="):
+        sel.draw(ds.client_ids, 1, seed=2)
 
 
 def test_broadcast_marks_the_round_and_counts_downlink_bytes():
