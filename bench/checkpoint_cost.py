@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import w1
 
 import flgraph as fg
-from flgraph.checkpoint import CheckpointPolicy, RunDirectory, Snapshot
+from flgraph.store.checkpoint import CheckpointPolicy, RunDirectory, Snapshot
 
 
 def dir_bytes(path: Path) -> int:

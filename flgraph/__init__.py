@@ -16,14 +16,14 @@ import importlib
 from typing import Any
 
 from . import data, errors
-from .checkpoint import Checkpoints
 from .context import ClientSet, ClientWork, RoundContext, Update
 from .errors import CheckpointError, ClientError, ClusterError, ConfigError, DataError, FlgraphError, PipelineError
 from .graph import ClientStage, Pipeline, Reducer, ReduceStage, ServerStage, Stage
-from .history import History
+from .observe.history import History
 from .params import Params, ParamSpec
-from .persist import resume
 from .run import Run
+from .store.checkpoint import Checkpoints
+from .store.persist import resume
 
 __version__ = "0.1.0"
 

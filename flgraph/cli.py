@@ -125,8 +125,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import RunDirectory
-    from .history import History
+    from .observe.history import History
+    from .store.checkpoint import RunDirectory
 
     d = RunDirectory.open(args.run, mode="r")
     meta = d.meta
@@ -153,10 +153,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import RunDirectory
     from .models.adapter import ModelAdapter
     from .params import Params
-    from .persist import load_blob_model
+    from .store.checkpoint import RunDirectory
+    from .store.persist import load_blob_model
 
     d = RunDirectory.open(args.run, mode="r")
     snap = d.read(args.round) if args.round is not None else d.latest()[0]

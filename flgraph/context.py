@@ -24,8 +24,8 @@ from .errors import ConfigError
 from .params import Params, ParamSpec
 
 if TYPE_CHECKING:
-    from .client_state import ClientStateView
     from .data import ClientData, FederatedDataset
+    from .store.client_state import ClientStateView
 
 __all__ = ["ClientSet", "ClientWork", "Codec", "RoundContext", "Update"]
 
@@ -164,7 +164,7 @@ class ClientWork:
 
     def load_state(self, name: str) -> np.ndarray | None:
         """The running stage's per-client state ``name`` from this client's last counted round, or ``None``
-        the first time (the stage declares its fields with ``client_fields``; see :mod:`flgraph.client_state`)."""
+        the first time (the stage declares its fields with ``client_fields``; see :mod:`flgraph.store.client_state`)."""
         if self.state is None:
             raise ConfigError(f"client {self.client} has no per-client state store in this run",
                               fix="declare the state with client_fields(spec) on the stage")

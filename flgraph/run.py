@@ -29,19 +29,19 @@ from typing import Any, Literal
 import numpy as np
 
 from . import malloc
-from .checkpoint import Checkpoints, RunDirectory, Snapshot, SnapshotWriter
-from .client_runner import Bundle
-from .client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
 from .cluster import ClusterHandle, connect
 from .engine import RunState, SyncEngine
+from .engine.clients import Bundle
 from .errors import ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
 from .heap import frozen
-from .history import History
+from .observe.history import History
+from .observe.progress import RoundProgress
 from .params import Params
-from .persist import create_directory, snapshot_of
-from .progress import RoundProgress
 from .spec import describe
+from .store.checkpoint import Checkpoints, RunDirectory, Snapshot, SnapshotWriter
+from .store.client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
+from .store.persist import create_directory, snapshot_of
 
 __all__ = ["Run"]
 
@@ -101,17 +101,17 @@ class Run:
         transport: where client stages run, an object like :class:`flgraph.transports.DaskTransport`
             (``start``, ``run_round``, ``map_clients``, ``places``, ``close``; for an asynchronous pipeline
             also ``publish``, ``submit_client``, ``release``, ``completion``, see
-            :mod:`flgraph.async_engine`), e.g. edge agents with
+            :mod:`flgraph.engine.asynchronous`), e.g. edge agents with
             :class:`flgraph.transports.zmq.ZmqTransport` (both engines); default: Dask tasks on ``cluster``.
         metrics_log: a ``.jsonl`` or ``.csv`` file that gets every round's metrics row as it completes
-            (:class:`flgraph.metrics_log.MetricsLog`); ``"auto"`` (default): ``metrics.jsonl`` inside the run
+            (:class:`flgraph.observe.metrics_log.MetricsLog`); ``"auto"`` (default): ``metrics.jsonl`` inside the run
             directory when ``checkpoint`` is a local path, no file otherwise; ``None``: no file.
         dashboard: add the FL page to the Dask dashboard (``/flgraph`` next to ``/status``, see
-            :mod:`flgraph.dashboard`); a page that cannot be set up is logged and the run goes on.
+            :mod:`flgraph.observe.dashboard`); a page that cannot be set up is logged and the run goes on.
         client_state: where client stages keep per-client state (e.g. ``Compress(..., error_feedback=True)``),
             a path every worker can reach. Default: ``client-state`` inside the run directory when
             ``checkpoint`` is a local path (so resume restores it exactly), else a temporary directory
-            removed by :meth:`close`. See :mod:`flgraph.client_state`.
+            removed by :meth:`close`. See :mod:`flgraph.store.client_state`.
     """
 
     def __init__(
@@ -163,7 +163,7 @@ class Run:
             s.prepare(data, self.adapter)
         self.engine: Any
         if getattr(self.segments.reduce, "asynchronous", False):
-            from .async_engine import AsyncEngine
+            from .engine.asynchronous import AsyncEngine
 
             self.engine = AsyncEngine(self.segments, seed=self.seed, dataset=data, model_source=self.adapter)
         else:
@@ -176,11 +176,11 @@ class Run:
         self._cluster_arg = cluster
         self.callbacks = list(callbacks)
         if metrics_log is not None:
-            from .metrics_log import MetricsLog
+            from .observe.metrics_log import MetricsLog
 
             self.callbacks.append(MetricsLog(metrics_log))
         if dashboard:
-            from .dashboard import Dashboard
+            from .observe.dashboard import Dashboard
 
             self.callbacks.append(Dashboard())
         if transport is not None and not isinstance(self.engine, SyncEngine):

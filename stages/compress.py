@@ -262,7 +262,7 @@ class Compress(ClientStage):
     that client trains (Seide et al. 2014; Karimireddy et al., "Error Feedback Fixes SignSGD and other
     Gradient Compression Schemes", ICML 2019): the client sends ``encode(delta + e)`` and keeps
     ``e = delta + e - decode(encode(delta + e))``. The residual ``e`` is per-client state
-    (:mod:`flgraph.client_state`): stored on disk, not in memory, and restored exactly on resume. The
+    (:mod:`flgraph.store.client_state`): stored on disk, not in memory, and restored exactly on resume. The
     round reports ``residual_norm``, the clients' mean L2 norm of ``e`` after encoding.
 
     Example:

@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flgraph.client_runner import Partial
 from flgraph.context import RoundContext
+from flgraph.engine.clients import Partial
 from flgraph.errors import ConfigError
 from flgraph.graph import ServerStage
 from flgraph.params import Params

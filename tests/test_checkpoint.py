@@ -14,7 +14,7 @@ import zarr.storage
 
 import flgraph as fg
 from flgraph import stages as st
-from flgraph.checkpoint import FORMAT_VERSION, RunDirectory, Snapshot
+from flgraph.store.checkpoint import FORMAT_VERSION, RunDirectory, Snapshot
 
 D, K = 8, 3
 

@@ -11,11 +11,11 @@ import zarr.storage
 
 import flgraph as fg
 from flgraph import stages as st
-from flgraph.client_state import ClientStateStore, ClientStateTable, ClientStateView
 from flgraph.context import ClientSet, ClientWork, Update
 from flgraph.errors import CheckpointError, ClientError, ConfigError
 from flgraph.graph import ClientStage
 from flgraph.params import Params, ParamSpec
+from flgraph.store.client_state import ClientStateStore, ClientStateTable, ClientStateView
 
 D, K = 8, 3
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 import flgraph as fg
-from flgraph.checkpoint import RunDirectory
+from flgraph.store.checkpoint import RunDirectory
 
 WRITER = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
     import zarr.storage
-    from flgraph.checkpoint import CheckpointPolicy, RunDirectory, Snapshot
+    from flgraph.store.checkpoint import CheckpointPolicy, RunDirectory, Snapshot
 
     path, kill_at = sys.argv[1], int(sys.argv[2])
     ops = [0]

@@ -18,7 +18,7 @@ import pytest
 
 import flgraph as fg
 from flgraph import stages as st
-from flgraph.dashboard import Dashboard
+from flgraph.observe.dashboard import Dashboard
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,10 +1,10 @@
-"""Unit tests for flgraph.history.History."""
+"""Unit tests for flgraph.observe.history.History."""
 
 from __future__ import annotations
 
 import pytest
 
-from flgraph.history import History
+from flgraph.observe.history import History
 
 
 def _history() -> History:
@@ -119,8 +119,8 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 import zarr.storage  # noqa: E402
 
-from flgraph.checkpoint import RunDirectory, Snapshot  # noqa: E402
 from flgraph.errors import HistoryError  # noqa: E402
+from flgraph.store.checkpoint import RunDirectory, Snapshot  # noqa: E402
 
 
 def _row(r: int) -> dict:

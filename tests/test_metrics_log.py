@@ -11,8 +11,8 @@ import pytest
 import flgraph as fg
 from flgraph import stages as st
 from flgraph.errors import ConfigError
-from flgraph.history import History
-from flgraph.metrics_log import MetricsLog, TensorBoardLog, read_metrics
+from flgraph.observe.history import History
+from flgraph.observe.metrics_log import MetricsLog, TensorBoardLog, read_metrics
 
 
 def _data():

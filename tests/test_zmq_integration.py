@@ -24,8 +24,8 @@ from flgraph.transports.zmq.tasks import synthetic
 
 import flgraph as fg
 from flgraph import stages as st
-from flgraph.client_runner import Partial, combine_partials, run_clients
 from flgraph.context import ClientSet
+from flgraph.engine.clients import Partial, combine_partials, run_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(num_clients=6, samples_per_client=16, num_features=8, num_classes=3)

@@ -1,6 +1,6 @@
 """The Dask transport: client stages run as Dask tasks on chunks of clients.
 
-Per run, the :class:`~flgraph.client_runner.Bundle` (client stages, reducer, dataset handle, model) is
+Per run, the :class:`~flgraph.engine.clients.Bundle` (client stages, reducer, dataset handle, model) is
 scattered once to every worker. Per round, the global params are scattered once to each worker, one task per
 chunk of clients runs the client segment and returns partial aggregates, and partials are combined along
 the round's fixed tree (on the workers when there are many, in the driver when there are few).
@@ -46,7 +46,9 @@ from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 
 from flgraph import dataplane, heap, sharing, tree
-from flgraph.client_runner import (
+from flgraph.cluster import worker_threads
+from flgraph.context import ClientSet
+from flgraph.engine.clients import (
     Bundle,
     Partial,
     combine_partials,
@@ -57,8 +59,6 @@ from flgraph.client_runner import (
     reduce_held,
     run_clients,
 )
-from flgraph.cluster import worker_threads
-from flgraph.context import ClientSet
 from flgraph.errors import ClusterError
 
 __all__ = ["DaskTransport"]

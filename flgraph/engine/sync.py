@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..client_state import ClientStateTable
 from ..context import ClientSet, RoundContext, Update
 from ..errors import ClientError, ConfigError, PipelineError
 from ..graph import Branch, RoundGraph, ServerStage
 from ..graph.hooks import ChoosesAhead, KeepsClock
 from ..params import Params
+from ..store.client_state import ClientStateTable
 from .fanout import Consumer, Layout, RoundReducer, combine_groups, merge_cohorts
 
 if TYPE_CHECKING:
-    from ..client_runner import Partial
+    from .clients import Partial
 
 __all__ = ["PlansAhead", "RunState", "SyncEngine", "Transport", "client_row"]
 

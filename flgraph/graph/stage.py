@@ -124,7 +124,7 @@ class ClientStage(Stage):
     def client_fields(self, spec: ParamSpec) -> dict[str, tuple[str, int]]:
         """Per-client state this stage keeps between a client's rounds: name -> (dtype, size). Read and
         written in ``run`` with ``work.load_state(name)`` / ``work.save_state(name, value)``; stored by
-        :mod:`flgraph.client_state` (on disk, in snapshots' terms: resumed exactly). Default: none."""
+        :mod:`flgraph.store.client_state` (on disk, in snapshots' terms: resumed exactly). Default: none."""
         return {}
 
     def drops(self) -> frozenset[str]:

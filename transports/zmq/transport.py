@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 
 from flgraph import tree
-from flgraph.client_runner import Bundle, Partial, combine_partials
 from flgraph.context import ClientSet, Update
+from flgraph.engine.clients import Bundle, Partial, combine_partials
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
 from .capabilities import unsupported
@@ -86,7 +86,7 @@ class EdgeVersion:
 class EdgeFuture:
     """One client of the asynchronous engine, running on its agent as one gateway job.
 
-    ``result()`` is the client's leaf :class:`~flgraph.client_runner.Partial` (its ``maxes["finish"]``:
+    ``result()`` is the client's leaf :class:`~flgraph.engine.clients.Partial` (its ``maxes["finish"]``:
     real seconds from dispatch to arrival), or raises the client's
     :class:`~flgraph.errors.ClientError` (``on_client_error="raise"``). It is settled by the transport's
     :meth:`ZmqTransport.completion`.

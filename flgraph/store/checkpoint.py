@@ -26,7 +26,7 @@ with a warning, and the previous one is used.
 
 Example:
     >>> import numpy as np, zarr
-    >>> from flgraph.checkpoint import RunDirectory, Snapshot
+    >>> from flgraph.store.checkpoint import RunDirectory, Snapshot
     >>> rd = RunDirectory.create(zarr.storage.MemoryStore(), meta={"seed": 0}, blobs={})
     >>> rd.write(Snapshot(round=1, target_round=5, params=np.ones(3, np.float32), states={}, rows=[{"round": 1}]))
     >>> snap, skipped = rd.latest()
@@ -52,7 +52,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "Checkpoints", "RunDirectory", "Snapshot", "SnapshotWriter"]
 
@@ -238,7 +238,7 @@ class RunDirectory:
                 a[:] = np.frombuffer(data, np.uint8)
             g.create_group("snapshots")
             g.create_group("metrics")
-            from . import __version__
+            from .. import __version__
 
             g.attrs.update({"flgraph_format": FORMAT, "format_version": FORMAT_VERSION,
                             "flgraph_version": __version__, "created": time.time(), **meta})

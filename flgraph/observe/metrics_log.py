@@ -17,7 +17,7 @@ Read a file back with :func:`read_metrics` (a list of row dicts; ``History(read_
 
 Example:
     >>> import tempfile, pathlib
-    >>> from flgraph.metrics_log import MetricsLog, read_metrics
+    >>> from flgraph.observe.metrics_log import MetricsLog, read_metrics
     >>> class FakeRun:  # what the callback reads from a Run
     ...     history, checkpoint_directory = [], None
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "m.jsonl"
@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["MetricsLog", "TensorBoardLog", "read_metrics"]
 
@@ -225,7 +225,7 @@ class TensorBoardLog:
     Needs ``tensorboard`` (through ``torch.utils.tensorboard``) or ``tensorboardX``; without either it
     raises a :class:`~flgraph.errors.ConfigError` saying what to install.
 
-    >>> from flgraph.metrics_log import TensorBoardLog
+    >>> from flgraph.observe.metrics_log import TensorBoardLog
     >>> cb = TensorBoardLog("runs/tb")  # doctest: +SKIP
     >>> fg.Run(pipeline, model=model, data=data, callbacks=[cb])  # doctest: +SKIP
     """

@@ -1,7 +1,7 @@
 """A progress bar over rounds (tqdm): round, loss, accuracy, client updates per second.
 
 Example:
-    >>> from flgraph.progress import RoundProgress
+    >>> from flgraph.observe.progress import RoundProgress
     >>> with RoundProgress(total=2, enabled=False) as bar:
     ...     bar.update({"round": 1, "loss": 1.0, "clients_done": 10, "round_time": 0.5})
 """

@@ -7,7 +7,7 @@ Panels without data are left out. ``History.plot()`` calls it.
 Example:
     >>> import matplotlib
     >>> matplotlib.use("Agg")
-    >>> from flgraph.history import History
+    >>> from flgraph.observe.history import History
     >>> h = History([{"round": 1, "loss": 2.0, "bytes_up": 100, "time_select": 0.01},
     ...              {"round": 2, "loss": 1.5, "accuracy": 0.6, "bytes_up": 90, "time_select": 0.02}])
     >>> fig = h.plot()
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["PANELS", "plot_history"]
 
@@ -47,7 +47,7 @@ def plot_history(history: Any, *, x: str = "round", panels: dict[str, tuple[str,
                  figsize: tuple[float, float] | None = None) -> Any:
     """A matplotlib Figure with one panel per entry of ``panels`` (default :data:`PANELS`) that has data.
 
-    ``history``: a :class:`~flgraph.history.History` (or a list of row dicts); ``x``: the row key on the
+    ``history``: a :class:`~flgraph.observe.history.History` (or a list of row dicts); ``x``: the row key on the
     horizontal axis (``"round"``, or ``"sim_time"``); a panel's keys may end in ``*`` (a prefix).
     """
     try:

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .context import ClientSet
-from .errors import CheckpointError, ClientError, ConfigError
+from ..context import ClientSet
+from ..errors import CheckpointError, ClientError, ConfigError
 
 __all__ = ["ClientStatePlace", "ClientStateStore", "ClientStateTable", "ClientStateView", "stateful_stages"]
 

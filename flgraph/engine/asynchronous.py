@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from .client_runner import Partial
-from .context import ClientSet, RoundContext
-from .engine import client_row
-from .errors import ConfigError, PipelineError
-from .graph import RoundGraph
-from .params import Params
+from ..context import ClientSet, RoundContext
+from ..errors import ConfigError, PipelineError
+from ..graph import RoundGraph
+from ..params import Params
+from . import client_row
+from .clients import Partial
 
 __all__ = ["AsyncEngine"]
 
@@ -65,7 +65,7 @@ class AsyncEngine:
     """Runs asynchronous server steps of a pipeline whose reduce stage is a BufferedAggregate."""
 
     def __init__(self, segments: RoundGraph, *, seed: int, dataset: Any, model_source: Any) -> None:
-        from .stages import Select, Simulate
+        from ..stages import Select, Simulate
 
         if not segments.plain:
             raise PipelineError(f"the asynchronous engine steps the model from one buffered reducer; this graph "
@@ -91,7 +91,7 @@ class AsyncEngine:
         if self.concurrency >= dataset.num_clients:
             raise ConfigError(f"concurrency {self.concurrency} needs more clients than the dataset's "
                               f"{dataset.num_clients}", fix="keep fewer clients in flight")
-        from .stages import LocalTrain
+        from ..stages import LocalTrain
 
         trains = [s for s in segments.clients if isinstance(s, LocalTrain)]
         self.train: Any = trains[0] if len(trains) == 1 and trains[0].steps is None else None

@@ -1,13 +1,13 @@
-"""The Bokeh document of the FL dashboard page, served by the Dask scheduler (see :mod:`flgraph.dashboard`).
+"""The Bokeh document of the FL dashboard page, served by the Dask scheduler (see :mod:`flgraph.observe.dashboard`).
 
 :func:`install` adds the page to a running scheduler's web server (as Dask's own dashboard does for its
 pages) and a link to it in the dashboard's navigation bar. :class:`FLPage` builds the document from a
-:class:`~flgraph.dashboard.RunBoard` and refreshes it twice a second while a browser shows it; nothing
+:class:`~flgraph.observe.dashboard.RunBoard` and refreshes it twice a second while a browser shows it; nothing
 runs on the scheduler for the page while no browser has it open.
 
 Example:
-    >>> from flgraph.dashboard import RunBoard
-    >>> from flgraph.dashboard_page import FLPage
+    >>> from flgraph.observe.dashboard import RunBoard
+    >>> from flgraph.observe.dashboard_page import FLPage
     >>> board = RunBoard()
     >>> board.feed({"kind": "round", "token": "t1", "target_round": 3,
     ...             "row": {"round": 1, "loss": 1.0, "accuracy": 0.5, "bytes_up": 10, "time_select": 0.01}})
@@ -267,7 +267,7 @@ def install(scheduler: Any, board: RunBoard) -> str:
     """
     from tornado.ioloop import IOLoop
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     http = getattr(scheduler, "http_application", None)
     dask_apps = [a for a in getattr(http, "applications", []) if type(a).__name__.endswith("BokehTornado")]

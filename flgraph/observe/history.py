@@ -10,7 +10,7 @@ raises a :class:`~flgraph.errors.HistoryError` that says how to keep it. ``len(h
 number of rounds recorded.
 
 Example:
-    >>> from flgraph.history import History
+    >>> from flgraph.observe.history import History
     >>> h = History()
     >>> h.append({"round": 1, "loss": 2.0}); h.append({"round": 2, "loss": 1.5, "accuracy": 0.6})
     >>> h.last("loss"), h.last("accuracy"), h.column("loss")
@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol, overload
 
-from .errors import ConfigError, HistoryError
+from ..errors import ConfigError, HistoryError
 
 __all__ = ["History", "RowStore"]
 
@@ -38,7 +38,7 @@ _READ_BLOCK = 4096  # rows read back from the run directory at a time
 
 
 class RowStore(Protocol):
-    """Where a History reads back rows older than its window (a :class:`~flgraph.checkpoint.RunDirectory`)."""
+    """Where a History reads back rows older than its window (a :class:`~flgraph.store.checkpoint.RunDirectory`)."""
 
     @property
     def rows_written(self) -> int:
@@ -218,7 +218,7 @@ class History:
         """The usual curves as a matplotlib Figure: loss, accuracy, bytes per round, time per stage.
 
         Needs matplotlib (an optional extra); ``x="sim_time"`` plots against simulated time. See
-        :func:`flgraph.plotting.plot_history` for the options.
+        :func:`flgraph.observe.plotting.plot_history` for the options.
         """
         from .plotting import plot_history
 

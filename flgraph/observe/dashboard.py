@@ -20,7 +20,7 @@ with the stage name. A dashboard that cannot be set up (no bokeh on the schedule
 dashboard, an old flgraph there) is logged once and the run goes on without it.
 
 Example:
-    >>> from flgraph.dashboard import RunBoard, page_link
+    >>> from flgraph.observe.dashboard import RunBoard, page_link
     >>> page_link("http://127.0.0.1:8787/status")
     'http://127.0.0.1:8787/flgraph'
     >>> board = RunBoard()

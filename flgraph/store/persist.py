@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import CheckpointError, ConfigError
+from ..observe.history import History
+from ..params import ParamSpec
+from ..spec import describe, differences, rebuild, unimportable
 from .checkpoint import RunDirectory, Snapshot
-from .errors import CheckpointError, ConfigError
-from .history import History
-from .params import ParamSpec
-from .spec import describe, differences, rebuild, unimportable
 
 if TYPE_CHECKING:
-    from .run import Run
+    from ..run import Run
 
 __all__ = ["config_of", "create_directory", "load_blob_model", "resume", "snapshot_of"]
 
@@ -130,7 +130,7 @@ def resume(
     (``cluster=``, ``workers=``, ``progress=``...). ``run.remaining`` is the number of rounds left to
     reach the target of the interrupted ``fit``.
     """
-    from .run import Run
+    from ..run import Run
 
     directory = RunDirectory.open(store)
     meta = directory.meta

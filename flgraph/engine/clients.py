@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import tree
-from .client_state import ROW, ClientStateStore, ClientStateView
-from .context import ClientSet, ClientWork, Update
-from .engine.fanout import RoundReducer
-from .errors import ClientError, FlgraphError
-from .graph import ClientStage, Reducer
-from .params import Params, ParamSpec
-from .sharing import Share, run_shared
+from .. import tree
+from ..context import ClientSet, ClientWork, Update
+from ..errors import ClientError, FlgraphError
+from ..graph import ClientStage, Reducer
+from ..params import Params, ParamSpec
+from ..sharing import Share, run_shared
+from ..store.client_state import ROW, ClientStateStore, ClientStateView
+from .fanout import RoundReducer
 
 __all__ = ["Bundle", "Partial", "client_leaf", "combine_partials", "finish_times", "hold_clients", "map_chunk",
            "one_client", "reduce_held", "run_clients"]
