@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -53,6 +52,8 @@ import zarr
 import zarr.storage
 
 from ..errors import CheckpointError
+from .metrics_table import MetricsTable, json_default
+from .schedule import CheckpointPolicy, Checkpoints
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "Checkpoints", "RunDirectory", "Snapshot", "SnapshotWriter"]
 
@@ -61,84 +62,6 @@ log = logging.getLogger("flgraph")
 FORMAT = "flgraph-run"
 FORMAT_VERSION = 2
 _CHUNK = 8 * 2**20  # elements per params chunk (32 MiB of float32)
-_INT_METRICS = ("clients", "bytes", "samples")  # counts: read back as ints
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    """Where a run keeps its snapshots, how often it writes them, and which it keeps:
-    ``Run(..., checkpoint=Checkpoints("runs/exp.zarr", every=10, keep_last=3, keep_every=100))``.
-
-    ``path``: a directory path or a zarr store (``Run(checkpoint=path)`` is ``Checkpoints(path)``; on
-    :func:`flgraph.resume`, leave it out: the run continues in its own directory). ``every``: rounds between
-    snapshots (the last round of each ``fit`` always gets one; ``None``: only by time); ``minutes``: also
-    write when this much time passed since the last one; ``keep_last``: newest snapshots kept;
-    ``keep_every``: also keep every round divisible by it (milestones).
-
-    Example:
-        >>> Checkpoints("runs/exp.zarr", every=10, keep_every=100).policy
-        CheckpointPolicy(every=10, minutes=None, keep_last=3, keep_every=100)
-    """
-
-    path: Any = None
-    every: int | None = 1
-    minutes: float | None = None
-    keep_last: int = 3
-    keep_every: int | None = None
-
-    def __post_init__(self) -> None:
-        self.policy  # noqa: B018 - checks the settings now, not at the first snapshot
-
-    @property
-    def policy(self) -> CheckpointPolicy:
-        """When to write and what to keep (without the place)."""
-        return CheckpointPolicy(self.every, self.minutes, self.keep_last, self.keep_every)
-
-    @staticmethod
-    def of(value: Any) -> Checkpoints | None:
-        """``Run(checkpoint=...)``'s value as Checkpoints: None, a path or store, or Checkpoints itself."""
-        if value is None or isinstance(value, Checkpoints):
-            return value
-        return Checkpoints(value)
-
-
-@dataclass
-class CheckpointPolicy:
-    """When to write snapshots and which to keep.
-
-    ``every``: rounds between snapshots (None: only by time); ``minutes``: also write when this much time
-    passed since the last one; ``keep_last``: newest snapshots kept; ``keep_every``: also keep every
-    round divisible by it (milestones).
-    """
-
-    every: int | None = 1
-    minutes: float | None = None
-    keep_last: int = 3
-    keep_every: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.every is None and self.minutes is None:
-            raise CheckpointError("Checkpoints(every=None, minutes=None) would never write a snapshot",
-                                  fix="give every= rounds or minutes=")
-        if self.every is not None and self.every < 1:
-            raise CheckpointError(f"Checkpoints(every={self.every}): must be >= 1")
-        if self.keep_last < 1:
-            raise CheckpointError(f"Checkpoints(keep_last={self.keep_last}): keep at least the newest snapshot")
-
-    def due(self, rnd: int, last: bool, since_last_s: float) -> bool:
-        """Whether round ``rnd`` ends with a snapshot."""
-        if last:
-            return True
-        if self.every is not None and rnd % self.every == 0:
-            return True
-        return self.minutes is not None and since_last_s >= self.minutes * 60
-
-    def keep(self, rounds: list[int]) -> set[int]:
-        """The rounds to keep among committed snapshot rounds."""
-        kept = set(sorted(rounds)[-self.keep_last:])
-        if self.keep_every:
-            kept |= {r for r in rounds if r % self.keep_every == 0}
-        return kept
 
 
 @dataclass
@@ -167,8 +90,6 @@ def _crc(crc: int, a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data, crc)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
 def _storage_hint(e: BaseException) -> str:
@@ -179,8 +100,10 @@ def _storage_hint(e: BaseException) -> str:
     return "check the storage; the previous snapshot is intact"
 
 
-class RunDirectory:
+class RunDirectory(MetricsTable):
     """A run directory (a zarr v3 group) holding snapshots of one run."""
+
+    format_version = FORMAT_VERSION
 
     def __init__(self, group: zarr.Group, rows_written: int = 0) -> None:
         self.group: Any = group  # zarr's typed JSON attributes are used as plain dicts here
@@ -319,7 +242,7 @@ class RunDirectory:
                 self._append_metrics(snap.rows[start - snap.first_row:], start, total)
             commit = {"round": snap.round, "target_round": snap.target_round, "history_len": total,
                       "scalars": scalars, "rows_other": {}, "extra": snap.extra, "written": time.time()}
-            body = json.dumps(commit, sort_keys=True, default=_json_default)
+            body = json.dumps(commit, sort_keys=True, default=json_default)
             g.attrs.update({**json.loads(body), "checksum": zlib.crc32(body.encode(), crc), "committed": True})
             self.rows_written = total
             known[snap.round] = True
@@ -327,67 +250,6 @@ class RunDirectory:
             raise CheckpointError(f"writing the snapshot of round {snap.round} failed: {e}",
                                   fix=_storage_hint(e)) from e
 
-    def _append_metrics(self, rows: list[dict[str, Any]], start: int, n: int) -> None:
-        """Write ``rows`` as rows ``start .. n - 1`` of the metrics tables (numeric metrics one column each,
-        NaN where a round did not report one; the other values as JSON), which then hold ``n`` rows."""
-        table = self._table
-        if table is None:
-            metrics = self.group["metrics"]
-            if "table" not in metrics:
-                metrics.create_array("table", shape=(0, 0), dtype="float64", chunks=(512, 32),
-                                     fill_value=math.nan, attributes={"columns": []})
-            table = self._table = metrics["table"]
-        columns: list[str] = list(table.attrs.get("columns", []))
-        new = sorted({k for r in rows for k, v in r.items() if _is_number(v)} - set(columns))
-        if new:
-            columns += new
-            table.attrs.update({"columns": columns})
-        if table.shape != (n, len(columns)):
-            table.resize((n, len(columns)))
-        if start < n:
-            block = np.full((n - start, len(columns)), math.nan)
-            for i, r in enumerate(rows):
-                for j, k in enumerate(columns):
-                    v: Any = r.get(k)
-                    if _is_number(v):
-                        block[i, j] = float(v)
-            table[start:n, :] = block
-        self._append_other(rows, start, n)
-
-    def _other_arrays(self, start: int) -> tuple[Any, Any]:
-        """The arrays of other values; created (in a format 1 directory: filled with the rows before
-        ``start`` from the snapshot read) at the first write."""
-        metrics = self.group["metrics"]
-        if "other_end" in metrics:
-            return metrics["other"], metrics["other_end"]
-        other = metrics.create_array("other", shape=(0,), dtype="uint8", chunks=(2**20,), fill_value=0)
-        ends = metrics.create_array("other_end", shape=(0,), dtype="int64", chunks=(2**16,), fill_value=0)
-        if start:
-            rounds = np.asarray(self._table[:start, list(self._table.attrs["columns"]).index("round")])
-            earlier = [self._legacy_other.get(str(int(r)), {}) for r in rounds]
-            self._write_other(other, ends, earlier, 0, start)
-        self.group.attrs.update({"format_version": FORMAT_VERSION})
-        return other, ends
-
-    def _append_other(self, rows: list[dict[str, Any]], start: int, n: int) -> None:
-        other, ends = self._other_arrays(start)
-        values = [{k: v for k, v in r.items() if not _is_number(v) and k != "round"} for r in rows]
-        self._write_other(other, ends, values, start, n)
-
-    @staticmethod
-    def _write_other(other: Any, ends: Any, values: list[dict[str, Any]], start: int, n: int) -> None:
-        base = int(ends[start - 1]) if start else 0
-        blobs = [json.dumps(v, sort_keys=True, default=_json_default).encode() if v else b"" for v in values]
-        end = base + np.cumsum([len(b) for b in blobs], dtype=np.int64)
-        top = int(end[-1]) if len(end) else base
-        ends.resize((n,))
-        if start < n:
-            ends[start:n] = end
-        other.resize((top,))
-        if top > base:
-            other[base:top] = np.frombuffer(b"".join(blobs), np.uint8)
-
-    # -- reading ---------------------------------------------------------------------------------------
     def snapshot_rounds(self, committed_only: bool = True) -> list[int]:
         snaps = self.group["snapshots"]
         out = []
@@ -477,44 +339,6 @@ class RunDirectory:
         with self._rows_lock:
             return self._read_rows(start, stop)
 
-    def _read_rows(self, start: int, stop: int) -> list[dict[str, Any]]:
-        metrics = self.group["metrics"]
-        if "table" not in metrics or stop <= start:
-            return []
-        table = metrics["table"]
-        columns: list[str] = list(table.attrs.get("columns", []))
-        values = np.asarray(table[start:stop, :])
-        other = self._read_other(metrics, start, stop)
-        rows: list[dict[str, Any]] = []
-        for i in range(stop - start):
-            row: dict[str, Any] = {}
-            for j, k in enumerate(columns):
-                v = float(values[i, j])
-                if not math.isnan(v):
-                    row[k] = int(v) if v.is_integer() and (k == "round" or k.startswith(_INT_METRICS)) else v
-            if other is not None:
-                row.update(other[i])
-            elif "round" in row:
-                row.update(self._legacy_other.get(str(row["round"]), {}))
-            rows.append(dict(sorted(row.items(), key=lambda kv: kv[0] != "round")))
-        return rows
-
-    @staticmethod
-    def _read_other(metrics: Any, start: int, stop: int) -> list[dict[str, Any]] | None:
-        """The other values of rows ``start .. stop - 1``; None in a format 1 directory (or rows it lacks)."""
-        if "other_end" not in metrics or metrics["other_end"].shape[0] < stop:
-            return None
-        ends = np.asarray(metrics["other_end"][max(0, start - 1):stop])
-        base = int(ends[0]) if start else 0
-        ends = ends[1:] if start else ends
-        top = int(ends[-1])
-        data = bytes(np.asarray(metrics["other"][base:top]).tobytes()) if top > base else b""
-        out, at = [], base
-        for e in ends.tolist():
-            out.append(json.loads(data[at - base:e - base]) if e > at else {})
-            at = e
-        return out
-
     def latest(self, *, rows: int | None = None) -> tuple[Snapshot, list[str]]:
         """The newest intact snapshot (with its ``rows`` newest metrics rows, None: all), and a line for
         each newer one that was skipped (damaged)."""
@@ -568,12 +392,6 @@ def _is_run(p: Path) -> bool:
         return False
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"cannot store {type(v).__name__} in a snapshot's attributes")
 
 
 class SnapshotWriter:
