@@ -30,7 +30,7 @@ import numpy as np
 
 from . import malloc
 from .cluster import ClusterHandle, connect
-from .engine import RunState, SyncEngine
+from .engine import PlansAhead, RunState, SyncEngine
 from .engine.clients import Bundle
 from .errors import ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
@@ -162,7 +162,8 @@ class Run:
         for s in pipeline:
             s.prepare(data, self.adapter)
         self.engine: Any
-        if getattr(self.segments.reduce, "asynchronous", False):
+        reduce = self.segments.reduce
+        if reduce is not None and reduce.asynchronous:
             from .engine.asynchronous import AsyncEngine
 
             self.engine = AsyncEngine(self.segments, seed=self.seed, dataset=data, model_source=self.adapter)
@@ -256,9 +257,9 @@ class Run:
         from .transports.dask import DaskTransport
 
         malloc.tune_this_process()  # model-sized buffers every round: keep freed memory (flgraph.malloc)
-        states = getattr(self.engine, "client_state", None)
+        states = self.engine.client_state
         graph = self.segments
-        reducer = getattr(self.engine, "reducer", None) or self._reducer().reducer
+        reducer = self.engine.reducer or self._reducer().reducer
         sizes = {name: int(np.asarray(v).size) for name, v in self._server_values().items()}
         bundle = Bundle(graph.clients, reducer, self.data, self.adapter, self.state.params.spec, self.seed,
                         states[0].store if states else None, self._state_fields,
@@ -323,9 +324,8 @@ class Run:
                     self._notify("on_round", row)
                     log.debug("round %d: %s", rnd, row)
         finally:
-            cancel_ahead = getattr(transport, "cancel_ahead", None)
-            if cancel_ahead is not None:
-                cancel_ahead()  # nothing waits on the workers for a round that will not run now
+            if isinstance(transport, PlansAhead):
+                transport.cancel_ahead()  # nothing waits on the workers for a round that will not run now
             if writer is not None:
                 writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
             self._notify("on_end")
@@ -333,7 +333,7 @@ class Run:
 
     def _protect_client_state(self, writer: SnapshotWriter) -> None:
         """The snapshot just submitted keeps its clients' state versions; pruned snapshots release theirs."""
-        states = getattr(self.engine, "client_state", None)
+        states = self.engine.client_state
         if states is None:
             return
         table, key = states
@@ -400,8 +400,7 @@ class Run:
             shutil.rmtree(self._client_state_tmp, ignore_errors=True)
             self._client_state_tmp = None
         if self._transport is not None:
-            if hasattr(self.engine, "abort"):
-                self.engine.abort(self._transport)
+            self.engine.abort(self._transport)
             self._transport.close()
             self._transport = None
         if self._handle is not None:

@@ -96,6 +96,8 @@ class AsyncEngine:
         trains = [s for s in segments.clients if isinstance(s, LocalTrain)]
         self.train: Any = trains[0] if len(trains) == 1 and trains[0].steps is None else None
         self.flights: dict[int, _Flight] = {}
+        self.client_state: Any = None  # per-client state is kept by synchronous rounds only (Run refuses it here)
+        self.reducer: Any = None  # one reducer, the buffered stage's own
         self.versions: dict[int, Any] = {}
         self.completed: Any = None
         self.spec = None

@@ -99,6 +99,9 @@ class SyncEngine:
     def segments(self) -> RoundGraph:
         return self.graph
 
+    def abort(self, transport: Transport) -> None:
+        """Nothing to call back: a synchronous round leaves no client work in flight once it returns."""
+
     @staticmethod
     def state_key(index: int, stage: Any) -> str:
         return f"{index:02d}-{stage.name}"

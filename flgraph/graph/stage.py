@@ -176,6 +176,7 @@ class ReduceStage(Stage):
     requires: ClassVar[frozenset[str]] = frozenset({"update"})
     provides: ClassVar[frozenset[str]] = frozenset({"aggregate"})
     any_value: ClassVar[bool] = False
+    asynchronous: ClassVar[bool] = False  # steps the model as updates arrive (FedBuff): the asynchronous engine
     reducer: Reducer
     by: str | None = None
 
