@@ -27,7 +27,43 @@ if TYPE_CHECKING:
     from .data import ClientData, FederatedDataset
     from .store.client_state import ClientStateView
 
-__all__ = ["ClientSet", "ClientWork", "Codec", "RoundContext", "Update"]
+__all__ = ["ClientSet", "ClientWork", "Codec", "Devices", "RoundContext", "Update"]
+
+
+@dataclass
+class Devices:
+    """The simulated devices of a round's clients, one value per position (set by
+    :class:`~flgraph.stages.Simulate`, and by the asynchronous engine for each dispatch).
+
+    ``speed`` in samples a second, ``down_bps`` and ``up_bps`` in bytes a second, ``online_until``: seconds
+    after the round's start when the device goes offline; with a deadline, ``deadline`` (seconds) and,
+    when clients stop in time, ``max_samples`` (the samples each can train on before it).
+
+    Example:
+        >>> import numpy as np
+        >>> d = Devices(np.array([10.0, 20.0]), np.full(2, 1e6), np.full(2, 1e6), np.full(2, np.inf))
+        >>> d.take(np.array([1])).speed.tolist()
+        [20.0]
+    """
+
+    speed: np.ndarray
+    down_bps: np.ndarray
+    up_bps: np.ndarray
+    online_until: np.ndarray
+    deadline: np.ndarray | None = None
+    max_samples: np.ndarray | None = None
+
+    def take(self, positions: np.ndarray) -> Devices:
+        """The devices at ``positions`` (an index array or a bool mask)."""
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[positions]
+        return Devices(self.speed[positions], self.down_bps[positions], self.up_bps[positions],
+                       self.online_until[positions], pick(self.deadline), pick(self.max_samples))
+
+    def finish(self, pos: int, down_nbytes: float, samples: float, up_nbytes: float) -> float:
+        """When the device at ``pos`` is done: download, train ``samples``, upload (seconds after the start)."""
+        return (down_nbytes / float(self.down_bps[pos]) + samples / float(self.speed[pos])
+                + up_nbytes / float(self.up_bps[pos]))
 
 
 @dataclass
@@ -46,6 +82,7 @@ class ClientSet:
     # puts it (flgraph.engine.fanout.Layout). None in a plain round.
     branch: np.ndarray | None = None
     layout: Any = None
+    devices: Devices | None = None  # simulated devices (Simulate), aligned with ids
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64).reshape(-1)
@@ -58,6 +95,16 @@ class ClientSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, positions: np.ndarray) -> ClientSet:
+        """The clients at ``positions`` (an index array or a bool mask), with their settings and devices."""
+        return ClientSet(self.ids[positions], {k: v[positions] for k, v in self.settings.items()}, self.keep_first,
+                         devices=None if self.devices is None else self.devices.take(positions))
+
+    def with_settings(self, **settings: np.ndarray) -> ClientSet:
+        """These clients with more (or replaced) per-client settings."""
+        return ClientSet(self.ids, {**self.settings, **settings}, self.keep_first, self.branch, self.layout,
+                         self.devices)
 
     def setting(self, name: str, position: int) -> Any:
         """The value of setting ``name`` for the client at ``position`` (``None`` where a parallel branch's
@@ -161,6 +208,13 @@ class ClientWork:
             v = self.clients.setting(name, self.position)
             return default if v is None else v
         return default
+
+    def sample_budget(self) -> float:
+        """The samples this client's device can train on before the round's deadline (``inf``: no cut-off)."""
+        dev = self.clients.devices
+        if dev is None or dev.max_samples is None:
+            return float("inf")
+        return float(dev.max_samples[self.position])
 
     def load_state(self, name: str) -> np.ndarray | None:
         """The running stage's per-client state ``name`` from this client's last counted round, or ``None``

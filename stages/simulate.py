@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flgraph.context import RoundContext
+from flgraph.context import Devices, RoundContext
 from flgraph.engine.clients import Partial
 from flgraph.errors import ConfigError
 from flgraph.graph import ServerStage
@@ -78,17 +78,15 @@ class Simulate(ServerStage):
         now = float(ctx.state.get("time", 0.0))
         ids = ctx.clients.ids
         prof = [self.devices.profile(int(c)) for c in ids]
-        st = ctx.clients.settings
-        st["speed"] = np.array([p.speed for p in prof])
-        st["down_bps"] = np.array([p.down_bps for p in prof])
-        st["up_bps"] = np.array([p.up_bps for p in prof])
-        st["online_until"] = np.array([p.online_until(now) - now for p in prof])
+        dev = Devices(np.array([p.speed for p in prof]), np.array([p.down_bps for p in prof]),
+                      np.array([p.up_bps for p in prof]), np.array([p.online_until(now) - now for p in prof]))
         if self.deadline is not None:
-            st["deadline"] = np.full(len(ids), float(self.deadline))
+            dev.deadline = np.full(len(ids), float(self.deadline))
             if self.cutoff:
                 raw = float(ctx.params.nbytes)
                 budget = np.array([(self.deadline - raw / p.down_bps - raw / p.up_bps) * p.speed for p in prof])
-                st["max_samples"] = np.maximum(np.floor(budget), 0.0)
+                dev.max_samples = np.maximum(np.floor(budget), 0.0)
+        ctx.clients.devices = dev
         ctx.metrics["sim_round_start"] = now
 
     def after_clients(self, ctx: RoundContext, root: Partial) -> None:

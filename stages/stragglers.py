@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from flgraph.context import ClientSet, RoundContext
+from flgraph.context import RoundContext
 from flgraph.errors import ConfigError
 from flgraph.graph import ServerStage
 from flgraph.rng import stream
@@ -58,8 +58,8 @@ class Stragglers(ServerStage):
             if not active.any():
                 raise ConfigError(f"round {ctx.round}: Stragglers(fraction={self.fraction}, policy='drop') dropped "
                                   f"all {n} clients", fix="select more clients or lower the straggler fraction")
-            ctx.clients = ClientSet(cs.ids[active], {k: v[active] for k, v in cs.settings.items()})
+            ctx.clients = cs.take(active)
             return
         epochs = np.full(n, self.epochs, np.int64)
         epochs[~active] = rng.integers(1, max(self.epochs, 2), size=int((~active).sum()))
-        ctx.clients = ClientSet(cs.ids, {**cs.settings, "epochs": epochs})
+        ctx.clients = cs.with_settings(epochs=epochs)

@@ -235,7 +235,7 @@ class LocalTrain(ClientStage):
         anchors = [p.detach().clone() for p in trainable] if self.mu > 0 else []
         total, done, processed = 0.0, 0, 0
         limit = ctx.steps if ctx.steps is not None else math.inf
-        budget = float(work.setting("max_samples", math.inf))  # a device cut-off: stop in time, send what it has
+        budget = work.sample_budget()  # a device cut-off: stop in time, send what it has
         epoch = 0
         while done < limit and (ctx.steps is not None or epoch < ctx.epochs):
             perm = torch.from_numpy(ctx.rng.permutation(n)).to(ctx.device)

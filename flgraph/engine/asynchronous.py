@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..context import ClientSet, RoundContext
+from ..context import ClientSet, Devices, RoundContext
 from ..errors import ConfigError, PipelineError
 from ..graph import RoundGraph
 from ..params import Params
@@ -142,17 +142,17 @@ class AsyncEngine:
         if old:
             transport.release([self.versions.pop(v) for v in old])
 
-    def _settings(self, cid: int, start: float) -> tuple[dict[str, np.ndarray], float]:
+    def _devices(self, cid: int, start: float) -> tuple[Devices | None, float]:
+        """The dispatched client's simulated device and a lower bound on its finish time."""
         if self.realtime:  # a real device: nothing simulated, no lower bound
-            return {}, start
-        if self.simulate is None:
-            st = {"speed": np.array([1.0]), "down_bps": np.array([math.inf]), "up_bps": np.array([math.inf])}
-            return st, start + self._min_samples(cid)
+            return None, start
+        one = np.ones(1)
+        if self.simulate is None:  # a unit-speed device with an instant link: time counts samples trained
+            return Devices(one, one * math.inf, one * math.inf, one * math.inf), start + self._min_samples(cid)
         p = self.simulate.devices.profile(cid)
-        st = {"speed": np.array([p.speed]), "down_bps": np.array([p.down_bps]), "up_bps": np.array([p.up_bps]),
-              "online_until": np.array([p.online_until(start) - start])}
+        dev = Devices(one * p.speed, one * p.down_bps, one * p.up_bps, one * (p.online_until(start) - start))
         down = float(self.spec.nbytes) / p.down_bps if self.spec is not None else 0.0
-        return st, start + down + self._min_samples(cid) / p.speed
+        return dev, start + down + self._min_samples(cid) / p.speed
 
     def _min_samples(self, cid: int) -> float:
         """A lower bound on the samples the client trains on (0 when it cannot be known in advance)."""
@@ -177,8 +177,8 @@ class AsyncEngine:
             cid = self._draw(transport, idx, at)
         if self.realtime:
             at = self._clock()  # after any wait for a free agent
-        settings, lower = self._settings(cid, at)
-        clients = ClientSet(np.array([cid], np.int64), settings)
+        devices, lower = self._devices(cid, at)
+        clients = ClientSet(np.array([cid], np.int64), devices=devices)
         fut = transport.submit_client(self._version_future(transport, version, params), idx + 1, clients,
                                       on_error, idx)
         self.flights[idx] = _Flight(idx, cid, version, at, lower, fut)

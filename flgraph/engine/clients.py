@@ -110,14 +110,14 @@ def _as_client_error(e: BaseException, client: int, stage: ClientStage, rnd: int
 
 def _sim_finish(bundle: Bundle, clients: ClientSet, pos: int, update: Update) -> float | None:
     """The client's simulated finish time in the round (seconds after the round's start), if simulated."""
-    st = clients.settings
-    if "speed" not in st:
+    dev = clients.devices
+    if dev is None:
         return None
     samples = update.metrics.get("samples_processed")
     if samples is None:
-        samples = float(clients.setting("epochs", pos) if "epochs" in st else 1) * update.num_samples
-    return (bundle.spec.nbytes / float(st["down_bps"][pos]) + float(samples) / float(st["speed"][pos])
-            + update.upload_nbytes / float(st["up_bps"][pos]))
+        epochs = clients.setting("epochs", pos) if "epochs" in clients.settings else 1
+        samples = float(epochs or 1) * update.num_samples
+    return dev.finish(pos, bundle.spec.nbytes, float(samples), update.upload_nbytes)
 
 
 def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: int, on_error: OnError,
@@ -158,15 +158,15 @@ def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: i
             return _branch_leaf(bundle, update, clients, pos, branch, sums, reduce)
         finish = _sim_finish(bundle, clients, pos, update)
         maxes = {"finish": finish if finish is not None else time.perf_counter() - t_start}
-        if finish is not None:
-            st = clients.settings
-            if "max_samples" in st and update.metrics.get("samples_processed", 1.0) <= 0:
+        dev = clients.devices
+        if finish is not None and dev is not None:
+            if dev.max_samples is not None and update.metrics.get("samples_processed", 1.0) <= 0:
                 return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, "too slow to train before the "
                                "deadline")], maxes={})
-            if "deadline" in st and finish > float(st["deadline"][pos]):
+            if dev.deadline is not None and finish > float(dev.deadline[pos]):
                 return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, f"missed the deadline "
-                               f"({finish:.1f} s > {float(st['deadline'][pos]):.1f} s)")], maxes={})
-            if "online_until" in st and finish > float(st["online_until"][pos]):
+                               f"({finish:.1f} s > {float(dev.deadline[pos]):.1f} s)")], maxes={})
+            if finish > float(dev.online_until[pos]):
                 return Partial(None, {"clients_dropped": 1.0}, dropped=[(cid, "went offline mid-round")], maxes={})
         up = float(update.upload_nbytes)
         sums.update(clients_done=1.0, samples=float(update.num_samples), bytes_up=up,

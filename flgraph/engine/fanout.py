@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .. import tree
-from ..context import ClientSet, Update
+from ..context import ClientSet, Devices, Update
 from ..errors import ClientError, ConfigError
 from ..graph import Reducer
 from ..params import ParamSpec
@@ -199,4 +199,12 @@ def merge_cohorts(parts: Sequence[ClientSet]) -> ClientSet:
     settings = {}
     for name, arr in parts[0].settings.items():
         settings[name] = np.concatenate([np.asarray(arr, object), np.full(rest, None, object)]) if rest else arr
-    return ClientSet(ids, settings, None, branch=branch)
+    devices = parts[0].devices
+    if devices is not None and rest:  # the other branches' clients are not simulated: no device, no cut-off
+        def pad(a: np.ndarray) -> np.ndarray:
+            return np.concatenate([a, np.full(rest, np.nan)])
+
+        devices = Devices(pad(devices.speed), pad(devices.down_bps), pad(devices.up_bps), pad(devices.online_until),
+                          None if devices.deadline is None else pad(devices.deadline),
+                          None if devices.max_samples is None else pad(devices.max_samples))
+    return ClientSet(ids, settings, None, branch=branch, devices=devices)

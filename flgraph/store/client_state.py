@@ -299,10 +299,8 @@ class ClientStateTable:
         if (free < 0).any():
             raise CheckpointError(f"every one of the {self.store.slots} client-state slots of a client is held by "
                                   "a retained snapshot", fix="keep fewer snapshots (keep_last) for this run")
-        settings = dict(clients.settings)
-        settings.update({ROW: rows, READ_SLOT: slot, READ_ROUND: table["state_round"][rows],
-                         WRITE_SLOT: free})
-        return ClientSet(clients.ids, settings, clients.keep_first)
+        return clients.with_settings(**{ROW: rows, READ_SLOT: slot, READ_ROUND: table["state_round"][rows],
+                                        WRITE_SLOT: free})
 
     @staticmethod
     def commit(clients: ClientSet, done: np.ndarray, table: dict[str, Any], rnd: int) -> dict[str, Any]:

@@ -480,7 +480,7 @@ class MixedTransport:
 
     @staticmethod
     def _subset(clients: ClientSet, positions: np.ndarray) -> ClientSet:
-        return ClientSet(clients.ids[positions], {k: v[positions] for k, v in clients.settings.items()})
+        return clients.take(positions)
 
     def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
         """Post the edge tasks, run the Dask clients meanwhile, then collect the edge results."""
