@@ -85,8 +85,10 @@ def _row(steps: Any) -> str:
     for st in steps:
         if isinstance(st, Mapping):
             rows = []
+            width = max(len(v) for v in st)  # one column of labels, so the reducers line up
             for value, sub in st.items():
-                label = f'<small style="font-family:monospace">{html.escape(value)}</small> '
+                label = (f'<small style="font-family:monospace;display:inline-block;min-width:{width}ch">'
+                         f"{html.escape(value)}</small> ")
                 rows.append('<div style="margin:3px 0">' + label + ARROW.join(_box(s) for s in sub.stages)
                             + "</div>")
             cells.append('<div style="display:inline-block;vertical-align:middle;border-left:2px solid #888;'
