@@ -21,8 +21,8 @@ from .client_state import ROW, ClientStateStore, ClientStateView
 from .context import ClientSet, ClientWork, Update
 from .errors import ClientError, FlgraphError
 from .graph import ClientStage, Reducer
+from .local.sharing import Share, run_shared
 from .params import Params, ParamSpec
-from .sharing import Share, run_shared
 
 __all__ = ["Bundle", "Partial", "client_leaf", "combine_partials", "finish_times", "hold_clients", "map_chunk",
            "one_client", "reduce_held", "run_clients"]

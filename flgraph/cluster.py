@@ -25,8 +25,8 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 
-from . import malloc
 from .errors import ClusterError
+from .local import malloc
 
 __all__ = ["ClusterHandle", "connect", "embedded", "embedded_client", "worker_threads"]
 

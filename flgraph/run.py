@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import malloc
 from .checkpoint import CheckpointPolicy, RunDirectory, Snapshot, SnapshotWriter
 from .client_runner import Bundle
 from .client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
@@ -36,8 +35,9 @@ from .cluster import ClusterHandle, connect
 from .engine import RunState, SyncEngine
 from .errors import ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
-from .heap import frozen
 from .history import History
+from .local import malloc
+from .local.heap import frozen
 from .params import Params
 from .persist import create_directory, snapshot_of
 from .progress import RoundProgress

@@ -11,9 +11,9 @@ import pytest
 import zmq
 
 import flgraph as fg
-from flgraph import dataplane
 from flgraph import stages as st
-from flgraph.dataplane import DataPlane, fetch, push
+from flgraph.local import dataplane
+from flgraph.local.dataplane import DataPlane, fetch, push
 
 pytestmark = pytest.mark.skipif(not dataplane.available(), reason="no ipc:// sockets on this platform")
 
@@ -113,7 +113,7 @@ def test_rounds_over_the_plane_equal_rounds_over_dask(client2, monkeypatch):
 def test_offers_reach_waiters_before_and_after_and_withdrawals_end_them(plane):
     import threading
 
-    from flgraph.dataplane import wait
+    from flgraph.local.dataplane import wait
 
     got: dict[int, object] = {}
 
@@ -147,7 +147,7 @@ def test_offers_reach_waiters_before_and_after_and_withdrawals_end_them(plane):
 
 
 def test_a_waiter_gives_up_when_asked_and_after_its_timeout(plane):
-    from flgraph.dataplane import wait
+    from flgraph.local.dataplane import wait
 
     t0 = time.monotonic()
     assert wait(plane.endpoint, "never", 0, timeout=30.0, give_up=lambda: True) is None

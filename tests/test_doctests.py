@@ -15,8 +15,8 @@ SKIP = {"flgraph.cli"}  # its example is run by test_cli
 
 def modules() -> list[str]:
     names = ["flgraph"]
-    for pkg in ("flgraph", "flgraph.stages", "flgraph.transports", "flgraph.transports.zmq", "flgraph.recipes",
-                "flgraph.models", "flgraph.sim",
+    for pkg in ("flgraph", "flgraph.local", "flgraph.stages", "flgraph.transports", "flgraph.transports.zmq",
+                "flgraph.recipes", "flgraph.models", "flgraph.sim",
                 "flgraph.data"):
         mod = importlib.import_module(pkg)
         names.append(pkg)

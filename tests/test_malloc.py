@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from flgraph import malloc
+from flgraph.local import malloc
 
 GLIBC = malloc._glibc() is not None
 
@@ -19,7 +19,7 @@ GLIBC = malloc._glibc() is not None
 ROUNDS = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from flgraph import malloc
+    from flgraph.local import malloc
     tuned = malloc.tune_this_process() if sys.argv[1] == "tune" else False
 
     def minflt():

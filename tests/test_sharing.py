@@ -15,8 +15,8 @@ import pytest
 import flgraph as fg
 from flgraph import stages as st
 from flgraph import tree
-from flgraph.dataplane import DataPlane
-from flgraph.sharing import Claims, Share, run_shared
+from flgraph.local.dataplane import DataPlane
+from flgraph.local.sharing import Claims, Share, run_shared
 
 
 def _claimer(path: str, me: int, out: mp.Queue) -> None:

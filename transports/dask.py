@@ -45,7 +45,7 @@ import numpy as np
 from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 
-from flgraph import dataplane, heap, sharing, tree
+from flgraph import tree
 from flgraph.client_runner import (
     Bundle,
     Partial,
@@ -60,6 +60,7 @@ from flgraph.client_runner import (
 from flgraph.cluster import worker_threads
 from flgraph.context import ClientSet
 from flgraph.errors import ClusterError
+from flgraph.local import dataplane, heap, sharing
 
 __all__ = ["DaskTransport"]
 

@@ -14,7 +14,7 @@ place (:func:`freeze`, after the warm-up) and thaw when the run closes (:func:`t
 
 Example:
     >>> import gc
-    >>> from flgraph.heap import frozen
+    >>> from flgraph.local.heap import frozen
     >>> with frozen():
     ...     gc.get_freeze_count() > 0
     True

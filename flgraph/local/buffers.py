@@ -7,7 +7,7 @@ combined, so a worker reuses a handful of buffers for the whole run.
 
 Example:
     >>> import numpy as np
-    >>> from flgraph.buffers import BufferPool
+    >>> from flgraph.local.buffers import BufferPool
     >>> pool = BufferPool()
     >>> a = pool.take(4, np.float32); pool.give(a)
     >>> pool.take(4, np.float32) is a

@@ -18,7 +18,7 @@ to a process about to start (the embedded cluster's workers). Neither does anyth
 ``FLGRAPH_TUNE_MALLOC=0``, or where the C library is not glibc.
 
 Example:
-    >>> from flgraph.malloc import child_environ, tune_this_process
+    >>> from flgraph.local.malloc import child_environ, tune_this_process
     >>> sorted(child_environ()) in ([], ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
     True
     >>> tune_this_process() in (True, False)
@@ -32,6 +32,8 @@ import ctypes.util
 import os
 import sys
 import threading
+
+from . import switched_on
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "child_environ", "enabled", "tune_this_process"]
 
@@ -60,7 +62,7 @@ def _glibc() -> ctypes.CDLL | None:
 def enabled() -> bool:
     """Whether flgraph sets the allocator: on unless ``FLGRAPH_TUNE_MALLOC=0`` or the user set glibc's
     own variables."""
-    if os.environ.get("FLGRAPH_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not switched_on("FLGRAPH_TUNE_MALLOC"):
         return False
     return not any(v in os.environ for v in _USER_VARS)
 

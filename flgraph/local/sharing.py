@@ -31,7 +31,7 @@ only decides who runs which position, each position exactly once.
 
 Example:
     >>> import tempfile, os
-    >>> from flgraph.sharing import Claims
+    >>> from flgraph.local.sharing import Claims
     >>> path = os.path.join(tempfile.mkdtemp(), "claims")
     >>> Claims.create(path, [(0, 4), (4, 6)])
     >>> with Claims(path) as w0, Claims(path) as w1:         # two workers' tasks
@@ -55,7 +55,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .tree import Incremental
+from ..tree import Incremental
+from . import switched_on
 
 try:
     import fcntl
@@ -76,7 +77,7 @@ def enabled() -> bool:
     off."""
     if fcntl is None:
         return False
-    return os.environ.get("FLGRAPH_SHARE_WORK", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("FLGRAPH_SHARE_WORK")
 
 
 @dataclass(frozen=True)

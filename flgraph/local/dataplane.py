@@ -25,7 +25,7 @@ Dask's scatter and gather otherwise, or when ``FLGRAPH_DATA_PLANE=0``.
 
 Example:
     >>> import numpy as np
-    >>> from flgraph.dataplane import DataPlane, fetch, push
+    >>> from flgraph.local.dataplane import DataPlane, fetch, push
     >>> plane = DataPlane()
     >>> plane.publish("params-r1", np.arange(4, dtype=np.float32))
     >>> plane.expect(["result-c0"])
@@ -49,7 +49,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import pickle
 import shutil
 import sys
@@ -61,6 +60,8 @@ from typing import Any
 
 import numpy as np
 import zmq
+
+from . import switched_on
 
 __all__ = ["DataPlane", "available", "fetch", "forget", "push", "wait"]
 
@@ -76,7 +77,7 @@ CLOSED_KEEP = 64  # offers withdrawn or retracted, remembered so that a late wai
 
 def available() -> bool:
     """Whether this platform can run the data plane (``ipc://`` sockets, not switched off)."""
-    if os.environ.get("FLGRAPH_DATA_PLANE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not switched_on("FLGRAPH_DATA_PLANE"):
         return False
     return sys.platform != "win32" and zmq.has("ipc")
 
