@@ -1,13 +1,10 @@
 """Keep freed memory for reuse in flgraph's processes, instead of giving it back to the OS every round.
 
-Each round, the driver receives one model-sized message per chunk (W1: 0.8 MB each, 2-8 a round) and the
-workers receive the params. With glibc's defaults, buffers that large are either mapped fresh from the OS
-(above the mmap threshold) or come from a heap whose free top is trimmed as soon as it exceeds twice that
-threshold; both ways the next round's buffers are new pages, and every 4 KB page is a fault that zeroes
-it (2.4-2.8 us each on the 2-core reference machine). W1 on 2 workers: 550-800 page faults a round in the
-driver, most of them while the last partials arrive, so on the round's critical path: the last partial
-reached the data plane's thread 4.0-4.8 ms after the worker sent it, 2.3-2.8 ms with the settings below
-(58-136 faults a round).
+Each round, the driver receives one model-sized message per chunk and the workers receive the params.
+With glibc's defaults, buffers that large are either mapped fresh from the OS (above the mmap threshold)
+or come from a heap whose free top is trimmed as soon as it exceeds twice that threshold; both ways the
+next round's buffers are new pages, and every 4 KB page is a fault that zeroes it. In the driver most of
+these faults come while the last partials arrive, so they sit on the round's critical path.
 
 The settings are the ones glibc's own dynamic policy settles at when it sees large blocks freed (mmap
 threshold 32 MiB, its maximum; trim threshold twice that): allocations up to 32 MiB come from the heap,
