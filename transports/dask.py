@@ -223,7 +223,7 @@ class DaskTransport(Transport, PlansAhead):
             count = itertools.count()
 
             def combine_on_workers(a: Future, b: Future) -> Future:
-                fut = c.submit(_combine_task, self._reducer, a, b, pure=False,
+                fut = c.submit(combine_partials, self._reducer, a, b, pure=False,
                                key=f"aggregate-{tag}-t{next(count):04d}-{run}")
                 futs.append(fut)
                 return fut
@@ -376,10 +376,6 @@ def _warm(bundle: Bundle, flat: np.ndarray) -> float:
             run_clients(stateless, flat, 0, ClientSet(ids[:1]), [(0, 1)], "drop")
     heap.freeze()  # the worker's long-lived objects, the bundle's included: no full collection walks them
     return time.perf_counter() - t0
-
-
-def _combine_task(reducer: Any, left: Partial, right: Partial) -> Partial:
-    return combine_partials(reducer, left, right)
 
 
 def _pick(result: list[tuple[tuple[int, int], Partial]], i: int) -> Partial:
