@@ -1,4 +1,4 @@
-"""Work sharing between a round's chunks (``flgraph/sharing.py``), on and off, on W1 and on unbalanced clients.
+"""Work sharing between a round's chunks (``flgraph/local/sharing.py``), on and off, on W1 and on unbalanced clients.
 
 Two workloads, each run with sharing on and with ``FLGRAPH_SHARE_WORK=0``, alternately, ``--repeats``
 times, in fresh processes (each its own embedded cluster of ``--workers`` workers):

@@ -3,7 +3,7 @@
 The embedded cluster starts one single-threaded worker *process* per core. Dask's nanny would start them
 with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's dynamic mmap threshold (every tensor-sized
 allocation is then mmapped and unmapped, and small-model torch training such as W1's runs about 1.7x
-slower); the embedded workers get :mod:`flgraph.malloc`'s settings instead (large blocks from the heap,
+slower); the embedded workers get :mod:`flgraph.local.malloc`'s settings instead (large blocks from the heap,
 freed memory kept for the next round). Users who bring their own cluster get the same by setting them in
 ``distributed.nanny.pre-spawn-environ`` in the Dask config of the machines where the nannies start (see
 the README's "Advanced: tuning").
@@ -26,8 +26,8 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 
-from . import malloc
 from .errors import ClusterError
+from .local import malloc
 
 __all__ = ["ClusterHandle", "connect", "embedded", "embedded_client", "worker_threads"]
 

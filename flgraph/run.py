@@ -28,13 +28,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import malloc
 from .cluster import ClusterHandle, connect
-from .engine import PlansAhead, RunState, SyncEngine
+from .engine import PlansAhead, RunsGraphs, RunState, SyncEngine
 from .engine.clients import Bundle
 from .errors import ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
-from .heap import frozen
+from .local import malloc
+from .local.heap import frozen
 from .observe.history import History
 from .observe.progress import RoundProgress
 from .params import Params
@@ -60,7 +60,7 @@ def _then(pipeline: Pipeline, stage: Any) -> Pipeline:
 
 def _check_supported(graph: Any, transport: Any) -> None:
     """Refuse, before the run starts, a graph that ``transport`` cannot run (it declares ``supports``)."""
-    have: frozenset[str] = getattr(transport, "supports", frozenset())
+    have = transport.supports if isinstance(transport, RunsGraphs) else frozenset()
     missing = {f: where for f, where in graph.feature_stages().items() if f not in have}
     if missing:
         said = "; ".join(f"{f} ({'; '.join(where)})" for f, where in missing.items())
@@ -256,7 +256,7 @@ class Run:
             return self._transport
         from .transports.dask import DaskTransport
 
-        malloc.tune_this_process()  # model-sized buffers every round: keep freed memory (flgraph.malloc)
+        malloc.tune_this_process()  # model-sized buffers every round: keep freed memory (flgraph.local.malloc)
         states = self.engine.client_state
         graph = self.segments
         reducer = self.engine.reducer or self._reducer().reducer

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from flgraph.buffers import POOL
 from flgraph.context import RoundContext, Update
 from flgraph.errors import ConfigError
 from flgraph.graph import Reducer, ReduceStage
+from flgraph.local.buffers import POOL
 from flgraph.params import Params, ParamSpec
 
 __all__ = ["Aggregate", "Mean", "MetricsMean", "WeightedMean"]

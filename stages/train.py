@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flgraph.buffers import POOL
 from flgraph.context import ClientWork, Update
 from flgraph.data import ClientData
 from flgraph.errors import ClientError, ConfigError
 from flgraph.graph import ClientStage
+from flgraph.local.buffers import POOL
 from flgraph.models.adapter import BoundModel, ModelAdapter
 from flgraph.params import ParamSpec, all_finite
 from flgraph.rng import client_torch_seed, stream

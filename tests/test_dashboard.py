@@ -206,7 +206,7 @@ def test_remote_scheduler_serves_the_page_and_groups_tasks_by_stage(tmp_path):
             assert "local-train" in prefixes, prefixes
             # the round's params are Dask data only without the data plane (workers on another machine);
             # on this machine they travel over the plane, published under the same broadcast-r... key
-            assert ("broadcast" in prefixes) == (run._transport._plane is None), prefixes
+            assert ("broadcast" in prefixes) == (run._transport._accel is None), prefixes
     finally:
         for p in (worker, sched):
             if p is not None:

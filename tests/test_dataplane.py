@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import time
@@ -11,9 +12,9 @@ import pytest
 import zmq
 
 import flgraph as fg
-from flgraph import dataplane
 from flgraph import stages as st
-from flgraph.dataplane import DataPlane, fetch, push
+from flgraph.local import dataplane
+from flgraph.local.dataplane import DataPlane, fetch, push
 
 pytestmark = pytest.mark.skipif(not dataplane.available(), reason="no ipc:// sockets on this platform")
 
@@ -97,7 +98,7 @@ def _final(client, monkeypatch, plane: str, chunk: int | None = None) -> tuple[n
     with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=4, cluster=client,
                 progress=False, evaluate="never", chunk_size=chunk) as run:
         run.fit(rounds=3)
-        return run.params.flat.copy(), run._transport._plane is not None
+        return run.params.flat.copy(), run._transport._accel is not None
 
 
 def test_rounds_over_the_plane_equal_rounds_over_dask(client2, monkeypatch):
@@ -113,7 +114,7 @@ def test_rounds_over_the_plane_equal_rounds_over_dask(client2, monkeypatch):
 def test_offers_reach_waiters_before_and_after_and_withdrawals_end_them(plane):
     import threading
 
-    from flgraph.dataplane import wait
+    from flgraph.local.dataplane import wait
 
     got: dict[int, object] = {}
 
@@ -147,7 +148,7 @@ def test_offers_reach_waiters_before_and_after_and_withdrawals_end_them(plane):
 
 
 def test_a_waiter_gives_up_when_asked_and_after_its_timeout(plane):
-    from flgraph.dataplane import wait
+    from flgraph.local.dataplane import wait
 
     t0 = time.monotonic()
     assert wait(plane.endpoint, "never", 0, timeout=30.0, give_up=lambda: True) is None
@@ -186,7 +187,7 @@ def test_tasks_submitted_ahead_end_with_fit_and_resume_exactly(client2):
     with fg.Run(pipeline(), model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=4, cluster=client2,
                 progress=False, evaluate="never") as whole:
         whole.fit(5)
-        assert whole._transport._plane is not None and whole._transport._ahead is None
+        assert whole._transport._accel is not None and whole._transport._accel._ahead is None
         assert _nothing_left_running(client2)  # round 5 was the last: nothing was submitted for round 6
         expected = whole.params.flat.copy()
     stopper = StopAt(2)
@@ -194,7 +195,7 @@ def test_tasks_submitted_ahead_end_with_fit_and_resume_exactly(client2):
                 progress=False, evaluate="never", callbacks=[stopper]) as run:
         with pytest.raises(_Stop):
             run.fit(5)  # round 3's tasks were waiting on the workers when round 2 ended like this
-        assert run.round == 2 and run._transport._ahead is None
+        assert run.round == 2 and run._transport._accel._ahead is None
         assert _nothing_left_running(client2)
         stopper.rnd = -1
         run.fit(3)
@@ -213,3 +214,71 @@ def test_client_work_between_rounds_does_not_wait_behind_the_next_round(client2)
     assert [r["fed_eval_clients"] for r in history.rows] == [6, 6, 6, 6]
     assert time.monotonic() - t0 < 60  # no task waited out its timeout
     assert _nothing_left_running(client2)
+
+
+# -- a task submitted ahead that gives up is no lost worker ------------------------------------------------
+def _ten_a_round(client, rounds: int = 6) -> np.ndarray:
+    data = fg.data.synthetic_classification(num_clients=40, samples_per_client=8, num_features=6,
+                                            num_classes=3, alpha=0.5, seed=5, test_samples=30)
+    p = st.Select(clients=10) >> st.Broadcast() >> st.LocalTrain(1, batch_size=4, lr=0.1) >> st.Aggregate()
+    with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=8, cluster=client, progress=False,
+                evaluate="never", dashboard=False) as run:
+        run.fit(rounds)
+        return run.params.flat.copy()
+
+
+def _slow_offers(monkeypatch, delay: float = 0.15) -> None:
+    """The plane's thread answers waiting tasks ``delay`` s late, as when the driver's other threads (a
+    snapshot being written) hold the GIL: the next round's tasks, submitted right after an offer, reach the
+    workers before the offer does."""
+    answer = DataPlane._answer_waiters
+
+    def late(self, sock):
+        time.sleep(delay)
+        answer(self, sock)
+
+    monkeypatch.setattr(DataPlane, "_answer_waiters", late)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "flgraph" and r.levelno >= logging.WARNING]
+
+
+def test_the_next_rounds_tasks_reaching_a_worker_first_is_no_lost_worker(client2, monkeypatch, caplog):
+    """The false alarm of a long run: a task waiting for its job saw the next round's task queued behind it
+    (its job was late), gave up, and the round ran again with "a worker left mid-round" logged."""
+    monkeypatch.setenv("FLGRAPH_DATA_PLANE", "0")
+    expected = _ten_a_round(client2)
+    monkeypatch.setenv("FLGRAPH_DATA_PLANE", "1")
+    _slow_offers(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="flgraph"):
+        got = _ten_a_round(client2)
+    assert _warnings(caplog) == []
+    assert not [r for r in caplog.records if "gave up" in r.getMessage()]  # each task waited for its job
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_a_task_that_gives_up_after_its_job_was_offered_is_submitted_again_quietly(client2, monkeypatch, caplog):
+    """Other work queued on the workers right after an offer: the waiting tasks give up (they must not hold
+    it up), their chunks are submitted again without the round running again, and nothing is logged as
+    a warning."""
+    monkeypatch.setenv("FLGRAPH_DATA_PLANE", "0")
+    expected = _ten_a_round(client2)
+    monkeypatch.setenv("FLGRAPH_DATA_PLANE", "1")
+    _slow_offers(monkeypatch)
+    offer = DataPlane.offer
+    others = []
+    workers = sorted(client2.scheduler_info()["workers"])
+
+    def offer_then_other_work(self, key, array, jobs, settle_s=0.005):
+        offer(self, key, array, jobs, settle_s)
+        others.extend(client2.submit(time.sleep, 0.01, workers=[w], pure=False, key=f"other-work-{key}-{i}")
+                      for i, w in enumerate(workers))
+
+    monkeypatch.setattr(DataPlane, "offer", offer_then_other_work)
+    with caplog.at_level(logging.DEBUG, logger="flgraph"):
+        got = _ten_a_round(client2)
+    client2.gather(others)
+    assert _warnings(caplog) == []
+    assert [r for r in caplog.records if "gave up waiting for its job" in r.getMessage()]  # it did happen
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))

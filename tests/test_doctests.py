@@ -15,7 +15,7 @@ SKIP = {"flgraph.cli"}  # its example is run by test_cli
 
 def modules() -> list[str]:
     names = ["flgraph"]
-    for pkg in ("flgraph", "flgraph.graph", "flgraph.engine", "flgraph.store", "flgraph.observe",
+    for pkg in ("flgraph", "flgraph.graph", "flgraph.engine", "flgraph.store", "flgraph.observe", "flgraph.local",
                 "flgraph.stages", "flgraph.transports", "flgraph.transports.zmq", "flgraph.recipes",
                 "flgraph.models", "flgraph.sim",
                 "flgraph.data"):

@@ -6,8 +6,8 @@ import gc
 import threading
 
 import flgraph as fg
-from flgraph import heap
 from flgraph import stages as st
+from flgraph.local import heap
 
 
 def test_frozen_nests_and_thaws_when_the_outermost_block_ends():

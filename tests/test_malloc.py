@@ -1,4 +1,4 @@
-"""flgraph.malloc: freed model-sized buffers are kept for the next round (fewer page faults), in the driver
+"""flgraph.local.malloc: freed model-sized buffers are kept for the next round (fewer page faults), in the driver
 and in the embedded cluster's workers; the user's own allocator settings win."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from flgraph import malloc
+from flgraph.local import malloc
 
 GLIBC = malloc._glibc() is not None
 
@@ -19,7 +19,7 @@ GLIBC = malloc._glibc() is not None
 ROUNDS = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from flgraph import malloc
+    from flgraph.local import malloc
     tuned = malloc.tune_this_process() if sys.argv[1] == "tune" else False
 
     def minflt():

@@ -15,8 +15,8 @@ import pytest
 import flgraph as fg
 from flgraph import stages as st
 from flgraph import tree
-from flgraph.dataplane import DataPlane
-from flgraph.sharing import Claims, Share, run_shared
+from flgraph.local.dataplane import DataPlane
+from flgraph.local.sharing import Claims, Share, run_shared
 
 
 def _claimer(path: str, me: int, out: mp.Queue) -> None:
@@ -197,7 +197,7 @@ def _run(client, share: str, monkeypatch) -> tuple[np.ndarray, list[float]]:
     with fg.Run(p, model=fg.models.mlp(6, [8], 3, seed=0), data=data, seed=9, cluster=client, progress=False,
                 evaluate="never", dashboard=False) as run:
         h = run.fit(rounds=3)
-        plane = run._ensure_started()._plane  # type: ignore[union-attr]
+        plane = run._ensure_started()._accel.plane  # type: ignore[union-attr]
         assert plane is not None
         # the rounds' claims tables (the next round's is written while a round runs) are all removed
         assert not [f for f in os.listdir(plane.directory) if f.startswith("claims-")]

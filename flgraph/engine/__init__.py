@@ -13,6 +13,8 @@ Example:
     [(0, 'update')]
 """
 
-from .sync import PlansAhead, RunState, SyncEngine, Transport, branch_row, client_row, consumers_of
+from .contracts import PlansAhead, RunsGraphs, Transport
+from .sync import RunState, SyncEngine, branch_row, client_row, consumers_of
 
-__all__ = ["PlansAhead", "RunState", "SyncEngine", "Transport", "branch_row", "client_row", "consumers_of"]
+__all__ = ["PlansAhead", "RunState", "RunsGraphs", "SyncEngine", "Transport", "branch_row", "client_row",
+           "consumers_of"]

@@ -20,8 +20,8 @@ from .. import tree
 from ..context import ClientSet, ClientWork, Update
 from ..errors import ClientError, FlgraphError
 from ..graph import ClientStage, Reducer
+from ..local.sharing import Share, run_shared
 from ..params import Params, ParamSpec
-from ..sharing import Share, run_shared
 from ..store.client_state import ROW, ClientStateStore, ClientStateView
 from .fanout import RoundReducer
 
@@ -214,10 +214,10 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
     """Run the client stages for every position in ``nodes`` and reduce each node to a Partial.
 
     Leaves are combined as they are produced (memory: O(log n) partials). ``on_error="raise"`` re-raises
-    the first client failure as a ClientError; ``"drop"`` records it. With a :class:`~flgraph.sharing.Share`
-    instead of nodes, the positions are claimed from the round's shared table (:mod:`flgraph.sharing`)
+    the first client failure as a ClientError; ``"drop"`` records it. With a :class:`~flgraph.local.sharing.Share`
+    instead of nodes, the positions are claimed from the round's shared table (:mod:`flgraph.local.sharing`)
     and the nodes returned are those that cover the positions this call ran, less those sent on early
-    through ``emit`` (see :func:`~flgraph.sharing.run_shared`).
+    through ``emit`` (see :func:`~flgraph.local.sharing.run_shared`).
     """
     gp, values = bundle.global_params(global_flat)
 

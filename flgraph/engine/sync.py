@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,49 +20,13 @@ from ..graph import Branch, RoundGraph, ServerStage
 from ..graph.hooks import ChoosesAhead, KeepsClock
 from ..params import Params
 from ..store.client_state import ClientStateTable
+from .contracts import PlansAhead, Transport
 from .fanout import Consumer, Layout, RoundReducer, combine_groups, merge_cohorts
 
 if TYPE_CHECKING:
     from .clients import Partial
 
-__all__ = ["PlansAhead", "RunState", "SyncEngine", "Transport", "client_row"]
-
-
-class Transport(Protocol):
-    """Runs a round's client pass somewhere and returns the root partial."""
-
-    def start(self, bundle: Any, flat: np.ndarray) -> float:
-        """Ship what does not change between rounds; return the warm-up seconds."""
-        ...
-
-    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
-        """Run the client stages for ``clients`` and return the round's root partial (the fixed tree)."""
-        ...
-
-    def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
-        """``fn(work)`` for each client of ``ids``, where it lives; results in the order of ``ids``."""
-        ...
-
-    def places(self) -> int:
-        """Distinct places the broadcast goes to (workers, agents)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class PlansAhead(Protocol):
-    """A transport that prepares the next round while one runs (and drops what it prepared when told)."""
-
-    def plan_ahead(self, next_round: int | None, prepare: Callable[[], None] | None = None) -> None:
-        """Called before each ``run_round`` with the round that follows it at once (``None``: none does) and
-        a function that prepares that round in the driver (chooses its clients), to call while this round's
-        clients train."""
-        ...
-
-    def cancel_ahead(self) -> None:
-        """Drop what was prepared (``fit`` ended)."""
-        ...
+__all__ = ["RunState", "SyncEngine", "branch_row", "client_row", "consumers_of"]
 
 
 @dataclass

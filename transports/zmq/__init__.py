@@ -3,7 +3,8 @@
 * :mod:`.wire` -- the message format (msgpack envelope + raw/lz4 tensor frames), limits, ``ProtocolError``;
 * :mod:`.gateway` -- the ROUTER side: registry, heartbeats, liveness, tasks, deadlines, checks;
 * :mod:`.agent` -- the DEALER side: join, heartbeat, run the task function, reconnect with back-off;
-* :mod:`.transport` -- ``ZmqTransport`` (``fg.Run(..., transport=...)``, both engines) and ``MixedTransport``;
+* :mod:`.transport` -- ``ZmqTransport`` (``fg.Run(..., transport=...)``, both engines), :mod:`.edge_async` -- its
+  handles for the asynchronous engine, :mod:`.mixed` -- ``MixedTransport`` (Dask and edge clients in one round);
 * :mod:`.keys` -- CURVE key pairs and allow-lists; :mod:`.tasks` -- ready-made task functions.
 
 The protocol is specified in ``transports/PROTOCOL.md``.
@@ -17,8 +18,9 @@ Example:
 from .agent import Agent, EdgeResult, EdgeTask, load_task
 from .gateway import AgentInfo, EncodedParams, Gateway
 from .keys import allowed_keys, load_public, load_secret, make_keypair
+from .mixed import MixedTransport
 from .tasks import LocalTrainTask
-from .transport import MixedTransport, ZmqTransport
+from .transport import ZmqTransport
 from .wire import PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
 
 __all__ = [

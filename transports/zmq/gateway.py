@@ -14,6 +14,10 @@ one closes the previous) or one client of the asynchronous engine (:meth:`Gatewa
 once, each with its own params version, deadline and event queue). Results and failures are routed to
 their job by task id (random, one per client and job); the wire is the same for both.
 
+This module holds the gateway's lifetime, the driver's API and the serving loop (decode, dispatch by
+message type); :mod:`.sessions` holds the agents' registry and liveness, :mod:`.jobs` the jobs' tasks,
+results and deadlines.
+
 Example:
     >>> from flgraph.transports.zmq.gateway import Gateway
     >>> gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5)  # doctest: +SKIP
@@ -24,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import os
@@ -33,7 +36,6 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -42,98 +44,22 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from flgraph.errors import ConfigError
-from flgraph.params import ParamSpec, all_finite
+from flgraph.params import ParamSpec
 
+from .jobs import EncodedParams, Frames, JobRouting, RoundEvent, _Round, _Task
 from .keys import allowed_keys, load_secret
+from .sessions import AgentInfo, AgentSessions, _AllowList
 from .sockets import readable
-from .wire import PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode, tensor_frames
+from .wire import PROTOCOL_VERSION, Limits, ProtocolError, decode, encode, tensor_frames
 
 __all__ = ["AgentInfo", "EncodedParams", "Gateway", "RoundEvent"]
 
 log = logging.getLogger("flgraph")
 
-Frames = list[bytes | memoryview | zmq.Frame]
-
-
-@dataclass(frozen=True)
-class EncodedParams:
-    """A params version encoded once (:meth:`Gateway.encode_params`): its tensor ``frames``, sent under each
-    task's envelope, and the ``version`` that names it on the wire (a task's ``params`` field), so that an
-    agent holding that version gets its next task without the frames (PROTOCOL.md, section 4.3)."""
-
-    frames: Frames
-    version: int
-
 MAX_BATCH = 2000  # messages handled per poll before housekeeping runs again
 
 
-@dataclass
-class AgentInfo:
-    """One connected agent, as the gateway's registry holds it."""
-
-    routing_id: bytes
-    session: str
-    client: int
-    key: str
-    device: dict[str, Any]
-    caps: dict[str, Any]
-    joined: float
-    last_seen: float
-    last_seq: int = -1
-    tasks_done: int = 0
-    working: list[int] = field(default_factory=list)  # task ids sent and not answered: running, queued
-    params_held: int = 0  # the params version last sent to this session with its frames (0: none)
-
-    @property
-    def caches_params(self) -> bool:
-        """Whether the agent said it keeps the last params version it received (``caps.params_cache``)."""
-        return self.caps.get("params_cache") is True
-
-
-@dataclass
-class RoundEvent:
-    """What the gateway hands the driver: a ``result`` message, or a ``failed`` client with its reason.
-
-    ``job`` is the id :meth:`Gateway.begin_job` returned (one queue may serve many jobs)."""
-
-    kind: str
-    position: int
-    client: int
-    message: Message | None = None
-    reason: str = ""
-    job: int = 0
-
-
-@dataclass
-class _Task:
-    position: int
-    client: int
-    task_id: int
-    config: dict[str, Any]
-    sent_to: bytes | None = None
-    finished: bool = False
-
-
-@dataclass
-class _Round:
-    """A job: a synchronous round (``exclusive``: it closes the jobs before it) or one asynchronous client."""
-
-    job: int
-    rnd: int
-    seed: int
-    spec: ParamSpec
-    params: EncodedParams
-    deadline: float
-    deadline_s: float
-    tasks: dict[int, _Task]  # client -> task
-    events: queue.SimpleQueue[RoundEvent] = field(default_factory=queue.SimpleQueue)
-    exclusive: bool = True
-    open: bool = True  # set to False by the driver (end_round / end_job) or at the deadline
-    spec_wire: list[list[Any]] = field(default_factory=list)  # the task envelope's spec, built once per job
-    descs: list[list[Any]] = field(default_factory=list)  # the params frame's descriptor, built once per job
-
-
-class Gateway:
+class Gateway(AgentSessions, JobRouting):
     """Accepts agents on ``bind`` and runs jobs' tasks on them (synchronous rounds, asynchronous clients).
 
     Args:
@@ -196,6 +122,7 @@ class Gateway:
         self._snapshot: dict[int, AgentInfo] = {}
 
     # -- lifetime (driver thread) ---------------------------------------------------------------------
+
     def start(self, timeout: float = 10.0) -> str:
         """Bind and start serving; returns the bound endpoint."""
         if self._thread is not None:
@@ -255,33 +182,9 @@ class Gateway:
                 self._wake.send(b"", zmq.NOBLOCK)
 
     # -- registry (any thread) -------------------------------------------------------------------------
-    def connected(self) -> dict[int, AgentInfo]:
-        """Client id -> agent, for the agents connected now (a snapshot)."""
-        with self._lock:
-            return dict(self._snapshot)
-
-    def idle(self) -> set[int]:
-        """Client ids whose agent is connected and has no task outstanding (sent and not yet answered,
-        whatever became of its job): the ones that can start work now."""
-        with self._lock:
-            return {c for c in self._snapshot if c not in self._busy}
-
-    def wait_for(self, count: int | None = None, clients: Iterable[int] | None = None,
-                 timeout: float = 30.0) -> dict[int, AgentInfo]:
-        """Wait until ``count`` agents, or agents for all of ``clients``, are connected; raise after ``timeout``."""
-        want = set(int(c) for c in clients) if clients is not None else None
-        end = time.monotonic() + timeout
-        while True:
-            now = self.connected()
-            if (want is None or want <= now.keys()) and (count is None or len(now) >= count):
-                return now
-            if time.monotonic() >= end:
-                raise ConfigError(f"{len(now)} agent(s) connected after {timeout:.0f} s; waited for "
-                                  f"{count if want is None else sorted(want - now.keys())[:10]}",
-                                  fix="start the agents (`flgraph edge --connect ...`) and check their keys")
-            time.sleep(0.02)
 
     # -- rounds and jobs (driver thread) -----------------------------------------------------------------
+
     def encode_params(self, flat: np.ndarray) -> EncodedParams:
         """The params' tensor frame, encoded once for every task that carries this version.
 
@@ -305,7 +208,7 @@ class Gateway:
         """Close the current round: later results for it are refused as out-of-round.
 
         Only a flag: the gateway thread reads ``open`` before it accepts a result, so closing needs no
-        message to that thread (one thread hand-off less per round, about 30 us here)."""
+        message to that thread (a thread hand-off less per round)."""
         if self._posted is not None:
             self._posted.open = False
 
@@ -341,6 +244,7 @@ class Gateway:
                       tasks, events, exclusive, spec_wire=spec_wire, descs=descs)
 
     # -- the gateway thread ----------------------------------------------------------------------------
+
     def _serve(self) -> None:
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.ROUTER)
@@ -411,68 +315,6 @@ class Gateway:
             elif what == "job":
                 self._post(sock, arg)
 
-    def _post(self, sock: zmq.Socket[Any], job: _Round) -> None:
-        """Take a job posted by the driver and send its tasks to the agents connected now."""
-        if job.exclusive:  # a synchronous round: the jobs before it are over
-            for other in list(self._jobs.values()):
-                if other.open:
-                    self._expire_round(other, "the next round started")
-        if not job.open:  # closed by the driver before the gateway thread saw it
-            return
-        self._jobs[job.job] = job
-        for task in job.tasks.values():
-            self._tasks[task.task_id] = (job, task)
-        heapq.heappush(self._deadlines, (job.deadline, job.job))
-        for task in job.tasks.values():
-            self._dispatch(sock, job, task)
-
-    def _next_deadline(self) -> float:
-        """The earliest deadline of an open job (inf: none); jobs closed meanwhile are forgotten."""
-        while self._deadlines:
-            deadline, jid = self._deadlines[0]
-            job = self._jobs.get(jid)
-            if job is not None and job.open:
-                return deadline
-            heapq.heappop(self._deadlines)
-            if job is not None:
-                self._forget(job)
-        return float("inf")
-
-    def _expire_due(self, now: float) -> None:
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, jid = heapq.heappop(self._deadlines)
-            job = self._jobs.get(jid)
-            if job is not None:
-                if job.open:
-                    self._expire_round(job)
-                self._forget(job)
-
-    def _forget(self, job: _Round) -> None:
-        self._jobs.pop(job.job, None)
-        for task in job.tasks.values():
-            self._tasks.pop(task.task_id, None)
-
-    def _publish(self) -> None:
-        with self._lock:
-            self._snapshot = {a.client: a for a in self.agents.values()}
-            self._busy = {a.client for a in self.agents.values() if a.working}
-
-    def _mark(self, info: AgentInfo) -> None:
-        """Publish whether the agent has a task outstanding."""
-        if self.by_client.get(info.client) != info.routing_id:
-            return
-        with self._lock:
-            if info.working:
-                self._busy.add(info.client)
-            else:
-                self._busy.discard(info.client)
-
-    def _answered(self, info: AgentInfo, task_id: Any) -> None:
-        """The agent answered ``task_id`` (a result or an error, accepted or not): that work is over."""
-        if task_id in info.working:
-            info.working.remove(task_id)
-            self._mark(info)
-
     def _send(self, sock: zmq.Socket[Any], rid: bytes, msg_type: str, fields: dict[str, Any],
               tensor_frames: Frames | None = None, descs: list[Any] | None = None) -> None:
         self._seq += 1
@@ -536,187 +378,3 @@ class Gateway:
             self._drop(info, f"the agent disconnected ({msg.fields.get('reason', '')[:200]})")
         else:
             self._reject(sock, rid, ProtocolError("unknown-type", f"an agent may not send {msg.type}"), who)
-
-    def _join(self, sock: zmq.Socket[Any], rid: bytes, msg: Message, key: str, now: float) -> None:
-        self.counters["joins"] += 1
-        old = self.agents.pop(rid, None)
-        if old is not None:
-            self.by_client.pop(old.client, None)
-        want = msg.fields.get("client")
-        if want is None:
-            if self.pool is None:
-                self._reject(sock, rid, ProtocolError("bad-field", "join without a client id",
-                                                      fix="start the agent with --client-id N"), "a new agent")
-                return
-            taken = self.by_client.keys()
-            free = [c for c in self.pool if c not in taken]
-            if not free:
-                self._send(sock, rid, "reconnect-later", {"retry_s": 5.0, "reason": "every client id is taken"})
-                return
-            want = free[0]
-        elif self.pool is not None and want not in self.pool:
-            self._reject(sock, rid, ProtocolError("bad-field", f"client id {want} is not one this gateway serves"),
-                         "a new agent")
-            return
-        holder = self.by_client.get(want)
-        if holder is not None:
-            prev = self.agents[holder]
-            if prev.key != key:
-                self._reject(sock, rid, ProtocolError("duplicate-client", f"client {want} is connected with "
-                                                      "another key", fix="give each agent its own --client-id"),
-                             "a new agent")
-                return
-            self.agents.pop(holder)  # the same key joins again (a restarted agent): the new session wins
-        if len(self.agents) >= self.max_agents:
-            self._send(sock, rid, "reconnect-later", {"retry_s": 5.0, "reason": "the gateway is full"})
-            return
-        device = {k: v for k, v in msg.fields.get("device", {}).items()}
-        info = AgentInfo(rid, secrets.token_hex(8), int(want), key, device, msg.fields.get("caps", {}), now, now,
-                         msg.seq)
-        self.agents[rid] = info
-        self.by_client[info.client] = rid
-        self._publish()
-        log.info("flgraph gateway: client %d joined (%s)", info.client, msg.fields.get("agent", "agent"))
-        self._send(sock, rid, "accept", {"session": info.session, "client": info.client,
-                                         "heartbeat_s": self.heartbeat_s, "liveness": self.liveness,
-                                         "max_tensor_bytes": self.limits.max_tensor_bytes})
-        for job in list(self._jobs.values()):  # the client's open tasks go to its new session
-            task = job.tasks.get(info.client)
-            if job.open and task is not None and not task.finished:
-                self._dispatch(sock, job, task)
-
-    def _dispatch(self, sock: zmq.Socket[Any], job: _Round, task: _Task) -> None:
-        rid = self.by_client.get(task.client)
-        if rid is None or task.finished:
-            return  # sent when an agent for the client joins, or failed at the deadline
-        task.sent_to = rid
-        info = self.agents[rid]
-        info.working[1:] = [task.task_id]  # the agent runs one task and keeps the newest one queued
-        self._mark(info)
-        remaining = max(0.0, job.deadline - time.monotonic())
-        env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
-               "seed": job.seed, "config": task.config, "spec": job.spec_wire}
-        if info.caches_params:
-            env["params"] = job.params.version
-            if info.params_held == job.params.version:  # the agent holds these params: the envelope only
-                self.counters["params_reused"] += 1
-                self._send(sock, rid, "task", env, [], [])
-                return
-            info.params_held = job.params.version
-        self.counters["params_sent"] += 1
-        self._send(sock, rid, "task", env, job.params.frames, job.descs)
-
-    def _task_of(self, info: AgentInfo, rnd: Any, task_id: Any) -> tuple[_Round, _Task] | None:
-        """The open, unfinished task ``task_id`` of round ``rnd`` that was sent to this session, if any."""
-        hit = self._tasks.get(task_id) if isinstance(task_id, int) else None
-        if hit is None:
-            return None
-        job, task = hit
-        if (not job.open or rnd != job.rnd or task.client != info.client or task.sent_to != info.routing_id
-                or task.finished):
-            return None
-        return hit
-
-    def _running(self, rnd: Any) -> bool:
-        """Whether an open job has round ``rnd`` (error path only: a scan of the jobs)."""
-        return any(job.open and job.rnd == rnd for job in self._jobs.values())
-
-    def _result(self, sock: zmq.Socket[Any], info: AgentInfo, msg: Message) -> None:
-        rnd, task_id = msg.fields["round"], msg.fields["task"]
-        self._answered(info, task_id)
-        ref = {"round": rnd, "task": task_id}
-        hit = self._tasks.get(task_id)
-        job, task = hit if hit is not None else (None, None)
-        if job is None or task is None or not job.open or rnd != job.rnd or task.client != info.client:
-            if not self._running(rnd):
-                self._reject(sock, info.routing_id, ProtocolError("out-of-round", f"a result for round {rnd}; the "
-                                                                  "gateway is not running that round"),
-                             f"client {info.client}", **ref)
-            else:
-                self._reject(sock, info.routing_id, ProtocolError("unknown-task", f"task {task_id} was not given "
-                                                                  "to this session"), f"client {info.client}", **ref)
-            return
-        if task.sent_to != info.routing_id:
-            self._reject(sock, info.routing_id, ProtocolError("unknown-task", f"task {task_id} was not given to "
-                                                              "this session"), f"client {info.client}", **ref)
-            return
-        if task.finished:
-            self._reject(sock, info.routing_id, ProtocolError("duplicate", f"round {rnd} already counts this "
-                                                              "client"), f"client {info.client}", **ref)
-            return
-        problem = _check_update(msg, job.spec, self.limits)
-        if problem is not None:
-            self._reject(sock, info.routing_id, ProtocolError("refused-update", problem,
-                                                              fix="send a finite flat update of the model's size"),
-                         f"client {info.client}", **ref)
-            self._fail(job, task, f"its update was refused: {problem}")
-            return
-        task.finished = True
-        info.tasks_done += 1
-        job.events.put(RoundEvent("result", task.position, task.client, msg, job=job.job))
-
-    @staticmethod
-    def _fail(job: _Round, task: _Task, reason: str) -> None:
-        if task.finished:
-            return
-        task.finished = True
-        job.events.put(RoundEvent("failed", task.position, task.client, None, reason, job=job.job))
-
-    def _drop(self, info: AgentInfo, reason: str) -> None:
-        self.agents.pop(info.routing_id, None)
-        if self.by_client.get(info.client) == info.routing_id:
-            self.by_client.pop(info.client)
-        self._publish()
-        log.warning("flgraph gateway: client %d is gone: %s", info.client, reason)
-        for job in list(self._jobs.values()):
-            task = job.tasks.get(info.client)
-            if job.open and task is not None and task.sent_to == info.routing_id:
-                self._fail(job, task, f"its agent was lost mid-round: {reason}")
-
-    def _tick(self, sock: zmq.Socket[Any], now: float) -> None:
-        for job in [j for j in self._jobs.values() if not j.open]:  # closed by the driver
-            self._forget(job)
-        limit = self.heartbeat_s * self.liveness
-        for info in list(self.agents.values()):
-            if now - info.last_seen > limit:
-                self.counters["lost"] += 1
-                self._drop(info, f"no message for {now - info.last_seen:.1f} s")
-            else:
-                self._send(sock, info.routing_id, "heartbeat", {})
-
-    def _expire_round(self, job: _Round, why: str = "") -> None:
-        for task in job.tasks.values():
-            if not task.finished:
-                self._fail(job, task, why or (f"no result by the round's deadline ({job.deadline_s:g} s)"
-                                         + ("" if task.sent_to else "; no agent for this client was connected")))
-        job.open = False
-
-
-class _AllowList:
-    """ZAP credentials provider: a CURVE public key is allowed when it is in the set."""
-
-    def __init__(self, keys: set[bytes]) -> None:
-        self.keys = keys
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        ok = bytes(key) in self.keys  # pyzmq passes the Z85 form
-        if not ok:
-            log.warning("flgraph gateway: refused a connection with a key not on the allow-list")
-        return ok
-
-
-def _check_update(msg: Message, spec: ParamSpec, limits: Limits) -> str | None:
-    """Why a result's update cannot be aggregated, or None."""
-    kind = msg.fields["kind"]
-    if kind not in ("delta", "weights"):
-        return f"kind {kind!r} (use 'delta' or 'weights')"
-    t = msg.tensors[0]
-    if t.shape != (spec.size,):
-        return f"an update of shape {t.shape}; the model's flat buffer is ({spec.size},)"
-    if t.dtype != np.dtype(spec.carrier):
-        return f"an update of dtype {t.dtype}; the model's is {spec.carrier}"
-    if not all_finite(t):
-        return f"the update holds {int((~np.isfinite(t)).sum())} non-finite values"
-    if msg.fields["num_samples"] > limits.max_num_samples:
-        return f"num_samples {msg.fields['num_samples']} is beyond {limits.max_num_samples}"
-    return None

@@ -1,5 +1,4 @@
-"""``ZmqTransport``: a round's clients are edge agents behind a :class:`~.gateway.Gateway`;
-``MixedTransport``: some clients simulated on Dask, the others edge agents, in one round.
+"""``ZmqTransport``: a round's clients are edge agents behind a :class:`~.gateway.Gateway`.
 
 To the engine an edge client is a client like any other: ``run_round`` posts the round's tasks (the
 global params once per agent, and each client's config: the run's ``LocalTrain`` settings, the
@@ -11,8 +10,8 @@ vanishes or whose update is refused become failures: the round's ``clients_faile
 
 The asynchronous engine (FedBuff: a pipeline ending in ``st.BufferedAggregate``) runs on edge agents too:
 ``publish`` encodes each global version once, ``submit_client`` posts one client as one gateway job (its
-own params version, deadline and task id) and returns an :class:`EdgeFuture`, and :meth:`completion`
-yields those futures as their results (or failures) arrive, never later than their deadline. Only
+own params version, deadline and task id) and returns an :class:`~.edge_async.EdgeFuture`, and
+:meth:`completion` yields those futures as their results (or failures) arrive, never later than their deadline. Only
 agents that are connected and idle are given work (:meth:`ready_clients`). Arrivals are processed in real
 arrival order and the engine's clock is real seconds (``realtime = True``), so such a run is not
 bit-reproducible, unlike an asynchronous run on Dask.
@@ -44,7 +43,7 @@ import logging
 import os
 import queue
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +55,11 @@ from flgraph.engine.clients import Bundle, Partial, combine_partials
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
 from .capabilities import unsupported
-from .gateway import EncodedParams, Gateway, RoundEvent
+from .edge_async import EdgeCompletion, EdgeFuture, EdgeVersion
+from .gateway import Gateway, RoundEvent
 from .wire import Limits
 
-__all__ = ["EdgeCompletion", "EdgeFuture", "EdgeVersion", "MixedTransport", "ZmqTransport"]
+__all__ = ["ZmqTransport"]
 
 log = logging.getLogger("flgraph")
 
@@ -71,91 +71,6 @@ class _Pending:
     clients: ClientSet
     events: queue.SimpleQueue[RoundEvent]
     end: float
-
-
-@dataclass
-class EdgeVersion:
-    """A global params version published for the asynchronous engine: its values (a private copy, the
-    base of ``weights`` results) and its task frame, encoded once and sent with each of its clients' tasks."""
-
-    version: int
-    flat: np.ndarray
-    encoded: EncodedParams
-
-
-class EdgeFuture:
-    """One client of the asynchronous engine, running on its agent as one gateway job.
-
-    ``result()`` is the client's leaf :class:`~flgraph.engine.clients.Partial` (its ``maxes["finish"]``:
-    real seconds from dispatch to arrival), or raises the client's
-    :class:`~flgraph.errors.ClientError` (``on_client_error="raise"``). It is settled by the transport's
-    :meth:`ZmqTransport.completion`.
-    """
-
-    def __init__(self, job: int, rnd: int, client: int, version: EdgeVersion, on_error: str, started: float,
-                 end: float) -> None:
-        self.job = job
-        self.rnd = rnd
-        self.client = client
-        self.version = version
-        self.on_error = on_error
-        self.started = started
-        self.end = end  # the latest time its event may come (deadline + grace), time.monotonic()
-        self.released = False
-        self._value: Partial | None = None
-        self._error: BaseException | None = None
-
-    def done(self) -> bool:
-        """Whether its result or failure has been received."""
-        return self._value is not None or self._error is not None
-
-    def result(self) -> Partial:
-        """The leaf Partial; raises the client's error, or ClusterError if it has not completed yet."""
-        if self._error is not None:
-            raise self._error
-        if self._value is None:
-            raise ClusterError(f"client {self.client}'s edge job has not completed",
-                               fix="wait for it with the transport's completion() before asking its result")
-        return self._value
-
-    def __repr__(self) -> str:
-        state = "error" if self._error is not None else "finished" if self._value is not None else "pending"
-        return f"EdgeFuture(job {self.job}, round {self.rnd}, client {self.client}, {state})"
-
-
-class EdgeCompletion:
-    """The edge futures added to it, yielded as they complete (like ``distributed.as_completed``).
-
-    ``next()`` blocks until one of them completes; it never waits past the latest deadline of those still
-    pending: a gateway that fails to close a job raises :class:`~flgraph.errors.ClusterError`. Futures
-    released meanwhile are skipped; ``StopIteration`` when none is pending.
-    """
-
-    def __init__(self, transport: ZmqTransport) -> None:
-        self._transport = transport
-        self._pending: dict[int, EdgeFuture] = {}
-
-    def add(self, future: EdgeFuture) -> None:
-        """Watch ``future`` (from :meth:`ZmqTransport.submit_client`)."""
-        self._pending[future.job] = future
-
-    def __iter__(self) -> EdgeCompletion:
-        return self
-
-    def __next__(self) -> EdgeFuture:
-        while True:
-            self._pending = {j: f for j, f in self._pending.items() if not f.released}
-            if not self._pending:
-                raise StopIteration
-            first = min(self._pending.values(), key=lambda f: f.end)
-            ev = self._transport._next_event(first)
-            if ev is None:
-                continue  # nothing yet: look again at what is still pending
-            fut = self._pending.pop(ev.job, None)
-            if fut is None or fut.released:
-                continue  # a released job's late event
-            self._transport._settle(fut, ev)
-            return fut
 
 
 class ZmqTransport:
@@ -430,84 +345,3 @@ def _stage_config(bundle: Bundle) -> dict[str, Any]:
         if type(stage).__name__ == "LocalTrain" and "tag" not in cfg:
             cfg["tag"] = int(stage.tag)
     return cfg
-
-
-class MixedTransport:
-    """Some clients on Dask (simulated), the others on edge agents, in the same rounds.
-
-    ``route`` says which clients are edge agents: a collection of ids, a function ``id -> bool``, or
-    ``None`` (the clients with an agent connected when the round starts). A round's root is the Dask
-    clients' tree combined with the edge clients' tree (in that order), each over its clients in round
-    order: deterministic for a given routing.
-
-    Synchronous rounds only: the asynchronous engine orders simulated (Dask) clients on a virtual clock
-    and edge clients by real arrival, and the two clocks cannot be mixed. ``fg.Run`` refuses an
-    asynchronous pipeline with this transport; run FedBuff on Dask, or on edge agents with ZmqTransport.
-
-    Example:
-        >>> from flgraph.transports.zmq import MixedTransport
-        >>> MixedTransport.split(np.array([5, 1, 7, 2]), lambda c: c % 2 == 1)
-        (array([3]), array([0, 1, 2]))
-    """
-
-    def __init__(self, dask: Any, edge: ZmqTransport,
-                 route: Collection[int] | Callable[[int], bool] | None = None) -> None:
-        self.dask = dask
-        self.edge = edge
-        self.route = route
-        self._reducer: Any = None
-
-    def start(self, bundle: Bundle, flat: np.ndarray) -> float:
-        """Start both transports; returns the warm-up seconds."""
-        self._reducer = bundle.reducer
-        return float(self.dask.start(bundle, flat)) + self.edge.start(bundle, flat)
-
-    @staticmethod
-    def split(ids: np.ndarray, on_edge: Callable[[int], bool]) -> tuple[np.ndarray, np.ndarray]:
-        """Positions (not ids) of the Dask clients and of the edge clients, each in round order."""
-        mask = np.array([bool(on_edge(int(c))) for c in ids], dtype=bool)
-        return np.flatnonzero(~mask), np.flatnonzero(mask)
-
-    def _on_edge(self) -> Callable[[int], bool]:
-        route = self.route
-        if route is None:
-            present = set(self.edge.gateway.connected())
-            return lambda c: c in present
-        if callable(route):
-            return route
-        members = {int(c) for c in route}
-        return lambda c: c in members
-
-    @staticmethod
-    def _subset(clients: ClientSet, positions: np.ndarray) -> ClientSet:
-        return clients.take(positions)
-
-    def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
-        """Post the edge tasks, run the Dask clients meanwhile, then collect the edge results."""
-        on_dask, on_edge = self.split(clients.ids, self._on_edge())
-        pending = self.edge.submit(rnd, flat, self._subset(clients, on_edge)) if len(on_edge) else None
-        try:
-            left = (self.dask.run_round(rnd, flat, self._subset(clients, on_dask), on_error) if len(on_dask)
-                    else Partial(None))
-        except BaseException:
-            if pending is not None:
-                self.edge.gateway.end_round()
-            raise
-        right = self.edge.collect(pending, on_error) if pending is not None else Partial(None)
-        return combine_partials(self._reducer, left, right)
-
-    def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
-        """Client work outside the round's segment: possible for the Dask clients only."""
-        _, on_edge = self.split(np.asarray(ids), self._on_edge())
-        if len(on_edge):
-            return self.edge.map_clients(rnd, flat, ids, fn)
-        return list(self.dask.map_clients(rnd, flat, ids, fn))
-
-    def places(self) -> int:
-        return int(self.dask.places()) + self.edge.places()
-
-    def close(self) -> None:
-        try:
-            self.dask.close()
-        finally:
-            self.edge.close()

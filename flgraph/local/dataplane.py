@@ -1,11 +1,11 @@
 """A direct data path between the driver and the Dask workers on the same machine.
 
 Dask moves a round's data with several messages through the scheduler: the params are scattered (the
-scheduler is asked which workers run, the data goes to each worker, the scheduler is told where it is)
-and each chunk's partial is gathered (the scheduler reports the task done, is asked where the result is,
-then the worker is asked for it). On one machine these round trips are most of the framework's cost per
-round (W1 on 2 workers: about 7 ms of a 140 ms round). With the data plane, Dask still schedules the
-tasks (their keys, the dashboard, retries and worker deaths are Dask's), but:
+scheduler is asked which workers run, the data goes to each worker, the scheduler is told where it is) and
+each chunk's partial is gathered (the scheduler reports the task done, is asked where the result is, then
+the worker is asked for it). On one machine these round trips are most of the framework's cost per round
+(``bench/`` measures it). With the data plane, Dask still schedules the tasks (their keys, the dashboard,
+retries and worker deaths are Dask's), but:
 
 * the driver *publishes* the round's params under a key; a chunk task *fetches* them from the driver
   when it starts (one request per worker process and round; later chunks on that worker reuse them);
@@ -13,8 +13,8 @@ tasks (their keys, the dashboard, retries and worker deaths are Dask's), but:
   takes partials as they arrive;
 * while a round runs, the driver can already submit the next round's chunk tasks: each *waits* on the
   plane for its job (the params and its clients), which the driver *offers* as soon as the next round's
-  clients are chosen, or *withdraws* when no such round comes. Dask's submit-to-start (about 4 ms a round
-  on the 2-core machine) then overlaps the current round instead of following it.
+  clients are chosen, or *withdraws* when no such round comes. Dask's submit-to-start then overlaps
+  the current round instead of following it.
 
 It is one ZeroMQ ROUTER socket, served by a daemon thread of the driver, on an ``ipc://`` path inside a
 directory only the driver's user can enter (mode 0700). Partials travel as pickles (protocol 5, the
@@ -25,7 +25,7 @@ Dask's scatter and gather otherwise, or when ``FLGRAPH_DATA_PLANE=0``.
 
 Example:
     >>> import numpy as np
-    >>> from flgraph.dataplane import DataPlane, fetch, push
+    >>> from flgraph.local.dataplane import DataPlane, fetch, push
     >>> plane = DataPlane()
     >>> plane.publish("params-r1", np.arange(4, dtype=np.float32))
     >>> plane.expect(["result-c0"])
@@ -49,7 +49,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import pickle
 import shutil
 import sys
@@ -61,6 +60,8 @@ from typing import Any
 
 import numpy as np
 import zmq
+
+from . import switched_on
 
 __all__ = ["DataPlane", "available", "fetch", "forget", "push", "wait"]
 
@@ -76,7 +77,7 @@ CLOSED_KEEP = 64  # offers withdrawn or retracted, remembered so that a late wai
 
 def available() -> bool:
     """Whether this platform can run the data plane (``ipc://`` sockets, not switched off)."""
-    if os.environ.get("FLGRAPH_DATA_PLANE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not switched_on("FLGRAPH_DATA_PLANE"):
         return False
     return sys.platform != "win32" and zmq.has("ipc")
 

@@ -1,10 +1,9 @@
 """Keep Python's cyclic garbage collector off the long-lived heap while rounds run.
 
 A driver or worker process that imported torch, numpy and distributed holds a few hundred thousand
-objects that live as long as the process. Python's oldest-generation collection walks all of them: on the
-2-core reference machine that is 90-170 ms with the GIL held, once every 10-40 W1 rounds in each process,
-and the round it lands in takes up to twice as long (W1: max round 0.21-0.28 s against a median of
-0.12-0.13 s). :func:`gc.freeze` moves the objects that exist now to a permanent generation that collections
+objects that live as long as the process. Python's oldest-generation collection walks all of them, with
+the GIL held, every few dozen rounds in each process, and the round it lands in takes up to twice as long
+as the others. :func:`gc.freeze` moves the objects that exist now to a permanent generation that collections
 skip; objects created later are collected as usual.
 
 :func:`frozen` does that for the duration of a ``with`` block (``Run.fit``) and gives the objects back to the
@@ -14,7 +13,7 @@ place (:func:`freeze`, after the warm-up) and thaw when the run closes (:func:`t
 
 Example:
     >>> import gc
-    >>> from flgraph.heap import frozen
+    >>> from flgraph.local.heap import frozen
     >>> with frozen():
     ...     gc.get_freeze_count() > 0
     True

@@ -17,21 +17,18 @@ per round (a split range returns the nodes that cover each piece; about 3 per pi
 that they do not all travel after the round's last client, a task sends what it holds as soon as that
 cannot grow any more (``emit`` of :func:`run_shared`): when it claims a chunk's last position, before
 running it (all but the nodes that position's leaf will be added to), and when it leaves a chunk. Only one
-node is sent after the last client trains: its leaf added to those nodes (W1 on 2 workers: last client to
-the next round's first, 7.3-7.5 ms before early sending, 5.1-5.5 ms after; 3.7-4.0 ms in the eighth
-session, with 6.5 nodes a round reaching the driver instead of 13.7).
+node is sent after the last client trains: its leaf added to those nodes.
 
-The table is a file in the data plane's private directory (so only for workers on the driver's machine),
-one row ``[next front, end of back, helper]`` per chunk, changed under an exclusive ``flock``; a claim
-costs two system calls, so a chunk's own task claims a quarter of what is left at a time and single
-positions near the end (:meth:`Claims.take_front_some`). ``FLGRAPH_SHARE_WORK=0`` (or
-``DaskTransport(..., share_work=False)``) turns sharing off; a ``chunk_size`` given to ``Run`` keeps its
-chunks as they are. A chunk's own task never waits for a helper and a helper never waits at all: the table
-only decides who runs which position, each position exactly once.
+The table is a file in the data plane's private directory (so only for workers on the driver's machine), one
+row ``[next front, end of back, helper]`` per chunk, changed under an exclusive ``flock``; a claim costs two
+system calls, so a chunk's own task claims a quarter of what is left at a time and single positions near the
+end (:meth:`Claims.take_front_some`). ``FLGRAPH_SHARE_WORK=0`` turns sharing off; a ``chunk_size`` given to
+``Run`` keeps its chunks as they are. A chunk's own task never waits for a helper and a helper never waits
+at all: the table only decides who runs which position, each position exactly once.
 
 Example:
     >>> import tempfile, os
-    >>> from flgraph.sharing import Claims
+    >>> from flgraph.local.sharing import Claims
     >>> path = os.path.join(tempfile.mkdtemp(), "claims")
     >>> Claims.create(path, [(0, 4), (4, 6)])
     >>> with Claims(path) as w0, Claims(path) as w1:         # two workers' tasks
@@ -55,7 +52,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .tree import Incremental
+from ..tree import Incremental
+from . import switched_on
 
 try:
     import fcntl
@@ -76,7 +74,7 @@ def enabled() -> bool:
     off."""
     if fcntl is None:
         return False
-    return os.environ.get("FLGRAPH_SHARE_WORK", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("FLGRAPH_SHARE_WORK")
 
 
 @dataclass(frozen=True)
@@ -129,8 +127,8 @@ class Claims:
         """Claim the next ``max(1, unclaimed // part)`` positions of chunk ``j`` from its front (its own
         task, which runs them in order); None when none is left.
 
-        A claim is two system calls under the table's lock (17 us a claim in a W1 worker between two
-        trainings), so the chunk's task takes several positions at once while many are left: with
+        A claim is two system calls under the table's lock, so the chunk's task takes several positions at
+        once while many are left: with
         ``part=4``, a 50-client chunk needs about 14 claims instead of 50. It holds at most a quarter of
         what was left, and single positions once fewer than ``2 * part`` are, so a helper still meets it
         within one client of the middle. ``part=0`` claims one position."""

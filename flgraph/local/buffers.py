@@ -1,13 +1,13 @@
 """A per-process pool of flat buffers, so that per-client deltas and partial sums reuse memory.
 
-A W1-sized delta is 0.8 MB; allocating and freeing one per client makes glibc hand pages back to the
-kernel and fault them in again (or mmap/munmap them), which costs about as much as the arithmetic. The
-client runner takes a buffer for each client's delta and the reducer gives back the buffers it has
-combined, so a worker reuses a handful of buffers for the whole run.
+Allocating and freeing a model-sized delta per client makes glibc hand pages back to the kernel and fault
+them in again (or mmap/munmap them), which costs about as much as the arithmetic. The client runner takes a
+buffer for each client's delta and the reducer gives back the buffers it has combined, so a worker reuses a
+handful of buffers for the whole run.
 
 Example:
     >>> import numpy as np
-    >>> from flgraph.buffers import BufferPool
+    >>> from flgraph.local.buffers import BufferPool
     >>> pool = BufferPool()
     >>> a = pool.take(4, np.float32); pool.give(a)
     >>> pool.take(4, np.float32) is a

@@ -1,13 +1,10 @@
 """Keep freed memory for reuse in flgraph's processes, instead of giving it back to the OS every round.
 
-Each round, the driver receives one model-sized message per chunk (W1: 0.8 MB each, 2-8 a round) and the
-workers receive the params. With glibc's defaults, buffers that large are either mapped fresh from the OS
-(above the mmap threshold) or come from a heap whose free top is trimmed as soon as it exceeds twice that
-threshold; both ways the next round's buffers are new pages, and every 4 KB page is a fault that zeroes
-it (2.4-2.8 us each on the 2-core reference machine). W1 on 2 workers: 550-800 page faults a round in the
-driver, most of them while the last partials arrive, so on the round's critical path: the last partial
-reached the data plane's thread 4.0-4.8 ms after the worker sent it, 2.3-2.8 ms with the settings below
-(58-136 faults a round).
+Each round, the driver receives one model-sized message per chunk and the workers receive the params.
+With glibc's defaults, buffers that large are either mapped fresh from the OS (above the mmap threshold)
+or come from a heap whose free top is trimmed as soon as it exceeds twice that threshold; both ways the
+next round's buffers are new pages, and every 4 KB page is a fault that zeroes it. In the driver most of
+these faults come while the last partials arrive, so they sit on the round's critical path.
 
 The settings are the ones glibc's own dynamic policy settles at when it sees large blocks freed (mmap
 threshold 32 MiB, its maximum; trim threshold twice that): allocations up to 32 MiB come from the heap,
@@ -18,7 +15,7 @@ to a process about to start (the embedded cluster's workers). Neither does anyth
 ``FLGRAPH_TUNE_MALLOC=0``, or where the C library is not glibc.
 
 Example:
-    >>> from flgraph.malloc import child_environ, tune_this_process
+    >>> from flgraph.local.malloc import child_environ, tune_this_process
     >>> sorted(child_environ()) in ([], ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
     True
     >>> tune_this_process() in (True, False)
@@ -32,6 +29,8 @@ import ctypes.util
 import os
 import sys
 import threading
+
+from . import switched_on
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "child_environ", "enabled", "tune_this_process"]
 
@@ -60,7 +59,7 @@ def _glibc() -> ctypes.CDLL | None:
 def enabled() -> bool:
     """Whether flgraph sets the allocator: on unless ``FLGRAPH_TUNE_MALLOC=0`` or the user set glibc's
     own variables."""
-    if os.environ.get("FLGRAPH_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not switched_on("FLGRAPH_TUNE_MALLOC"):
         return False
     return not any(v in os.environ for v in _USER_VARS)
 
