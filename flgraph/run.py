@@ -29,8 +29,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .cluster import ClusterHandle, connect
-from .engine import PlansAhead, RunsGraphs, RunState, SyncEngine
+from .engine import PlansAhead, RunState, SyncEngine
 from .engine.clients import Bundle
+from .engine.contracts import refuse_unsupported
 from .errors import ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
 from .local import malloc
@@ -39,16 +40,14 @@ from .observe.history import History
 from .observe.progress import RoundProgress
 from .params import Params
 from .spec import describe
-from .store.checkpoint import Checkpoints, RunDirectory, Snapshot, SnapshotWriter
+from .store.checkpoint import Checkpoints, RunDirectory, Snapshot
 from .store.client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
 from .store.persist import create_directory, snapshot_of
+from .store.writer import SnapshotWriter
 
 __all__ = ["Run"]
 
-#: What a transport must declare in ``supports`` to run a graph that is more than a chain.
-GRAPH_FEATURES = frozenset({"parallel branches", "several per-client values", "tiers",
-                            "server values broadcast besides the params"})
-
+log = logging.getLogger("flgraph")
 
 def _then(pipeline: Pipeline, stage: Any) -> Pipeline:
     """``pipeline >> stage``; with parallel branches, the stage goes at the end of the main branch."""
@@ -56,19 +55,6 @@ def _then(pipeline: Pipeline, stage: Any) -> Pipeline:
         return pipeline >> stage
     main, *rest = pipeline.branches
     return Pipeline(branches=(main >> stage, *rest))
-
-
-def _check_supported(graph: Any, transport: Any) -> None:
-    """Refuse, before the run starts, a graph that ``transport`` cannot run (it declares ``supports``)."""
-    have = transport.supports if isinstance(transport, RunsGraphs) else frozenset()
-    missing = {f: where for f, where in graph.feature_stages().items() if f not in have}
-    if missing:
-        said = "; ".join(f"{f} ({'; '.join(where)})" for f, where in missing.items())
-        raise ConfigError(f"{type(transport).__name__} cannot run this round: it has {said}",
-                          fix="run it on Dask (the default transport), or compose a chain "
-                              "Select >> Broadcast >> client stages >> Aggregate")
-
-log = logging.getLogger("flgraph")
 
 
 class Run:
@@ -187,7 +173,7 @@ class Run:
         if transport is not None and not isinstance(self.engine, SyncEngine):
             self.engine.check_transport(transport)  # the asynchronous engine dispatches clients one by one
         if transport is not None:
-            _check_supported(self.segments, transport)
+            refuse_unsupported(self.segments, transport)
         self._custom_transport = transport
         self._workers = workers
         self._connect_timeout = connect_timeout

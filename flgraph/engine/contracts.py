@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     from ..context import ClientSet
     from .clients import Partial
 
-__all__ = ["PlansAhead", "RunsGraphs", "Transport"]
+__all__ = ["PlansAhead", "RunsGraphs", "Transport", "refuse_unsupported"]
 
 
 @runtime_checkable
@@ -76,3 +78,14 @@ class RunsGraphs(Protocol):
     ``"tiers"``, ``"server values broadcast besides the params"``)."""
 
     supports: frozenset[str]
+
+
+def refuse_unsupported(graph: Any, transport: Any) -> None:
+    """Refuse, before the run starts, a graph that ``transport`` cannot run (it declares ``supports``)."""
+    have = transport.supports if isinstance(transport, RunsGraphs) else frozenset()
+    missing = {f: where for f, where in graph.feature_stages().items() if f not in have}
+    if missing:
+        said = "; ".join(f"{f} ({'; '.join(where)})" for f, where in missing.items())
+        raise ConfigError(f"{type(transport).__name__} cannot run this round: it has {said}",
+                          fix="run it on Dask (the default transport), or compose a chain "
+                              "Select >> Broadcast >> client stages >> Aggregate")

@@ -42,7 +42,6 @@ import os
 import threading
 import time
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +54,7 @@ from ..errors import CheckpointError
 from .metrics_table import MetricsTable, json_default
 from .schedule import CheckpointPolicy, Checkpoints
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "Checkpoints", "RunDirectory", "Snapshot", "SnapshotWriter"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointPolicy", "Checkpoints", "RunDirectory", "Snapshot"]
 
 log = logging.getLogger("flgraph")
 
@@ -390,47 +389,3 @@ def _is_run(p: Path) -> bool:
         return json.loads((p / "zarr.json").read_text()).get("attributes", {}).get("flgraph_format") == FORMAT
     except Exception:
         return False
-
-
-
-
-class SnapshotWriter:
-    """Writes snapshots in one background thread: never two at once, errors surface on the next call."""
-
-    def __init__(self, directory: RunDirectory, policy: CheckpointPolicy) -> None:
-        self.directory = directory
-        self.policy = policy
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flgraph-checkpoint")
-        self._pending: Future[float] | None = None
-        self._lock = threading.Lock()
-        self.last_time = time.monotonic()
-        self.last_round = 0
-        self.write_seconds: list[float] = []
-
-    def submit(self, snap: Snapshot) -> None:
-        """Queue ``snap`` after waiting for the previous write (which re-raises its error, if any)."""
-        self.wait()
-        self.last_time = time.monotonic()
-        self._pending = self._pool.submit(self._write, snap)
-
-    def _write(self, snap: Snapshot) -> float:
-        t0 = time.perf_counter()
-        self.directory.write(snap)
-        self.directory.prune(self.policy)
-        self.last_round = snap.round
-        dt = time.perf_counter() - t0
-        self.write_seconds.append(dt)
-        return dt
-
-    def wait(self) -> None:
-        """Wait for the write in flight; raise its CheckpointError if it failed."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)

@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import platform
@@ -43,8 +42,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -53,6 +51,7 @@ import zmq
 from flgraph.errors import ConfigError
 from flgraph.params import Params, ParamSpec
 
+from .edge_task import EdgeResult, EdgeTask, TaskFn, load_task, result_of
 from .keys import load_public, load_secret
 from .sockets import readable
 from .wire import Limits, Message, ProtocolError, decode, encode
@@ -60,73 +59,6 @@ from .wire import Limits, Message, ProtocolError, decode, encode
 __all__ = ["Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
 
 log = logging.getLogger("flgraph")
-
-
-@dataclass
-class EdgeTask:
-    """One round's work for this device: the global params (read-only: copy before writing) and the config."""
-
-    round: int
-    client: int
-    seed: int
-    deadline_s: float
-    params: Params
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The global weights as name -> array in each tensor's own dtype (``torch.from_numpy`` ready)."""
-        return self.params.to_arrays()
-
-
-@dataclass
-class EdgeResult:
-    """A device's answer: ``weights`` (trained) or ``delta`` (trained - global), flat or name -> array."""
-
-    num_samples: int
-    weights: np.ndarray | Mapping[str, np.ndarray] | None = None
-    delta: np.ndarray | Mapping[str, np.ndarray] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def flat_delta(self, task: EdgeTask) -> np.ndarray:
-        """The update as one flat buffer in the params' carrier dtype."""
-        if (self.weights is None) == (self.delta is None):
-            raise ConfigError("an EdgeResult needs exactly one of weights= or delta=")
-        spec = task.params.spec
-        value = self.weights if self.weights is not None else self.delta
-        flat = (Params.pack(spec, value).flat if isinstance(value, Mapping)
-                else np.asarray(value, dtype=spec.carrier).reshape(-1))
-        if flat.size != spec.size:
-            raise ConfigError(f"the task returned {flat.size} values; the model has {spec.size}",
-                              fix="return the whole model (every tensor of task.params)")
-        return flat - task.params.flat if self.weights is not None else flat
-
-
-TaskFn = Callable[[EdgeTask], Any]
-
-
-def load_task(ref: str) -> TaskFn:
-    """Import ``"package.module:function"`` (a module installed on the device)."""
-    mod_name, _, attr = ref.partition(":")
-    if not mod_name or not attr:
-        raise ConfigError(f"--task {ref!r}", fix="name a function as package.module:function")
-    try:
-        fn = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load the task {ref!r}: {e}",
-                          fix="install the module on the device (pip install ...) and check the name") from None
-    if not callable(fn):
-        raise ConfigError(f"the task {ref!r} is not callable")
-    return fn
-
-
-def _result_of(out: Any, task: EdgeTask) -> tuple[np.ndarray, int, dict[str, float]]:
-    if isinstance(out, EdgeResult):
-        return out.flat_delta(task), int(out.num_samples), {k: float(v) for k, v in out.metrics.items()}
-    if hasattr(out, "delta") and hasattr(out, "num_samples") and getattr(out, "delta", None) is not None:
-        delta = np.asarray(out.delta, dtype=task.params.spec.carrier).reshape(-1)
-        return delta, int(out.num_samples), {k: float(v) for k, v in getattr(out, "metrics", {}).items()}
-    raise ConfigError(f"the task returned {type(out).__name__}",
-                      fix="return an EdgeResult(num_samples=..., weights=... or delta=..., metrics=...)")
 
 
 class Agent:
@@ -378,7 +310,7 @@ class Agent:
             spec = self._spec_of(f["spec"])
             flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
             task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"])
-            out = _result_of(self.task(task), task)
+            out = result_of(self.task(task), task)
         except BaseException as e:  # reported to the gateway as this client's failure
             err = e
         with self._done_lock:

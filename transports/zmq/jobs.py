@@ -172,7 +172,8 @@ class JobRouting:
         self._send(sock, rid, "task", env, job.params.frames, job.descs)
 
     def _task_of(self, info: AgentInfo, rnd: Any, task_id: Any) -> tuple[_Round, _Task] | None:
-        """The open, unfinished task ``task_id`` of round ``rnd`` that was sent to this session, if any."""
+        """The open, unfinished task ``task_id`` of round ``rnd`` that was sent to the agent's current session,
+        if any."""
         hit = self._tasks.get(task_id) if isinstance(task_id, int) else None
         if hit is None:
             return None
@@ -198,12 +199,13 @@ class JobRouting:
                                                                   "gateway is not running that round"),
                              f"client {info.client}", **ref)
             else:
-                self._reject(sock, info.routing_id, ProtocolError("unknown-task", f"task {task_id} was not given "
-                                                                  "to this session"), f"client {info.client}", **ref)
+                self._reject(sock, info.routing_id,
+                             ProtocolError("unknown-task", f"task {task_id} was not given to the sender's session"),
+                             f"client {info.client}", **ref)
             return
         if task.sent_to != info.routing_id:
             self._reject(sock, info.routing_id, ProtocolError("unknown-task", f"task {task_id} was not given to "
-                                                              "this session"), f"client {info.client}", **ref)
+                                                              "the sender's session"), f"client {info.client}", **ref)
             return
         if task.finished:
             self._reject(sock, info.routing_id, ProtocolError("duplicate", f"round {rnd} already counts this "

@@ -52,7 +52,7 @@ class AgentInfo:
     last_seq: int = -1
     tasks_done: int = 0
     working: list[int] = field(default_factory=list)  # task ids sent and not answered: running, queued
-    params_held: int = 0  # the params version last sent to this session with its frames (0: none)
+    params_held: int = 0  # the params version last sent to that agent's session with its frames (0: none)
 
     @property
     def caches_params(self) -> bool:
