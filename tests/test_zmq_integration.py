@@ -454,3 +454,27 @@ def test_fedbuff_client_error_in_raise_mode_leaves_the_run_unchanged(keys):
             with pytest.raises(fg.ClientError, match="no data on device"):
                 run.fit(rounds=2)
             assert run.round == 0 and np.array_equal(run.state.params.flat, before)
+
+
+def test_tiers_over_agents_equal_tiers_on_dask(keys, client1):
+    """Edge agents' updates are reduced per site, then across sites, exactly as Dask workers' are."""
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(4)))
+    data.with_attributes(site=lambda ids: ids % 2)
+
+    def tiered():
+        return (st.Select(clients=4) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8, lr=0.1)
+                >> st.Aggregate(st.WeightedMean(), by="site") >> st.Aggregate(st.Median()))
+
+    edge = transport(keys, deadline_s=20)
+    edge.gateway.start()
+    with agent_threads(edge, synthetic, range(4), keys):
+        edge.gateway.wait_for(clients=range(4), timeout=20)
+        with fg.Run(tiered(), model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=edge, progress=False,
+                    evaluate="never", dashboard=False) as run:
+            history = run.fit(rounds=2)
+            got = run.state.params.flat.copy()
+    assert [r["clients_done"] for r in history] == [4, 4]
+    with fg.Run(tiered(), model=fg.models.mlp(8, [16], 3), data=data, seed=0, cluster=client1, progress=False,
+                evaluate="never", dashboard=False) as run:
+        run.fit(rounds=2)
+        np.testing.assert_array_equal(run.state.params.flat, got)

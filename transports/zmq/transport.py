@@ -51,7 +51,7 @@ import numpy as np
 
 from flgraph import tree
 from flgraph.context import ClientSet, Update
-from flgraph.engine.clients import Bundle, Partial, combine_partials
+from flgraph.engine.clients import Bundle, Partial, combine_partials, reducer_leaf
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
 from .capabilities import unsupported
@@ -87,6 +87,10 @@ class ZmqTransport:
     """
 
     realtime = True
+
+    #: Tiers (``Aggregate(..., by=...)``): the agents' updates are reduced per group, as on Dask. Agents return
+    #: one update, so fan-outs of several per-client values and parallel branches are refused before a run.
+    supports: frozenset[str] = frozenset({"tiers"})
 
     def __init__(self, bind: str = "tcp://127.0.0.1:0", *, deadline_s: float = 60.0,
                  config: dict[str, Any] | None = None, secret_key: str | os.PathLike[str] | None = None,
@@ -173,7 +177,7 @@ class ZmqTransport:
                 ev = self._next(pending)
                 if ev.kind == "result":
                     try:
-                        part = self._leaf(ev, pending.flat, pending.rnd)
+                        part = self._leaf(ev, pending.flat, pending.rnd, pending.clients)
                     except Exception as e:  # a reducer that refuses this update: the client failed
                         part = self._failed(ev.client, f"{type(e).__name__}: {e}", pending.rnd, on_error)
                 else:
@@ -205,8 +209,8 @@ class ZmqTransport:
         log.warning("dropped: round %d, client %d: %s", rnd, client, reason)
         return Partial(None, {"clients_failed": 1.0}, [(client, f"round {rnd}, client {client}, edge: {reason}")])
 
-    def _leaf(self, ev: RoundEvent, flat: np.ndarray, rnd: int) -> Partial:
-        """The reducer's leaf for a result (``flat``: the params its task carried)."""
+    def _leaf(self, ev: RoundEvent, flat: np.ndarray, rnd: int, clients: ClientSet) -> Partial:
+        """The reducer's leaf for a result (``flat``: the params its task carried; ``clients``: the round's)."""
         assert self._bundle is not None and ev.message is not None
         msg = ev.message
         wire = np.asarray(msg.tensors[0])
@@ -216,7 +220,7 @@ class ZmqTransport:
         update = Update(ev.client, n, rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
         sums = {"clients_done": 1.0, "samples": float(n), "bytes_up": float(msg.wire_nbytes),
                 "bytes_up_raw": float(delta.nbytes)}
-        value = self._bundle.reducer.leaf(update, self._bundle.spec)
+        value = reducer_leaf(self._bundle, update, clients, ev.position)  # per group too, with tiers
         for k, v in metrics.items():
             sums[f"wsum_{k}"] = float(v) * n
         return Partial(value, sums)
@@ -308,7 +312,7 @@ class ZmqTransport:
         reason = ev.reason
         if ev.kind == "result":
             try:
-                part = self._leaf(ev, fut.version.flat, fut.rnd)
+                part = self._leaf(ev, fut.version.flat, fut.rnd, ClientSet(np.array([fut.client], np.int64)))
                 part.maxes["finish"] = took
             except Exception as e:  # a reducer that refuses this update: the client failed
                 reason = f"{type(e).__name__}: {e}"
