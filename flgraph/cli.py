@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import sys
 import time
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--give-up-after", type=float, default=None,
                       help="exit (code 3) when no gateway accepted this agent for this many seconds")
     edge.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
+    edge.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
+                      help="a field this device announces when it joins, e.g. site=lab-3 (tiers group by it: "
+                           "Aggregate(..., by='site')); repeat for more")
     edge.add_argument("--verbose", action="store_true", help="log joins, reconnects and tasks")
 
     keys = sub.add_parser("keys", help="make a CURVE key pair for a gateway or an agent",
@@ -172,9 +176,16 @@ def _edge(args: argparse.Namespace) -> int:
 
     if args.verbose:
         logging.getLogger("flgraph").setLevel(logging.INFO)
+    device = None
+    if args.device:
+        bad = [d for d in args.device if "=" not in d]
+        if bad:
+            print(f"flgraph edge: --device {bad[0]!r} is not KEY=VALUE (e.g. --device site=lab-3)", file=sys.stderr)
+            return 2
+        device = {"host": platform.node()[:64], **dict(d.split("=", 1) for d in args.device)}
     agent = Agent(args.connect, args.task, client_id=args.client_id, secret_key=args.key,
                   server_key=args.server_key, heartbeat_s=args.heartbeat, max_backoff_s=args.max_backoff,
-                  give_up_s=args.give_up_after, max_tasks=args.max_tasks)
+                  give_up_s=args.give_up_after, max_tasks=args.max_tasks, device=device)
     print(f"flgraph edge: connecting to {args.connect} as "
           f"{'client ' + str(args.client_id) if args.client_id is not None else 'any client'}", file=sys.stderr,
           flush=True)

@@ -22,3 +22,9 @@ def test_demo_small(tmp_path):
     assert "final accuracy" in r.stdout and "round" in r.stdout
     acc = float(r.stdout.split("final accuracy")[1].split(";")[0])
     assert 0.0 <= acc <= 1.0
+
+
+def test_edge_device_fields_must_be_key_value():
+    r = subprocess.run([FLGRAPH, "edge", "--connect", "tcp://127.0.0.1:9", "--task", "m:f", "--device", "lab-3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--device 'lab-3' is not KEY=VALUE (e.g. --device site=lab-3)" in r.stderr

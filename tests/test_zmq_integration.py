@@ -478,3 +478,39 @@ def test_tiers_over_agents_equal_tiers_on_dask(keys, client1):
                 evaluate="never", dashboard=False) as run:
         run.fit(rounds=2)
         np.testing.assert_array_equal(run.state.params.flat, got)
+
+
+def test_tiers_group_edge_clients_by_what_their_agents_announced(keys, client1):
+    """The groups come from the edge: each agent announces its site when it joins (``device``), and the
+    round's per-site reduction equals the same reduction on Dask with the sites as a dataset attribute."""
+    data = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(4)))
+    tiered = (st.Select(clients=4) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=8, lr=0.1)
+              >> st.Aggregate(st.WeightedMean(), by="site") >> st.Aggregate(st.Median()))
+    edge = transport(keys, deadline_s=20)
+    edge.gateway.start()
+    agents = [Agent(edge.endpoint, synthetic, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
+                    server_key=keys / "gateway.key", heartbeat_s=HB, device={"site": f"lab-{c % 2}"})
+              for c in range(4)]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for th in threads:
+        th.start()
+    try:
+        edge.gateway.wait_for(clients=range(4), timeout=20)
+        assert edge.client_attribute("site", np.arange(5)).tolist() == ["lab-0", "lab-1", "lab-0", "lab-1", None]
+        assert edge.client_attribute("region", np.arange(4)) is None
+        with fg.Run(tiered, model=fg.models.mlp(8, [16], 3), data=data, seed=0, transport=edge, progress=False,
+                    evaluate="never", dashboard=False) as run:
+            run.fit(rounds=2)
+            got = run.state.params.flat.copy()
+    finally:
+        for a in agents:
+            a.stop()
+        for th in threads:
+            th.join(10)
+        edge.close()
+    sites = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(4)))
+    sites.with_attributes(site=np.array([f"lab-{c % 2}" for c in range(4)]))
+    with fg.Run(tiered, model=fg.models.mlp(8, [16], 3), data=sites, seed=0, cluster=client1, progress=False,
+                evaluate="never", dashboard=False) as run:
+        run.fit(rounds=2)
+        np.testing.assert_array_equal(run.state.params.flat, got)

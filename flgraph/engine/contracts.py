@@ -1,9 +1,10 @@
 """The typed contracts between the engines and the transports.
 
 :class:`Transport` runs a round's client pass where the clients live; :class:`PlansAhead` (prepare the
-next round while one runs) and :class:`RunsGraphs` (which round-graph features it runs, beyond a chain) are
-capabilities a transport declares. The engines check them with ``isinstance``; a transport that does not
-declare ``RunsGraphs`` runs chains only, and ``Run`` refuses a larger graph on it before the run starts.
+next round while one runs), :class:`RunsGraphs` (which round-graph features it runs, beyond a chain) and
+:class:`KnowsClients` (attributes of its clients that tiers group by) are capabilities a transport
+declares. The engines check them with ``isinstance``; a transport that does not declare ``RunsGraphs``
+runs chains only, and ``Run`` refuses a larger graph on it before the run starts.
 
 Example:
     >>> class Chains:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..context import ClientSet
     from .clients import Partial
 
-__all__ = ["PlansAhead", "RunsGraphs", "Transport", "refuse_unsupported"]
+__all__ = ["KnowsClients", "PlansAhead", "RunsGraphs", "Transport", "refuse_unsupported"]
 
 
 @runtime_checkable
@@ -69,6 +70,17 @@ class PlansAhead(Protocol):
         ...
 
 
+
+
+@runtime_checkable
+class KnowsClients(Protocol):
+    """A transport that knows attributes of its clients, e.g. what an edge agent announced when it joined
+    (its site, its gateway): tiers can group by them (``st.Aggregate(..., by="site")``)."""
+
+    def client_attribute(self, name: str, ids: np.ndarray) -> np.ndarray | None:
+        """Attribute ``name`` of clients ``ids`` (``None`` for a client that did not say), or ``None`` when no
+        client announced such an attribute."""
+        ...
 
 
 @runtime_checkable

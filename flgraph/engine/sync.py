@@ -20,7 +20,7 @@ from ..graph import Branch, RoundGraph, ServerStage
 from ..graph.hooks import ChoosesAhead, KeepsClock
 from ..params import Params
 from ..store.client_state import ClientStateTable
-from .contracts import PlansAhead, Transport
+from .contracts import KnowsClients, PlansAhead, Transport
 from .fanout import Consumer, Layout, RoundReducer, combine_groups, merge_cohorts
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class SyncEngine:
             states, skey = self.client_state
             table = new_states.get(skey) or states.initial()
             main.clients = states.prepare(main.clients, table, rnd)
-        clients = main.clients if self.reducer is None else self._layout(ctxs)
+        clients = main.clients if self.reducer is None else self._layout(ctxs, transport)
         if isinstance(transport, PlansAhead):
             transport.plan_ahead(None if last else rnd + 1, None if last or self.reducer else self.lookahead(rnd + 1))
         t0 = time.perf_counter()
@@ -167,14 +167,14 @@ class SyncEngine:
                                 fix="start the branch with st.Select(...)")
         return ctx
 
-    def _layout(self, ctxs: list[RoundContext]) -> ClientSet:
+    def _layout(self, ctxs: list[RoundContext], transport: Transport) -> ClientSet:
         parts = [c.clients for c in ctxs if c.clients is not None]
         if any(p.keep_first is not None for p in parts):
             raise ConfigError("over-selection (Select(over_select=...)) in a round with several reducers",
                               fix="over-select in a plain round (one reducer of the update)")
         clients = merge_cohorts(parts) if len(parts) > 1 else parts[0]
         names = {b for c in self.consumers for b in c.bys}
-        attributes = {name: group_attribute(self.dataset, clients, name) for name in sorted(names)}
+        attributes = {name: group_attribute(self.dataset, clients, name, transport) for name in sorted(names)}
         clients.layout = Layout.of(self.consumers, clients, attributes)
         return clients
 
@@ -244,11 +244,16 @@ def _group_update(delta: Any, weight: float) -> Update:
     return Update(-1, round(weight), -1, np.asarray(delta))
 
 
-def group_attribute(dataset: Any, clients: ClientSet, name: str) -> np.ndarray:
-    """Attribute ``name`` of the round's clients: a per-client setting of the ClientSet (e.g. a gateway's
-    id), else the dataset's client attribute (:meth:`flgraph.data.FederatedDataset.attribute`)."""
+def group_attribute(dataset: Any, clients: ClientSet, name: str, transport: Any = None) -> np.ndarray:
+    """Attribute ``name`` of the round's clients: a per-client setting of the ClientSet, else what the
+    transport knows of its clients (an edge agent's announced ``device`` fields: :class:`KnowsClients`),
+    else the dataset's client attribute (:meth:`flgraph.data.FederatedDataset.attribute`)."""
     if name in clients.settings:
         return np.asarray(clients.settings[name])
+    if isinstance(transport, KnowsClients):
+        known = transport.client_attribute(name, clients.ids)
+        if known is not None:
+            return np.asarray(known, dtype=object)
     try:
         return np.asarray(dataset.attribute(name, clients.ids))
     except (AttributeError, KeyError) as e:

@@ -225,6 +225,17 @@ class ZmqTransport:
             sums[f"wsum_{k}"] = float(v) * n
         return Partial(value, sums)
 
+    def client_attribute(self, name: str, ids: np.ndarray) -> np.ndarray | None:
+        """What the agents of ``ids`` announced as ``name`` in their ``device`` map when they joined
+        (``Agent(device={"site": "lab-3"})``, ``flgraph edge --device site=lab-3``): the groups of
+        ``Aggregate(..., by=name)``. ``None`` for a client whose agent is away or did not say; ``None`` in
+        all when no connected agent announced ``name``."""
+        agents = self.gateway.connected()
+        said = {c: info.device[name] for c, info in agents.items() if name in info.device}
+        if not said:
+            return None
+        return np.array([said.get(int(c)) for c in ids], dtype=object)
+
     def run_round(self, rnd: int, flat: np.ndarray, clients: ClientSet, on_error: str = "raise") -> Partial:
         """Run the client segment for ``clients`` on their agents and return the round's root partial."""
         return self.collect(self.submit(rnd, flat, clients), on_error)
