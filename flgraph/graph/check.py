@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PipelineError
@@ -75,7 +75,6 @@ class RoundGraph:
     """A checked round: its branches (the first is the main one; they run side by side)."""
 
     branches: tuple[Branch, ...]
-    names: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def main(self) -> Branch:
