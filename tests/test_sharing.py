@@ -252,3 +252,15 @@ def test_a_pure_sampler_chooses_each_round_once_ahead_and_the_result_is_unchange
     # round 1 at its start, rounds 2-4 ahead, during the round before; once each
     assert calls_ahead == [(1, False), (2, True), (3, True), (4, True)]
     assert np.array_equal(ahead, at_round)
+
+
+def test_closing_a_table_while_a_view_of_it_lives_does_not_fail(tmp_path):
+    """A view kept alive past close (e.g. by a frame in a reference cycle) must not fail the round that
+    closes the table: the map goes with the view."""
+    path = str(tmp_path / "claims")
+    Claims.create(path, [(0, 4), (4, 8)])
+    table = Claims(path)
+    view = table._rows[0]
+    table.close()
+    assert view.tolist() == [0, 4, -1]
+    del view

@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Callable, Sequence
@@ -179,9 +180,14 @@ class Claims:
         return self._locked(pick)
 
     def close(self) -> None:
-        """Unmap the table and close its file."""
+        """Unmap the table and close its file.
+
+        A view of the table may outlive this call (a frame in a reference cycle that the next garbage
+        collection frees): then the map stays until that view goes, and is unmapped with it, instead of
+        the close failing a round that has finished its work."""
         del self._rows
-        self._map.close()
+        with contextlib.suppress(BufferError):
+            self._map.close()
         os.close(self._fd)
 
     def __enter__(self) -> Claims:
