@@ -8,8 +8,10 @@ per-client epochs are drawn from with flgraph.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -119,6 +121,7 @@ def test_fednova_equals_the_papers_update_over_three_rounds(client2):
 
 
 def test_with_equal_local_steps_fednova_is_fedavgs_step(client2):
+    # 24 samples on every client, 2 epochs of batch 8: tau_i = 6 for all, so tau_eff * mean(d_i) = mean(delta_i)
     fedavg = recipes.fedavg(clients=PER_ROUND, epochs=2, batch_size=BATCH, lr=LR, evaluate_every=None)
     fedavg.stages[0].sampler = _choose
     a = _run(client2, pipeline=fedavg, data=_data(equal=True))
@@ -155,16 +158,21 @@ def by_address(tmp_path):
         while not sched_file.exists() or not sched_file.read_text().strip().endswith("}"):
             assert time.monotonic() < deadline, "the scheduler did not start"
             time.sleep(0.1)
-        address = __import__("json").loads(sched_file.read_text())["address"]
+        address = json.loads(sched_file.read_text())["address"]
         procs.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "2", "--nthreads", "1",
                                        "--host", "127.0.0.1", "--no-dashboard"], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True))
         yield address
     finally:
         for p in reversed(procs):
-            os.killpg(p.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
-            p.wait(timeout=20)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
 
 
 def test_fednova_on_a_cluster_reached_by_address_gives_the_same_bits(by_address, client1):
