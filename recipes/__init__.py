@@ -14,10 +14,11 @@ from .fedavg import fedavg
 from .fedavgm import fedavgm
 from .fedbabu import fedbabu
 from .fedbuff import fedbuff
+from .fednova import fednova
 from .fedprox import fedprox
 from .fedyogi import fedyogi
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
-__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fedprox", "fedyogi", "robust_fedavg",
-           "scaffold"]
+__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova", "fedprox", "fedyogi",
+           "robust_fedavg", "scaffold"]

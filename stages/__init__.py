@@ -15,9 +15,11 @@ from .broadcast import Broadcast
 from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
 from .byzantine import Byzantine
 from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
+from .epochs import RandomEpochs
 from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
+from .fednova import FedNovaNormalize, FedNovaStep
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
@@ -42,6 +44,8 @@ __all__ = [
     "Constant",
     "Discard",
     "Evaluate",
+    "FedNovaNormalize",
+    "FedNovaStep",
     "FederatedEvaluate",
     "Float16",
     "GaussianNoise",
@@ -55,6 +59,7 @@ __all__ = [
     "PersonalizedEvaluate",
     "Polynomial",
     "PrivacyAccountant",
+    "RandomEpochs",
     "ReduceStage",
     "Reducer",
     "ScaffoldControl",
