@@ -15,6 +15,7 @@ from .broadcast import Broadcast
 from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
 from .byzantine import Byzantine
 from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
+from .ditto import DittoPersonal
 from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
@@ -41,6 +42,7 @@ __all__ = [
     "Compress",
     "Constant",
     "Discard",
+    "DittoPersonal",
     "Evaluate",
     "FederatedEvaluate",
     "Float16",
