@@ -171,3 +171,19 @@ def test_ditto_recipe_without_holdout_keeps_no_evaluation():
           fg.Run(recipes.fedavg(clients=2, evaluate_every=None), model=_model(), data=_data(), seed=0,
                  progress=False, dashboard=False, metrics_log=None) as run):
         personal_models(run)
+
+
+def test_ditto_personal_steps_count_batches_across_epochs_without_evaluation(client1):
+    def personal(**solver):  # 20 samples in batches of 8: 3 batches an epoch
+        p = (fg.stages.Select(clients=PER_ROUND) >> fg.stages.Broadcast() >> fg.stages.LocalTrain(batch_size=BATCH)
+             >> fg.stages.DittoPersonal(LAM, lr=P_LR, batch_size=BATCH, holdout=0.0, evaluate=False, **solver)
+             >> fg.stages.Aggregate(fg.stages.WeightedMean()))
+        with fg.Run(p, model=_model(), data=_data(), seed=SEED, cluster=client1, progress=False, dashboard=False,
+                    metrics_log=None) as run:
+            run.fit(2)
+            return personal_models(run)
+
+    by_epochs, by_steps = personal(epochs=3), personal(steps=9)
+    assert sorted(by_epochs) == sorted(by_steps) and len(by_steps) >= PER_ROUND
+    assert all(np.array_equal(by_epochs[k], by_steps[k]) for k in by_steps)
+    assert not all(np.array_equal(by_epochs[k], v) for k, v in personal(steps=8).items())
