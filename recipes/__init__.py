@@ -8,6 +8,7 @@ Example:
     (5, 6)
 """
 
+from .ditto import ditto
 from .fedadagrad import fedadagrad
 from .fedadam import fedadam
 from .fedavg import fedavg
@@ -20,5 +21,5 @@ from .fedyogi import fedyogi
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
-__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova", "fedprox", "fedyogi",
+__all__ = ["ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova", "fedprox", "fedyogi",
            "robust_fedavg", "scaffold"]

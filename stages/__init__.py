@@ -15,6 +15,7 @@ from .broadcast import Broadcast
 from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
 from .byzantine import Byzantine
 from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
+from .ditto import DittoPersonal
 from .epochs import RandomEpochs
 from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
@@ -43,6 +44,7 @@ __all__ = [
     "Compress",
     "Constant",
     "Discard",
+    "DittoPersonal",
     "Evaluate",
     "FedNovaNormalize",
     "FedNovaStep",
