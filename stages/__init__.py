@@ -18,6 +18,7 @@ from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
 from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
+from .oort import Collect, OortFeedback, OortSelect, OortUtility
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
@@ -38,6 +39,7 @@ __all__ = [
     "ClientEvaluate",
     "ClientStage",
     "ClipNorm",
+    "Collect",
     "Compress",
     "Constant",
     "Discard",
@@ -52,6 +54,9 @@ __all__ = [
     "Mean",
     "Median",
     "MetricsMean",
+    "OortFeedback",
+    "OortSelect",
+    "OortUtility",
     "PersonalizedEvaluate",
     "Polynomial",
     "PrivacyAccountant",
