@@ -52,6 +52,8 @@ def oort(
     """
     if clients is None and fraction is None:
         fraction = 0.1
+    if simulate is not None:  # every client's duration estimated from its device until it reports one
+        select = {"devices": simulate.devices, "epochs": epochs, **(select or {})}
     p: Any = st.OortSelect(clients, fraction=fraction, over_select=over_select, **(select or {}))
     if simulate is not None:
         p = p >> simulate

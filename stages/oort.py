@@ -176,9 +176,11 @@ class OortSelect(Select):
     is off by default as in FedScale (``blacklist_rounds=-1``); ``blacklist_rounds=k`` leaves out clients
     counted more than ``k`` times, at most ``blacklist_max_len`` of the population.
 
-    Departure from FedScale, which estimates every client's duration from its device profile up front:
-    a duration is known once the client was counted, so the preferred duration ``T`` is the percentile of
-    the known durations and unseen clients are ranked by sample count alone.
+    ``devices=`` (the :class:`~flgraph.sim.DevicePopulation` of the round's Simulate) estimates, as FedScale
+    does, every client's duration up front (download + ``epochs`` passes over its samples + upload), used
+    until the client reports its own. Without it, a duration is known once the client was counted: the
+    preferred duration ``T`` is the percentile of the known durations and unseen clients are ranked by
+    sample count alone (then the clients that over-commitment drops stay unseen and keep being explored).
 
     Needs :class:`OortFeedback` in the round (it keeps the statistics this stage reads).
     """
@@ -188,7 +190,7 @@ class OortSelect(Select):
                  pacer_step: int = 20, pacer_delta: float = 5.0, round_threshold: float = 30.0,
                  round_penalty: float = 2.0, clip_bound: float = 0.9, cut_off_util: float = 0.05,
                  sample_window: float = 5.0, blacklist_rounds: int = -1, blacklist_max_len: float = 0.3,
-                 available: Any = None) -> None:
+                 devices: Any = None, epochs: int = 1, available: Any = None) -> None:
         super().__init__(clients, fraction=fraction, over_select=over_select, available=available)
         if not 0 <= exploration_min <= exploration <= 1 or not 0 < exploration_decay <= 1:
             raise ConfigError(f"OortSelect(exploration={exploration}, exploration_decay={exploration_decay}, "
@@ -203,7 +205,11 @@ class OortSelect(Select):
         self.round_penalty, self.clip_bound, self.cut_off_util = round_penalty, clip_bound, cut_off_util
         self.sample_window = sample_window
         self.blacklist_rounds, self.blacklist_max_len = blacklist_rounds, blacklist_max_len
-        self._sizes: tuple[int, np.ndarray] | None = None
+        if devices is not None and not hasattr(devices, "profile"):
+            raise ConfigError(f"OortSelect(devices={devices!r}) is not a DevicePopulation",
+                              fix="pass the DevicePopulation given to st.Simulate, or leave devices out")
+        self.devices, self.epochs = devices, epochs
+        self._sizes: tuple[int, np.ndarray, np.ndarray | None] | None = None
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
@@ -229,8 +235,14 @@ class OortSelect(Select):
             ctx.state.update(self.init_state(ctx.params))
         ids = ctx.dataset.client_ids
         if self._sizes is None or self._sizes[0] != id(ctx.dataset):
-            self._sizes = (id(ctx.dataset), np.array([ctx.dataset.num_samples(int(c)) for c in ids], np.float64))
-        sizes = self._sizes[1]
+            sizes = np.array([ctx.dataset.num_samples(int(c)) for c in ids], np.float64)
+            est = None
+            if self.devices is not None:  # as FedScale: every client's duration estimated from its device
+                nb = float(ctx.params.nbytes)
+                est = np.array([self.devices.profile(int(c)).duration(self.epochs * sizes[i], nb, nb)
+                                for i, c in enumerate(ids)])
+            self._sizes = (id(ctx.dataset), sizes, est)
+        sizes, est = self._sizes[1], self._sizes[2]
         n = len(ids)
         stats = {k: np.asarray(ctx.values[k]) for k in STATS}
         if len(stats["oort_utility"]) != n:  # no feedback yet: every client is unseen
@@ -244,7 +256,7 @@ class OortSelect(Select):
         if drawn == 0:
             raise ConfigError(f"round {ctx.round}: no client is available", fix="check the availability")
         picked = oort_choice(self, ctx.state, stats, sizes, feasible, drawn, ctx.round,
-                             stream(ctx.seed, self.tag, ctx.round))
+                             stream(ctx.seed, self.tag, ctx.round), est)
         clients = ClientSet(ids[picked])
         if self.over_select > 1.0 and len(clients) > count:
             clients.keep_first = count
@@ -255,10 +267,15 @@ class OortSelect(Select):
 
 
 def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndarray], sizes: np.ndarray,
-                feasible: np.ndarray, k: int, rnd: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions of the ``k`` clients Oort picks in round ``rnd`` (updates ``state``: pacer, exploration)."""
+                feasible: np.ndarray, k: int, rnd: int, rng: np.random.Generator,
+                estimated: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the ``k`` clients Oort picks in round ``rnd`` (updates ``state``: pacer, exploration).
+
+    ``estimated``: every client's expected duration, used where none was reported yet."""
     util, dur, last, cnt = (stats[s] for s in STATS)
     seen = cnt > 0
+    if estimated is not None:
+        dur = np.where(seen, dur, estimated)
     # the pacer: the utility the last round's exploited clients brought back, compared over windows
     ex = np.asarray(state["exploited"], np.int64)
     ok = ex[last[ex] == rnd - 1] if len(ex) else ex
@@ -275,7 +292,7 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
         over = np.flatnonzero(cnt > cfg.blacklist_rounds)
         over = over[np.argsort(-cnt[over], kind="stable")][: int(cfg.blacklist_max_len * len(cnt))]
         ok_mask[over] = False
-    known = np.sort(dur[seen])
+    known = np.sort(dur if estimated is not None else dur[seen])
     prefer = known[min(int(len(known) * thr / 100.0), len(known) - 1)] if thr < 100.0 and len(known) else math.inf
     reward = np.where(seen, util, sizes)
     moving = np.sort(reward[ok_mask & (reward > 0)])

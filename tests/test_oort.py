@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flgraph.stages.oort import STATS, oort_choice
+from test_clusters import cli_cluster  # noqa: F401  (the fixture: dask scheduler + workers reached by address)
 
 import flgraph as fg
 from flgraph import recipes
@@ -24,9 +25,11 @@ from flgraph.rng import stage_tag, stream
 class RefOort:
     """Oort's training selector, one dict per client: reward, duration, last round, count."""
 
-    def __init__(self, sizes, step=20, delta=5.0, threshold=30.0, alpha=2.0, blacklist=-1):
+    def __init__(self, sizes, step=20, delta=5.0, threshold=30.0, alpha=2.0, blacklist=-1, estimated=None):
         self.sizes = {i: float(s) for i, s in enumerate(sizes)}
-        self.arms = {i: {"reward": 0.0, "duration": 0.0, "last": 0, "count": 0} for i in self.sizes}
+        self.estimated = estimated  # every client's expected duration (FedScale registers it up front)
+        self.arms = {i: {"reward": 0.0, "duration": 0.0 if estimated is None else float(estimated[i]), "last": 0,
+                         "count": 0} for i in self.sizes}
         self.eps, self.step, self.delta, self.threshold = 0.9, step, delta, threshold
         self.alpha, self.blacklist = alpha, blacklist
         self.history, self.exploited = [], []
@@ -53,7 +56,7 @@ class RefOort:
             banned = {c for c in by_count if arms[c]["count"] > self.blacklist}
             banned = set([c for c in by_count if c in banned][: int(0.3 * len(arms))])
         keys = [c for c in arms if c not in banned]
-        known = sorted(arms[c]["duration"] for c in arms if arms[c]["count"] > 0)
+        known = sorted(arms[c]["duration"] for c in arms if arms[c]["count"] > 0 or self.estimated is not None)
         prefer = math.inf
         if self.threshold < 100 and known:
             prefer = known[min(int(len(known) * self.threshold / 100.0), len(known) - 1)]
@@ -100,8 +103,8 @@ class RefOort:
         return [int(c) for c in explore + exploit]
 
 
-@pytest.mark.parametrize("blacklist", [-1, 2])
-def test_selector_equals_an_independent_implementation(blacklist):
+@pytest.mark.parametrize(("blacklist", "estimate"), [(-1, False), (2, False), (-1, True), (3, True)])
+def test_selector_equals_an_independent_implementation(blacklist, estimate):
     n, k, rounds = 60, 8, 12
     rs = np.random.default_rng(7)
     sizes = rs.integers(5, 200, n).astype(float)
@@ -110,9 +113,10 @@ def test_selector_equals_an_independent_implementation(blacklist):
     cfg = st.OortSelect(clients=k, pacer_step=3, blacklist_rounds=blacklist)
     state = cfg.init_state(None)  # type: ignore[arg-type]
     stats = {s: np.zeros(n, np.int64 if s in ("oort_round", "oort_count") else np.float64) for s in STATS}
-    ref = RefOort(sizes, step=3, blacklist=blacklist)
+    est = rs.lognormal(3.0, 1.0, n) if estimate else None
+    ref = RefOort(sizes, step=3, blacklist=blacklist, estimated=est)
     for rnd in range(1, rounds + 1):
-        got = oort_choice(cfg, state, stats, sizes, np.ones(n, bool), k, rnd, stream(5, 9, rnd))
+        got = oort_choice(cfg, state, stats, sizes, np.ones(n, bool), k, rnd, stream(5, 9, rnd), est)
         want = ref.select(k, rnd, stream(5, 9, rnd))
         assert got.tolist() == want, rnd
         assert state["threshold"] == ref.threshold and state["exploration"] == ref.eps
@@ -123,7 +127,7 @@ def test_selector_equals_an_independent_implementation(blacklist):
             stats["oort_utility"][c], stats["oort_duration"][c] = u, d
             stats["oort_round"][c] = rnd
             stats["oort_count"][c] += 1
-    assert ref.threshold != 30.0 or blacklist >= 0  # the pacer moved the preferred duration
+    assert ref.threshold != 30.0  # the pacer moved the preferred duration
 
 
 NUM_CLIENTS, K, BATCH, LR = 24, 4, 8, 0.1
@@ -206,6 +210,18 @@ def test_oort_resumes_bit_exactly_with_its_state(client2, tmp_path):
         sel = next(k for k in states if k.endswith("oort-select"))
         for name, v in states[sel].items():
             assert np.array_equal(np.asarray(run.state.stage_states[sel][name]), np.asarray(v)), name
+
+
+def test_oort_on_a_cluster_reached_by_address_gives_the_same_bits(cli_cluster, client1):  # noqa: F811
+    out = []
+    for cluster, workers in ((cli_cluster, 2), (client1, None)):
+        with fg.Run(_pipeline(), model=_model(), data=_data(), seed=2, cluster=cluster, workers=workers,
+                    progress=False, dashboard=False, metrics_log=None) as run:
+            run.fit(3)
+            out.append((run.state.params.flat.copy(), _feedback(run)))
+    assert np.array_equal(out[0][0], out[1][0])
+    for s in STATS:
+        assert np.array_equal(out[0][1][s], out[1][1][s]), s
 
 
 def test_oort_select_refuses_settings_it_cannot_honour():
