@@ -64,7 +64,9 @@ class OortUtility(ClientStage):
     """Write ``utility = [client id, U_i, t_i]`` for the client that just trained (place it after LocalTrain).
 
     ``U_i = n sqrt(mean_k loss_k^2)`` over the client's ``n`` samples, the losses of its trained model
-    (global + update), in eval mode, without gradients; ``loss(out, y)`` returns one loss per sample.
+    (global + update), in eval mode, without gradients; ``loss(out, y)`` returns one loss per sample. This
+    stands for the per-sample training losses FedScale collects in the client's last steps; it costs one
+    forward pass over the client's samples (all of them, a ``holdout`` included).
     ``t_i`` is the client's simulated duration with :class:`~flgraph.stages.Simulate` (1.0 without it: every
     client then costs the same and only the statistical utility guides the choice).
     """
@@ -225,7 +227,8 @@ class OortSelect(Select):
 
     def init_state(self, params: Params) -> dict[str, Any]:
         return {"exploration": float(self.exploration), "threshold": float(self.round_threshold),
-                "exploit_util": np.zeros(0), "explored": np.zeros(0, np.int64), "exploited": np.zeros(0, np.int64)}
+                "exploit_util": np.zeros(0),
+                "exploited": np.zeros(0, np.int64)}
 
     def lookahead(self, rnd: int, seed: int, dataset: Any) -> ClientSet | None:
         return None  # the choice depends on the last round's feedback
@@ -294,7 +297,7 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
         ok_mask[over] = False
     known = np.sort(dur if estimated is not None else dur[seen])
     prefer = known[min(int(len(known) * thr / 100.0), len(known) - 1)] if thr < 100.0 and len(known) else math.inf
-    reward = np.where(seen, util, sizes)
+    reward = np.where(seen, util, sizes)  # an unseen client's utility is its size, as FedScale registers it
     moving = np.sort(reward[ok_mask & (reward > 0)])
     if len(moving):
         clip = float(moving[min(int(len(moving) * cfg.clip_bound), len(moving) - 1)])
@@ -309,6 +312,7 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
         return np.where(d > prefer, (prefer / np.maximum(d, 1e-4)) ** cfg.round_penalty, 1.0)
 
     cand = np.flatnonzero(ok_mask & seen)
+    # the staleness bonus sqrt(0.1 ln R / L_i), L_i the client's last counted round (the paper's and FedScale's)
     score = ((np.minimum(util[cand], clip) - lo) / span
              + np.sqrt(0.1 * math.log(rnd) / np.maximum(last[cand], 1)))
     score = np.abs(score * penalty(dur[cand]))
@@ -321,6 +325,7 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
     if n_exploit > 0:
         order = cand[np.argsort(-score, kind="stable")]
         ranked = score[np.argsort(-score, kind="stable")]
+        # the pool: every client above 5% of the k-th score, and at least 10 k + 1 of them (FedScale's rule)
         cut = ranked[min(n_exploit, len(ranked) - 1)] * cfg.cut_off_util
         keep = max(int(np.searchsorted(-ranked, -cut, side="right")), min(len(ranked), int(10 * n_exploit) + 1))
         pool, w = order[:keep], ranked[:keep]
@@ -331,6 +336,5 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
         order = np.argsort(-init, kind="stable")[: min(int(cfg.sample_window * n_explore), len(unseen))]
         pool, w = unseen[order], init[order]
         explore = rng.choice(pool, n_explore, replace=False, p=w / max(1e-4, float(w.sum())))
-    state.update(exploration=exploration, threshold=thr, exploit_util=hist,
-                 explored=np.asarray(explore, np.int64), exploited=np.asarray(exploit, np.int64))
+    state.update(exploration=exploration, threshold=thr, exploit_util=hist, exploited=np.asarray(exploit, np.int64))
     return np.concatenate([explore, exploit]).astype(np.int64)
