@@ -18,8 +18,9 @@ from .fedbuff import fedbuff
 from .fednova import fednova
 from .fedprox import fedprox
 from .fedyogi import fedyogi
+from .oort import oort
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
 __all__ = ["ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova", "fedprox", "fedyogi",
-           "robust_fedavg", "scaffold"]
+           "oort", "robust_fedavg", "scaffold"]

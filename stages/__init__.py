@@ -21,6 +21,7 @@ from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
 from .fednova import FedNovaNormalize, FedNovaStep
+from .oort import Collect, OortFeedback, OortSelect, OortUtility
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
@@ -41,6 +42,7 @@ __all__ = [
     "ClientEvaluate",
     "ClientStage",
     "ClipNorm",
+    "Collect",
     "Compress",
     "Constant",
     "Discard",
@@ -58,6 +60,9 @@ __all__ = [
     "Mean",
     "Median",
     "MetricsMean",
+    "OortFeedback",
+    "OortSelect",
+    "OortUtility",
     "PersonalizedEvaluate",
     "Polynomial",
     "PrivacyAccountant",

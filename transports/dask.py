@@ -286,7 +286,7 @@ class DaskTransport(Transport, PlansAhead):
             order = sorted((t, p) for part in gather(c, timed) for p, t in part)
             keep = frozenset(p for _, p in order[: clients.keep_first])
             reason = f"over-selection: not among the first {clients.keep_first} to finish"
-            reduced = [c.submit(reduce_held, bundle, h, keep, n, tree.cover(n, a, b), reason,
+            reduced = [c.submit(reduce_held, bundle, h, keep, n, tree.cover(n, a, b), reason, clients,
                                 key=f"aggregate-{tag}-c{j:04d}-{run}", pure=False)
                        for j, (h, (a, b)) in enumerate(zip(held, chunks))]
             futs += reduced

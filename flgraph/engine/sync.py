@@ -169,9 +169,6 @@ class SyncEngine:
 
     def _layout(self, ctxs: list[RoundContext], transport: Transport) -> ClientSet:
         parts = [c.clients for c in ctxs if c.clients is not None]
-        if any(p.keep_first is not None for p in parts):
-            raise ConfigError("over-selection (Select(over_select=...)) in a round with several reducers",
-                              fix="over-select in a plain round (one reducer of the update)")
         clients = merge_cohorts(parts) if len(parts) > 1 else parts[0]
         names = {b for c in self.consumers for b in c.bys}
         attributes = {name: group_attribute(self.dataset, clients, name, transport) for name in sorted(names)}

@@ -226,7 +226,7 @@ class RunDirectory(MetricsTable):
                     if isinstance(v, np.ndarray):
                         arr = np.ascontiguousarray(v)
                         s = g.create_array(f"state/{key}/{k}", shape=arr.shape, dtype=arr.dtype,
-                                           chunks=arr.shape if arr.ndim and arr.size else None)
+                                           chunks=tuple(max(1, d) for d in arr.shape) if arr.ndim else None)
                         s[...] = arr
                         crc = _crc(crc, arr)
                     else:
