@@ -19,6 +19,7 @@ from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
+from .qffl import QFedAvgStep, QFFLUpdate
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
 from .select import Select, is_pure_sampler, pure_sampler
@@ -55,6 +56,8 @@ __all__ = [
     "PersonalizedEvaluate",
     "Polynomial",
     "PrivacyAccountant",
+    "QFFLUpdate",
+    "QFedAvgStep",
     "ReduceStage",
     "Reducer",
     "ScaffoldControl",
