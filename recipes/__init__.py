@@ -16,8 +16,9 @@ from .fedbabu import fedbabu
 from .fedbuff import fedbuff
 from .fedprox import fedprox
 from .fedyogi import fedyogi
+from .qffl import qffl
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
-__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fedprox", "fedyogi", "robust_fedavg",
-           "scaffold"]
+__all__ = ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fedprox", "fedyogi", "qffl",
+           "robust_fedavg", "scaffold"]
