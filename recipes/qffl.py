@@ -15,9 +15,10 @@ size (so the clients must run plain SGD with that ``lr``). A larger ``q`` weighs
 higher loss more; ``q = 0`` is FedAvg with every device weighted the same. The sums are taken as means
 over the same clients (the same ratio).
 
-Defaults: ``q = 1`` (the paper's choice for its synthetic data) and 10 devices per round; E = 1, batch 32
-and lr 0.05 are the W1 workload's. The paper's per-dataset q, lr and batch sizes are unchecked here (no
-copy of its tables offline); so is whether its sampling is with replacement (``Select`` draws without).
+Defaults: ``q = 1`` and 10 devices per round, as we recall the paper's synthetic-data setup, and the
+sampling by p_k = n_k / n of Algorithm 2; E = 1, batch 32 and lr 0.05 are the W1 workload's. None of the
+paper's per-dataset q, lr, batch sizes or sampling details is checked here (no copy of the paper offline);
+``Select`` draws without replacement.
 
 Example:
     >>> from flgraph import recipes
