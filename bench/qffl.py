@@ -6,7 +6,7 @@ average accuracy as FedAvg (here q = 0 of the same algorithm: every client weigh
 
 Setting (generated data, no download): ``synthetic_classification`` with Dirichlet(alpha=0.1) labels per
 client (most clients see one or two classes) and a weak class signal (0.2), so that a client whose classes
-are rare or hard gets a low accuracy; 100 clients of 160 samples, each holding out 25% (40) (the same split
+are rare or hard gets a low accuracy; 100 clients of 160 samples, each holding out 40 (25%, the split that
 ``LocalTrain(holdout=0.25)`` never trains on); 10 clients a round, 1 local epoch of batch 10 at lr 0.1,
 multinomial logistic regression (20 -> 10), q = 1, 200 rounds. The same seed gives both the same data,
 initial model and client draws. Prints, per seed, over the 100 clients' held-out parts (each client counts

@@ -88,6 +88,10 @@ class QFFLUpdate(ClientStage):
         self.holdout = holdout
         self.batch_size = batch_size
 
+    @property
+    def name(self) -> str:
+        return "qffl-update"  # the default kebab case would split the acronym letter by letter
+
     def drops(self) -> frozenset[str]:
         return frozenset({"update"})
 
@@ -137,6 +141,10 @@ class QFedAvgStep(ServerStage):
         ctx.params = Params(ctx.params.spec, flat.astype(ctx.params.spec.carrier))
         ctx.metrics["update_norm"] = float(np.linalg.norm(delta)) / denom
         ctx.metrics["qffl_h"] = denom
+
+    @property
+    def name(self) -> str:
+        return "qfedavg-step"
 
     def settings(self) -> dict[str, Any]:
         return {}
