@@ -19,8 +19,9 @@ from .fednova import fednova
 from .fedprox import fedprox
 from .fedyogi import fedyogi
 from .oort import oort
+from .qffl import qffl
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
 __all__ = ["ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova", "fedprox", "fedyogi",
-           "oort", "robust_fedavg", "scaffold"]
+           "oort", "qffl", "robust_fedavg", "scaffold"]

@@ -23,6 +23,7 @@ from .evaluate_cohort import ClientEvaluate, Discard
 from .fednova import FedNovaNormalize, FedNovaStep
 from .oort import Collect, OortFeedback, OortSelect, OortUtility
 from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
+from .qffl import QFedAvgStep, QFFLUpdate
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
 from .select import Select, is_pure_sampler, pure_sampler
@@ -66,6 +67,8 @@ __all__ = [
     "PersonalizedEvaluate",
     "Polynomial",
     "PrivacyAccountant",
+    "QFFLUpdate",
+    "QFedAvgStep",
     "RandomEpochs",
     "ReduceStage",
     "Reducer",
