@@ -54,6 +54,10 @@ log = logging.getLogger("flgraph")
 LOOPBACK = ("inproc://", "tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:")
 """Worker addresses on the driver's machine."""
 PUSH_GRACE_S = 0.25  # a task Dask reports done whose partial has not arrived by then is gathered through Dask
+# A task that pushed its partial (it returned None) may finish well before the partial is read, when the
+# driver's threads are busy (a snapshot being written, a loaded machine): the push is in the socket's queue.
+# Only after this long is the partial taken as lost, and the round run again (its result is the same).
+ARRIVAL_GRACE_S = 10.0
 
 
 def accelerator_for(client: Client, workers: list[str], bundle: Future, reducer: Any, stage_name: str,
@@ -217,6 +221,7 @@ class LocalAccelerator:
         pending = set(h.keys)  # chunks whose final answer has not come
         owed: dict[str, float] = {}  # early pushes a final answer announced that have not come: since when
         finished_at: dict[str, float] = {}
+        pushed: set[str] = set()  # finished tasks that pushed their partial (it has not been read yet)
 
         def fold(key: str, nodes: tasks.Nodes) -> None:
             try:
@@ -246,7 +251,7 @@ class LocalAccelerator:
                     answer(k, value)
             now = time.monotonic()
             for e, since in owed.items():
-                if now - since > PUSH_GRACE_S:
+                if now - since > ARRIVAL_GRACE_S:
                     raise LostWork(f"the chunk task {e.split('#')[0]} sent early partials that never arrived")
             for key in [k for k in pending if k not in got]:
                 fut = h.futs[key]
@@ -255,13 +260,20 @@ class LocalAccelerator:
                     raise ClusterError(f"the chunk task {key} failed")
                 if fut.status == "cancelled":
                     raise LostWork(f"the chunk task {key} was cancelled")
-                if fut.status == "finished" and now - finished_at.setdefault(key, now) > PUSH_GRACE_S:
+                if fut.status != "finished":
+                    continue
+                since = finished_at.setdefault(key, now)
+                if key in pushed:  # it pushed its partial, which is still on its way
+                    if now - since > ARRIVAL_GRACE_S:
+                        raise LostWork(f"the chunk task {key} pushed its partial, which did not arrive")
+                    continue
+                if now - since > PUSH_GRACE_S:
                     result = gather(self.client, [fut])[0]  # the task returned its partial: the push failed
                     if isinstance(result, str) and result == tasks.NO_WORK:
                         self._again(h, key)
                         finished_at.pop(key, None)
                     elif result is None:
-                        raise ClusterError(f"the chunk task {key} sent its partial, but it never arrived")
+                        pushed.add(key)
                     else:
                         answer(key, result)
         if inc.covered != n:
