@@ -16,29 +16,18 @@ import torch
 import torch.nn.functional as F
 from flgraph.stages.ditto import personal_models
 from flgraph.stages.split import heldout
+from recipe_cohort import CHOSEN, PER_ROUND
+from recipe_cohort import choose as _choose
+from recipe_cohort import model as _model
+from recipe_cohort import population as _data
 from test_clusters import cli_cluster  # noqa: F401  (the fixture: `dask scheduler` + workers by address)
 
 import flgraph as fg
 from flgraph import recipes
 from flgraph.rng import stage_tag, stream
 
-NUM_CLIENTS, PER_ROUND, EPOCHS, BATCH, LR = 12, 4, 2, 8, 0.1
+EPOCHS, BATCH, LR = 2, 8, 0.1
 LAM, P_EPOCHS, P_LR, HOLDOUT, SEED = 0.5, 3, 0.05, 0.25, 0
-CHOSEN = {1: [0, 5, 7, 9], 2: [1, 5, 8, 11], 3: [0, 2, 5, 9]}  # 5 every round, 0 and 9 twice: v_k carries over
-
-
-def _choose(rnd, population, count, rng):
-    return np.array(CHOSEN[rnd])
-
-
-def _data() -> fg.data.FederatedDataset:
-    return fg.data.synthetic_classification(num_clients=NUM_CLIENTS, samples_per_client=20, num_features=6,
-                                            num_classes=3, alpha=0.3, seed=3)
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return fg.models.mlp(6, [8], 3)
 
 
 def _pipeline() -> fg.Pipeline:

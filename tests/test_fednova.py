@@ -24,6 +24,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_cohort import CHOSEN, NUM_CLIENTS, PER_ROUND
+from recipe_cohort import choose as _choose
+from recipe_cohort import model as _model
 
 import flgraph as fg
 from flgraph import recipes
@@ -31,13 +34,8 @@ from flgraph import stages as st
 from flgraph.graph import Pipeline
 from flgraph.rng import stage_tag, stream
 
-NUM_CLIENTS, PER_ROUND, LOW, HIGH, BATCH, LR = 12, 4, 1, 4, 8, 0.1
+LOW, HIGH, BATCH, LR = 1, 4, 8, 0.1
 SIZES = [9, 24, 13, 20, 7, 24, 16, 11, 24, 18, 5, 22]  # unequal n_i: p_i and tau_i differ by client
-CHOSEN = {1: [0, 5, 7, 9], 2: [1, 5, 8, 11], 3: [0, 2, 5, 9]}
-
-
-def _choose(rnd, population, count, rng):
-    return np.array(CHOSEN[rnd])
 
 
 def _data(equal: bool = False) -> fg.data.FederatedDataset:
@@ -50,11 +48,6 @@ def _data(equal: bool = False) -> fg.data.FederatedDataset:
     y = np.concatenate([p.y[:n] for p, n in zip(parts, SIZES)])
     bounds = np.cumsum([0, *SIZES])
     return fg.data.FederatedDataset.from_arrays(x, y, [np.arange(a, b) for a, b in itertools.pairwise(bounds)])
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return fg.models.mlp(6, [8], 3)
 
 
 def _pipeline(epochs=(LOW, HIGH)) -> fg.Pipeline:

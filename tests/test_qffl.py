@@ -12,28 +12,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_cohort import CHOSEN, PER_ROUND
+from recipe_cohort import choose as _choose
+from recipe_cohort import model as _model
+from recipe_cohort import population as _data
 
 import flgraph as fg
 from flgraph import recipes
 from flgraph import stages as st
 from flgraph.rng import stage_tag, stream
 
-NUM_CLIENTS, PER_ROUND, EPOCHS, BATCH, LR = 12, 4, 2, 8, 0.1
-CHOSEN = {1: [0, 5, 7, 9], 2: [1, 5, 8, 11], 3: [0, 2, 5, 9]}
-
-
-def _choose(rnd, population, count, rng):
-    return np.array(CHOSEN[rnd])
-
-
-def _data() -> fg.data.FederatedDataset:
-    return fg.data.synthetic_classification(num_clients=NUM_CLIENTS, samples_per_client=20, num_features=6,
-                                            num_classes=3, alpha=0.3, seed=3)
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return fg.models.mlp(6, [8], 3)
+EPOCHS, BATCH, LR = 2, 8, 0.1
 
 
 def _pipeline(q: float = 1.0) -> fg.Pipeline:
