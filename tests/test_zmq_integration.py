@@ -122,10 +122,12 @@ class Agents:
 
 
 @contextlib.contextmanager
-def agent_threads(t, task, clients, keys):
-    """In-process agents (a thread each) for ``clients`` on transport ``t``; stopped, and ``t`` closed, at exit."""
+def agent_threads(t, task, clients, keys, device=None):
+    """In-process agents (a thread each) for ``clients`` on transport ``t``; stopped, and ``t`` closed, at exit.
+    ``device(client)``: the fields each agent announces when it joins."""
     agents = [Agent(t.endpoint, task, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
-                    server_key=keys / "gateway.key", heartbeat_s=HB) for c in clients]
+                    server_key=keys / "gateway.key", heartbeat_s=HB, device=device(c) if device else None)
+              for c in clients]
     threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
     for th in threads:
         th.start()
@@ -488,13 +490,7 @@ def test_tiers_group_edge_clients_by_what_their_agents_announced(keys, client1):
               >> st.Aggregate(st.WeightedMean(), by="site") >> st.Aggregate(st.Median()))
     edge = transport(keys, deadline_s=20)
     edge.gateway.start()
-    agents = [Agent(edge.endpoint, synthetic, client_id=c, secret_key=keys / f"agent-{c}.key_secret",
-                    server_key=keys / "gateway.key", heartbeat_s=HB, device={"site": f"lab-{c % 2}"})
-              for c in range(4)]
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-    for th in threads:
-        th.start()
-    try:
+    with agent_threads(edge, synthetic, range(4), keys, device=lambda c: {"site": f"lab-{c % 2}"}):
         edge.gateway.wait_for(clients=range(4), timeout=20)
         assert edge.client_attribute("site", np.arange(5)).tolist() == ["lab-0", "lab-1", "lab-0", "lab-1", None]
         assert edge.client_attribute("region", np.arange(4)) is None
@@ -502,12 +498,6 @@ def test_tiers_group_edge_clients_by_what_their_agents_announced(keys, client1):
                     evaluate="never", dashboard=False) as run:
             run.fit(rounds=2)
             got = run.state.params.flat.copy()
-    finally:
-        for a in agents:
-            a.stop()
-        for th in threads:
-            th.join(10)
-        edge.close()
     sites = fg.data.FederatedDataset.from_function(dataset().load, client_ids=list(range(4)))
     sites.with_attributes(site=np.array([f"lab-{c % 2}" for c in range(4)]))
     with fg.Run(tiered, model=fg.models.mlp(8, [16], 3), data=sites, seed=0, cluster=client1, progress=False,
