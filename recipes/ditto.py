@@ -1,5 +1,5 @@
 """Ditto (Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through Personalization",
-ICML 2021), Algorithm 1 with FedAvg as the global solver:
+ICML 2021), Algorithm 1 with FedAvg as the global solver::
 
     each round t:  S_t <- sample clients                                  -> Select
                    send w^t to the clients in S_t                          -> Broadcast

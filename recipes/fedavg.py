@@ -1,5 +1,5 @@
 """FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
-AISTATS 2017), Algorithm 1 FederatedAveraging:
+AISTATS 2017), Algorithm 1 FederatedAveraging::
 
     each round t:  S_t <- random set of max(C*K, 1) clients      -> Select
                    for each k in S_t in parallel:                 -> Broadcast

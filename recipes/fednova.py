@@ -1,5 +1,5 @@
 """FedNova (Wang, Liu, Liang, Joshi, Poor, "Tackling the Objective Inconsistency Problem in Heterogeneous
-Federated Optimization", NeurIPS 2020), with plain local SGD:
+Federated Optimization", NeurIPS 2020), with plain local SGD::
 
     each round t:  S <- sample clients                                   -> Select
                    (clients do heterogeneous work tau_i)                 -> RandomEpochs(low, high), optional

@@ -1,5 +1,5 @@
 """Oort (Lai, Zhu, Madhyastha, Chowdhury, "Oort: Efficient Federated Learning via Guided Participant
-Selection", OSDI 2021), Algorithm 1 on FedAvg's round, with FedScale's defaults:
+Selection", OSDI 2021), Algorithm 1 on FedAvg's round, with FedScale's defaults::
 
     each round R:  util(i) <- (U_i - min)/range + sqrt(0.1 ln R / L_i)        (clipped, UCB staleness)
                    util(i) *= (T / t_i)^alpha  where t_i > T                 -> OortSelect

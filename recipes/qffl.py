@@ -1,5 +1,5 @@
 """q-FFL / q-FedAvg (Li, Sanjabi, Beirami, Smith, "Fair Resource Allocation in Federated Learning",
-ICLR 2020), Algorithm 2 q-FedAvg: FedAvg's graph with a fairer server step.
+ICLR 2020), Algorithm 2 q-FedAvg: FedAvg's graph with a fairer server step::
 
     each round t:  S_t <- m devices, device k with probability p_k        -> Select(weighting="samples")
                    send w^t to the devices of S_t                          -> Broadcast

@@ -1,5 +1,5 @@
 """SCAFFOLD (Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, "SCAFFOLD: Stochastic Controlled Averaging
-for Federated Learning", ICML 2020), Algorithm 1 with option II control variates:
+for Federated Learning", ICML 2020), Algorithm 1 with option II control variates::
 
     each round r:  S <- sample clients                                   -> Select
                    communicate (x, c) to the clients in S                -> Broadcast("params", "control")
