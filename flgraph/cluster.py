@@ -6,7 +6,7 @@ allocation is then mmapped and unmapped, and small-model torch training such as 
 slower); the embedded workers get :mod:`flgraph.local.malloc`'s settings instead (large blocks from the heap,
 freed memory kept for the next round). Users who bring their own cluster get the same by setting them in
 ``distributed.nanny.pre-spawn-environ`` in the Dask config of the machines where the nannies start (see
-the README's "Advanced: tuning").
+the documentation's "Advanced: tuning" page, docs/advanced.md).
 
 Example:
     >>> from flgraph.cluster import connect
