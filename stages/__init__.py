@@ -22,7 +22,10 @@ from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
 from .fednova import FedNovaNormalize, FedNovaStep
 from .oort import Collect, OortFeedback, OortSelect, OortUtility
-from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
+from .accounting import PrivacyAccountant
+from .clipping import AdaptiveClip
+from .dp_noise import InsecureNoiseWarning
+from .privacy import ClipNorm, ClipUpdate, DPAggregate
 from .qffl import QFedAvgStep, QFFLUpdate
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
@@ -35,6 +38,7 @@ from .train import SGD, LocalTrain, TrainContext
 __all__ = [
     "LZ4",
     "SGD",
+    "AdaptiveClip",
     "Aggregate",
     "BFloat16",
     "Broadcast",
@@ -43,6 +47,8 @@ __all__ = [
     "ClientEvaluate",
     "ClientStage",
     "ClipNorm",
+    "ClipUpdate",
+    "DPAggregate",
     "Collect",
     "Compress",
     "Constant",
@@ -53,8 +59,8 @@ __all__ = [
     "FedNovaStep",
     "FederatedEvaluate",
     "Float16",
-    "GaussianNoise",
     "Hinge",
+    "InsecureNoiseWarning",
     "Int8",
     "Krum",
     "LocalTrain",
@@ -83,7 +89,6 @@ __all__ = [
     "TrainContext",
     "TrimmedMean",
     "WeightedMean",
-    "dp_mean",
     "is_pure_sampler",
     "pure_sampler",
 ]
