@@ -95,7 +95,7 @@ class ClientError(FlgraphError):
         super().__init__(f"round {round}, client {client}, stage {stage}: {message}", fix=fix)
 
 
-class StopRun(Exception):  # noqa: N818 - a signal, not an error: fit() ends normally
+class StopRun(Exception):
     """Raised by a server stage at the start of a round to end the run cleanly before that round.
 
     The round does not run and changes nothing; :meth:`flgraph.Run.fit` returns the history, with a

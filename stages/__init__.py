@@ -10,21 +10,21 @@ Example:
 
 from flgraph.graph import ClientStage, Reducer, ReduceStage, ServerStage, Stage
 
+from .accounting import PrivacyAccountant
 from .aggregate import Aggregate, Mean, MetricsMean, WeightedMean
 from .broadcast import Broadcast
 from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
 from .byzantine import Byzantine
+from .clipping import AdaptiveClip
 from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
 from .ditto import DittoPersonal
+from .dp_noise import InsecureNoiseWarning
 from .epochs import RandomEpochs
 from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
 from .fednova import FedNovaNormalize, FedNovaStep
 from .oort import Collect, OortFeedback, OortSelect, OortUtility
-from .accounting import PrivacyAccountant
-from .clipping import AdaptiveClip
-from .dp_noise import InsecureNoiseWarning
 from .privacy import ClipNorm, ClipUpdate, DPAggregate
 from .qffl import QFedAvgStep, QFFLUpdate
 from .robust import Krum, Median, TrimmedMean
@@ -48,10 +48,10 @@ __all__ = [
     "ClientStage",
     "ClipNorm",
     "ClipUpdate",
-    "DPAggregate",
     "Collect",
     "Compress",
     "Constant",
+    "DPAggregate",
     "Discard",
     "DittoPersonal",
     "Evaluate",

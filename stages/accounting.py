@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from typing import Any, ClassVar
@@ -83,9 +84,15 @@ def epsilon(events: list[tuple[Any, int]], delta: float, *, method: str = "rdp",
         acc: Any = dpa.rdp.RdpAccountant(neighboring_relation=rel)
     else:
         acc = dpa.pld.PLDAccountant(neighboring_relation=rel)
-    for event, count in events:
-        acc.compose(event, int(count))
-    return float(acc.get_epsilon(delta))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # RDP: "failed to converge ... excluding this order" for some fractional orders
+    try:
+        for event, count in events:
+            acc.compose(event, int(count))
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 class PrivacyAccountant(ServerStage):
