@@ -11,6 +11,7 @@ from pathlib import Path
 import dp_accounting as dpa
 import numpy as np
 import pytest
+from flgraph.stages.dp_noise import InsecureNoiseWarning, gaussian, insecure_key, key_bytes
 
 import flgraph as fg
 from flgraph import recipes
@@ -19,7 +20,6 @@ from flgraph.context import ClientSet, ClientWork, RoundContext, Update
 from flgraph.data import FederatedDataset
 from flgraph.errors import ConfigError, PipelineError
 from flgraph.params import Params, ParamSpec
-from flgraph.stages.dp_noise import InsecureNoiseWarning, gaussian, insecure_key, key_bytes
 
 SPEC = ParamSpec.from_arrays({"w": np.zeros(6, np.float32)})
 
