@@ -19,7 +19,7 @@ private. The unit of privacy is the client; ``epsilon`` is reported at ``target_
 Example:
     >>> from flgraph import recipes
     >>> p = recipes.dp_fedavg(fraction=0.1, noise_multiplier=1.0, clip=0.5, target_delta=1e-5)
-    >>> print(repr(p).splitlines()[4])
+    >>> print(repr(p).splitlines()[3])
       [reduce] update: dp-aggregate; clip_bit: aggregate
 """
 
