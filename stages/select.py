@@ -174,6 +174,13 @@ class Select(ServerStage):
             out.pop("sampling", None)  # the default, kept out of the specs of runs that predate it
         return out
 
+    def see_pipeline(self, stages: tuple[Any, ...]) -> None:
+        """Refuse, before the run starts, Poisson sampling with an asynchronous aggregate (it dispatches
+        clients one at a time, so there is no round to sample)."""
+        if self.sampling == "poisson" and any(getattr(s, "asynchronous", False) for s in stages):
+            raise ConfigError("Select(sampling='poisson') with an asynchronous aggregate: clients are dispatched "
+                              "one at a time, not sampled per round", fix="use sampling='fixed'")
+
     def rate(self, population: int) -> float:
         """The probability that a given client takes part in a round (Poisson: the inclusion probability;
         fixed: ``count / population``, each subset of that size equally likely)."""

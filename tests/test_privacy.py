@@ -134,6 +134,10 @@ def test_pipelines_dp_cannot_account_are_refused():
         _accounted(recipes.dp_fedavg(fraction=0.01, noise_multiplier=1.0, evaluate_every=None), 1000, 1)
     with pytest.raises(ConfigError, match="independently"):
         st.Select(fraction=0.1, sampling="poisson", sampler=lambda *a: [0])
+    buffered = (st.Select(fraction=0.5, sampling="poisson") >> st.Broadcast() >> st.LocalTrain()
+                >> st.BufferedAggregate(2))
+    with pytest.raises(ConfigError, match="one at a time"):
+        fg.Run(buffered, model=fg.models.mlp(1, [2], 2), data=_dataset(100), progress=False, dashboard=False)
     with pytest.raises(ConfigError, match="may well select nobody"):
         st.Select(fraction=0.01, sampling="poisson").prepare(_dataset(100), None)
 
