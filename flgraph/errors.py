@@ -23,6 +23,7 @@ __all__ = [
     "FlgraphError",
     "HistoryError",
     "PipelineError",
+    "StopRun",
 ]
 
 
@@ -92,3 +93,16 @@ class ClientError(FlgraphError):
         self.stage = stage
         self.round = round
         super().__init__(f"round {round}, client {client}, stage {stage}: {message}", fix=fix)
+
+
+class StopRun(Exception):
+    """Raised by a server stage at the start of a round to end the run cleanly before that round.
+
+    The round does not run and changes nothing; :meth:`flgraph.Run.fit` returns the history, with a
+    checkpoint of the last completed round committed, and ``run.stopped`` holds the reason (e.g. a privacy
+    budget that the next round would exceed).
+
+    Example:
+        >>> str(StopRun("privacy budget spent"))
+        'privacy budget spent'
+    """

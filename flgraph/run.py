@@ -32,8 +32,9 @@ from .cluster import ClusterHandle, connect
 from .engine import PlansAhead, RunState, SyncEngine
 from .engine.clients import Bundle
 from .engine.contracts import refuse_unsupported
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError, StopRun
 from .graph import Pipeline, ReduceStage
+from .graph.hooks import SeesPipeline
 from .local import malloc
 from .local.heap import frozen
 from .observe.history import History
@@ -139,6 +140,9 @@ class Run:
             pipeline = _then(pipeline, Evaluate(every=2**31 - 1))
         self.segments = pipeline.check()
         self.pipeline = pipeline
+        for s in pipeline:
+            if isinstance(s, SeesPipeline):
+                s.see_pipeline(pipeline.stages)
         self.adapter = ModelAdapter.from_module(model)
         self.data = data
         self.seed = int(seed)
@@ -184,6 +188,7 @@ class Run:
         self.changes: list[str] = []
         self.resume_notes: list[str] = []
         self.target_round = 0
+        self.stopped: str | None = None  # why a stage ended the run early (flgraph.errors.StopRun)
         self._writer: SnapshotWriter | None = None
         options = {"chunk_size": chunk_size, "on_client_error": on_client_error, "evaluate": evaluate}
         self._state_fields = stateful_stages(self.segments.clients, params.spec)
@@ -287,7 +292,9 @@ class Run:
         """Run ``rounds`` more rounds; returns the whole history so far.
 
         A round that fails (a client error in ``"raise"`` mode, a lost cluster) raises and leaves the run
-        as it was after the last completed round: fix the cause and call ``fit`` again.
+        as it was after the last completed round: fix the cause and call ``fit`` again. A stage that raises
+        :class:`~flgraph.errors.StopRun` at a round's start (a spent privacy budget) ends the run before that
+        round: ``fit`` returns, the last completed round is checkpointed, ``run.stopped`` says why.
         """
         if rounds < 1:
             raise ConfigError(f"fit(rounds={rounds}): run at least one round")
@@ -309,6 +316,8 @@ class Run:
                     bar.update(row)
                     self._notify("on_round", row)
                     log.debug("round %d: %s", rnd, row)
+        except StopRun as stop:
+            self._stop(str(stop) or type(stop).__name__)
         finally:
             if isinstance(transport, PlansAhead):
                 transport.cancel_ahead()  # nothing waits on the workers for a round that will not run now
@@ -316,6 +325,18 @@ class Run:
                 writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
             self._notify("on_end")
         return self.history
+
+    def _stop(self, reason: str) -> None:
+        """End the run before the next round: the target becomes the last completed round, committed."""
+        self.stopped = reason
+        self.target_round = self.state.round
+        log.warning("flgraph run %s stopped before round %d: %s", self.token, self.state.round + 1, reason)
+        if self.progress:
+            print(f"flgraph: stopped before round {self.state.round + 1}: {reason}", file=sys.stderr, flush=True)
+        writer = self._writer
+        if writer is not None and self.state.round > 0:
+            writer.submit(snapshot_of(self, self.state.round))  # also when the schedule skipped the last round
+            self._protect_client_state(writer)
 
     def _protect_client_state(self, writer: SnapshotWriter) -> None:
         """The snapshot just submitted keeps its clients' state versions; pruned snapshots release theirs."""

@@ -179,7 +179,10 @@ def rebuild(spec: list[JSON]) -> Any:
         steps: list[Any] = []
         for item in b["steps"]:
             if isinstance(item, dict):
-                steps.append({v: Pipeline([stages[i] for i in idx]) for v, idx in item["fan"].items()})
+                # in the stages' order, not the (sorted) order of the saved JSON object: a stage's state is
+                # keyed by its position, so a reordered fan-out would not find its state on resume
+                fan = sorted(item["fan"].items(), key=lambda kv: min(kv[1], default=0))
+                steps.append({v: Pipeline([stages[i] for i in idx]) for v, idx in fan})
             else:
                 steps.append(stages[item])
         return Pipeline(steps, name=b.get("name"))

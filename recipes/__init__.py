@@ -9,6 +9,7 @@ Example:
 """
 
 from .ditto import ditto
+from .dp_fedavg import dp_fedavg
 from .fedadagrad import fedadagrad
 from .fedadam import fedadam
 from .fedavg import fedavg
@@ -23,5 +24,5 @@ from .qffl import qffl
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
-__all__ = ["ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova", "fedprox", "fedyogi",
-           "oort", "qffl", "robust_fedavg", "scaffold"]
+__all__ = ["ditto", "dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova",
+           "fedprox", "fedyogi", "oort", "qffl", "robust_fedavg", "scaffold"]

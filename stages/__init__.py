@@ -10,19 +10,22 @@ Example:
 
 from flgraph.graph import ClientStage, Reducer, ReduceStage, ServerStage, Stage
 
+from .accounting import PrivacyAccountant
 from .aggregate import Aggregate, Mean, MetricsMean, WeightedMean
 from .broadcast import Broadcast
 from .buffered import BufferedAggregate, Constant, Hinge, Polynomial
 from .byzantine import Byzantine
+from .clipping import AdaptiveClip
 from .compress import LZ4, BFloat16, Compress, Float16, Int8, TopK
 from .ditto import DittoPersonal
+from .dp_noise import InsecureNoiseWarning
 from .epochs import RandomEpochs
 from .evaluate import Evaluate
 from .evaluate_clients import FederatedEvaluate, PersonalizedEvaluate
 from .evaluate_cohort import ClientEvaluate, Discard
 from .fednova import FedNovaNormalize, FedNovaStep
 from .oort import Collect, OortFeedback, OortSelect, OortUtility
-from .privacy import ClipNorm, GaussianNoise, PrivacyAccountant, dp_mean
+from .privacy import ClipNorm, ClipUpdate, DPAggregate
 from .qffl import QFedAvgStep, QFFLUpdate
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
@@ -35,6 +38,7 @@ from .train import SGD, LocalTrain, TrainContext
 __all__ = [
     "LZ4",
     "SGD",
+    "AdaptiveClip",
     "Aggregate",
     "BFloat16",
     "Broadcast",
@@ -43,9 +47,11 @@ __all__ = [
     "ClientEvaluate",
     "ClientStage",
     "ClipNorm",
+    "ClipUpdate",
     "Collect",
     "Compress",
     "Constant",
+    "DPAggregate",
     "Discard",
     "DittoPersonal",
     "Evaluate",
@@ -53,8 +59,8 @@ __all__ = [
     "FedNovaStep",
     "FederatedEvaluate",
     "Float16",
-    "GaussianNoise",
     "Hinge",
+    "InsecureNoiseWarning",
     "Int8",
     "Krum",
     "LocalTrain",
@@ -83,7 +89,6 @@ __all__ = [
     "TrainContext",
     "TrimmedMean",
     "WeightedMean",
-    "dp_mean",
     "is_pure_sampler",
     "pure_sampler",
 ]

@@ -1,37 +1,29 @@
-"""Update clipping and central differential privacy: reducer wrappers and an RDP accountant.
+"""Differentially private FedAvg (McMahan et al., ICLR 2018): clip each client's update, add Gaussian noise
+calibrated to the clip norm, once on the sum (central DP) or on each update before it leaves the client
+(local DP); adaptive clipping (Andrew et al., NeurIPS 2021) in :mod:`flgraph.stages.clipping`.
 
-* :class:`ClipNorm` wraps any reducer and scales each client delta down to L2 norm at most ``max_norm``
-  before the inner reducer sees it (``leaf``): update norm clipping, on its own or for DP.
-* :class:`GaussianNoise` wraps a ``ClipNorm`` over a uniform :class:`~flgraph.stages.WeightedMean` and adds
-  Gaussian noise of standard deviation ``noise_multiplier * max_norm`` to the *sum* of the clipped deltas,
-  i.e. ``noise_multiplier * max_norm / n`` to their mean (DP-FedAvg, McMahan et al., ICLR 2018, with the
-  round's actual client count as the denominator). The noise is seeded from the flgraph stream
-  ``(seed, tag, round)``.
+* :class:`ClipUpdate` (client stage) scales the update to L2 norm at most ``C``, the last client stage
+  before the upload. With ``clip=None`` ``C`` is the adaptive clip norm broadcast by
+  :class:`~flgraph.stages.AdaptiveClip`, and the client also writes ``clip_bit`` (1 when its update's norm
+  was at most ``C``). With ``noise_multiplier=z`` it adds ``N(0, (z C)^2)`` to the clipped update itself
+  (local DP; the noise key is the client's own, drawn on the client and kept in its per-client state).
+* :class:`DPAggregate` (reduce stage) sums the clipped updates, adds ``N(0, (z C)^2)`` once to the sum and
+  divides by the round's *expected* number of clients (the actual count is itself private under Poisson
+  sampling), then steps the model.
+* :class:`~flgraph.stages.PrivacyAccountant` (:mod:`flgraph.stages.accounting`) reads the sampling of
+  ``Select`` and the noise of these stages from the pipeline and reports ``epsilon``.
 
-The order is the order of the operations, outermost last: ``GaussianNoise(ClipNorm(WeightedMean("uniform")))``
-clips each update, then noises the sum, then takes the mean; wrong stacks are refused when they are built
-(noise over unclipped or sample-weighted updates, clipping after the noise, noise over a robust reducer).
-:func:`dp_mean` builds the right stack.
+The noise comes from a secret key (:mod:`flgraph.stages.dp_noise`): never from the run seed.
 
-:class:`PrivacyAccountant` is a server stage that reports the ``epsilon`` spent so far at a given ``delta``,
-from the Rényi-DP of the sampled Gaussian mechanism (Mironov, Talwar, Zhang 2019, "Rényi Differential
-Privacy of the Sampled Gaussian Mechanism", Sec. 3.3: exact for integer orders) converted to
-``(epsilon, delta)`` with Balle et al. 2020 (Thm. 21). The sampling rate is the round's clients over the
-population; the analysis assumes Poisson sampling, a standard approximation for a fixed-size uniform choice.
-It is written here (about 30 lines of numpy, tested against closed forms and a numerical integral) rather
-than taken from ``dp-accounting`` / ``opacus`` to keep torch-free, dependency-free server code.
+:class:`ClipNorm` is the reducer wrapper that clips each delta at the reducer's leaf (norm clipping for
+robustness, e.g. in FedBuff); it adds no noise.
 
 Example:
     >>> from flgraph import stages as st
-    >>> st.dp_mean(max_norm=1.0, noise_multiplier=1.1)
-    GaussianNoise(ClipNorm(WeightedMean(weight='uniform', dtype=None), max_norm=1.0), noise_multiplier=1.1, seed=0)
-    >>> st.ClipNorm(st.dp_mean(max_norm=1.0, noise_multiplier=1.1), max_norm=1.0)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    flgraph.errors.ConfigError: ClipNorm wraps GaussianNoise: clipping after the noise breaks the noise's calibration
-      fix: clip first, then noise, then mean: GaussianNoise(ClipNorm(WeightedMean('uniform'), max_norm=C), ...
-    >>> round(epsilon(sampling_rate=0.01, noise_multiplier=1.1, steps=1000, delta=1e-5), 2)
-    1.73
+    >>> sorted(st.ClipUpdate(clip=1.0).writes()), sorted(st.ClipUpdate().reads())
+    (['update'], ['on-clients:clip_norm', 'update'])
+    >>> st.DPAggregate(noise_multiplier=1.1)
+    DPAggregate(noise_multiplier=1.1, server_lr=1.0)
 """
 
 from __future__ import annotations
@@ -41,33 +33,30 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flgraph.context import RoundContext, Update
-from flgraph.errors import ConfigError
-from flgraph.graph import Reducer, ServerStage
+from flgraph.context import ClientWork, RoundContext, Update
+from flgraph.errors import ConfigError, PipelineError
+from flgraph.graph import ClientStage, Reducer, ReduceStage, Stage
 from flgraph.params import Params, ParamSpec
-from flgraph.rng import stage_tag, stream
 
-from .aggregate import WeightedMean
+from .aggregate import Mean, WeightedMean
+from .dp_noise import fresh_key, gaussian, insecure_key, key_array, key_bytes, warn_insecure
 
-__all__ = ["ClipNorm", "GaussianNoise", "PrivacyAccountant", "dp_mean", "epsilon", "rdp_sampled_gaussian"]
+__all__ = ["ClipNorm", "ClipUpdate", "DPAggregate", "DPSetup", "dp_setup"]
 
-#: Rényi orders the accountant tracks (integers: the sampled Gaussian's RDP is exact there).
-ORDERS: tuple[int, ...] = (*tuple(range(2, 65)), 80, 96, 128, 160, 192, 256, 384, 512)
 
-_FIX_ORDER = ("clip first, then noise, then mean: "
-              "GaussianNoise(ClipNorm(WeightedMean('uniform'), max_norm=C), noise_multiplier=z)")
+def _positive(name: str, v: float) -> float:
+    if not isinstance(v, int | float) or not v > 0 or not math.isfinite(v):
+        raise ConfigError(f"{name}={v!r}: must be a positive finite number")
+    return float(v)
 
 
 class ClipNorm(Reducer):
-    """Scale each client delta to L2 norm at most ``max_norm``, then hand it to ``inner``."""
+    """Scale each client delta to L2 norm at most ``max_norm``, then hand it to ``inner`` (no noise: for DP use
+    :class:`ClipUpdate` and :class:`DPAggregate`)."""
 
     def __init__(self, inner: Reducer | None = None, *, max_norm: float = 1.0) -> None:
-        if not max_norm > 0 or not math.isfinite(max_norm):
-            raise ConfigError(f"ClipNorm(max_norm={max_norm}): must be a positive finite norm")
+        _positive("ClipNorm(max_norm)", max_norm)
         inner = inner if inner is not None else WeightedMean()
-        if isinstance(inner, GaussianNoise):
-            raise ConfigError("ClipNorm wraps GaussianNoise: clipping after the noise breaks the noise's "
-                              "calibration", fix=_FIX_ORDER)
         if not isinstance(inner, Reducer):
             raise ConfigError(f"ClipNorm(inner={inner!r}): inner must be a reducer, e.g. WeightedMean()")
         self.inner = inner
@@ -97,131 +86,229 @@ class ClipNorm(Reducer):
         return f"ClipNorm({self.inner!r}, max_norm={self.max_norm!r})"
 
 
-class GaussianNoise(Reducer):
-    """Central DP: add ``N(0, (noise_multiplier * max_norm)^2)`` to the sum of the clipped deltas.
+class ClipUpdate(ClientStage):
+    """Clip the client's update to L2 norm at most ``clip`` (``None``: the adaptive clip norm broadcast as
+    ``clip_norm``, and the client reports ``clip_bit``); with ``noise_multiplier`` add local Gaussian noise
+    ``N(0, (noise_multiplier * clip)^2)`` to the clipped update on the client (local DP).
 
-    ``inner`` must be ``ClipNorm(WeightedMean("uniform"), max_norm=C)``: the sum of clipped deltas has L2
-    sensitivity ``C`` to one client. The noise of round ``r`` comes from ``flgraph.rng.stream(seed, tag, r)``
-    (the round is read from the updates), so a run is reproducible; pass a fresh ``seed`` per run.
+    It must be the last client stage (nothing may change the update after it is clipped and noised).
     """
 
-    def __init__(self, inner: Reducer | None = None, *, noise_multiplier: float = 1.0, seed: int = 0) -> None:
-        if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
-            raise ConfigError(f"GaussianNoise(noise_multiplier={noise_multiplier}): must be finite and >= 0")
-        if not isinstance(inner, ClipNorm):
-            what = type(inner).__name__ if inner is not None else "nothing"
-            raise ConfigError(f"GaussianNoise wraps {what}, not ClipNorm: without clipping, one client can "
-                              "move the sum arbitrarily and no noise scale protects it", fix=_FIX_ORDER)
-        mean = inner.inner
-        if not isinstance(mean, WeightedMean) or mean.weight != "uniform":
-            raise ConfigError(f"GaussianNoise(ClipNorm({mean!r})): the noise is calibrated for the uniform mean "
-                              "of clipped deltas (a sample-weighted or robust aggregate has another sensitivity)",
-                              fix=_FIX_ORDER)
-        self.inner = inner
+    def __init__(self, clip: float | None = None, *, noise_multiplier: float | None = None,
+                 insecure_seed: int | None = None) -> None:
+        if clip is not None:
+            _positive("ClipUpdate(clip)", clip)
+        if noise_multiplier is not None:
+            _positive("ClipUpdate(noise_multiplier)", noise_multiplier)
+            if clip is None:
+                raise ConfigError("ClipUpdate(noise_multiplier=..., clip=None): local noise with an adaptive clip "
+                                  "norm would need the clipped-count bit noised on every client too",
+                                  fix="give a fixed clip= for local DP, or use central noise (DPAggregate)")
+        if insecure_seed is not None:
+            if noise_multiplier is None:
+                raise ConfigError("ClipUpdate(insecure_seed=...) without noise_multiplier: there is no noise",
+                                  fix="drop insecure_seed=")
+            warn_insecure("ClipUpdate", insecure_seed)
+        self.clip = clip
         self.noise_multiplier = noise_multiplier
-        self.seed = seed
+        self.insecure_seed = insecure_seed
 
-    def leaf(self, update: Update, spec: ParamSpec) -> tuple[Any, int]:
-        return self.inner.leaf(update, spec), update.base_round + 1
-
-    def combine(self, left: Any, right: Any) -> tuple[Any, int]:
-        return self.inner.combine(left[0], right[0]), max(left[1], right[1])
-
-    def finalize(self, acc: Any, spec: ParamSpec) -> tuple[np.ndarray, float]:
-        inner_acc, rnd = acc
-        count = float(inner_acc[1])  # the uniform mean's weight: the number of updates
-        mean, weight = self.inner.finalize(inner_acc, spec)
-        std = self.noise_multiplier * self.inner.max_norm / count
-        rng = stream(self.seed, stage_tag("GaussianNoise"), rnd)
-        noisy = mean.astype(np.float64) + rng.normal(0.0, std, mean.shape)
-        return noisy.astype(spec.carrier), weight
+    @property
+    def adaptive(self) -> bool:
+        return self.clip is None
 
     def settings(self) -> dict[str, Any]:
-        return {"inner": self.inner, "noise_multiplier": self.noise_multiplier, "seed": self.seed}
+        return {k: v for k, v in super().settings().items() if v is not None}
 
-    def __repr__(self) -> str:
-        return f"GaussianNoise({self.inner!r}, noise_multiplier={self.noise_multiplier!r}, seed={self.seed!r})"
+    def reads(self) -> frozenset[str]:
+        return frozenset({"update", "on-clients:clip_norm"} if self.adaptive else {"update"})
 
+    def writes(self) -> frozenset[str]:
+        return frozenset({"update", "clip_bit"} if self.adaptive else {"update"})
 
-def dp_mean(max_norm: float, noise_multiplier: float, *, seed: int = 0) -> GaussianNoise:
-    """The DP-FedAvg aggregate: clip each delta to ``max_norm``, noise the sum, take the mean."""
-    return GaussianNoise(ClipNorm(WeightedMean("uniform"), max_norm=max_norm),
-                         noise_multiplier=noise_multiplier, seed=seed)
+    def client_fields(self, spec: ParamSpec) -> dict[str, tuple[str, int]]:
+        # local DP: each client's own noise key, drawn on the client the first time, kept with its state
+        return {"noise_key": ("<u8", 4)} if self.noise_multiplier is not None else {}
 
-
-def _log_comb(n: int, k: np.ndarray) -> np.ndarray:
-    lg = np.vectorize(math.lgamma, otypes=[float])
-    out: np.ndarray = lg(n + 1.0) - lg(k + 1.0) - lg(n - k + 1.0)
-    return out
-
-
-def rdp_sampled_gaussian(sampling_rate: float, noise_multiplier: float,
-                         orders: tuple[int, ...] = ORDERS) -> np.ndarray:
-    """Rényi DP of one step of the sampled Gaussian mechanism at each integer order (Mironov et al. 2019).
-
-    ``log(sum_k C(a, k) (1-q)^(a-k) q^k exp((k^2 - k) / (2 sigma^2))) / (a - 1)``; ``q = 1`` gives the
-    Gaussian mechanism's ``a / (2 sigma^2)``.
-    """
-    q, sigma = float(sampling_rate), float(noise_multiplier)
-    if not 0 <= q <= 1:
-        raise ConfigError(f"sampling rate {q} is not in [0, 1]")
-    out = np.empty(len(orders))
-    for i, a in enumerate(orders):
-        if int(a) != a or a < 2:
-            raise ConfigError(f"order {a}: the accountant uses integer orders >= 2")
-        if q == 0:
-            out[i] = 0.0
-        elif sigma == 0:
-            out[i] = math.inf
-        elif q == 1:
-            out[i] = a / (2 * sigma**2)
+    def run(self, work: ClientWork) -> None:
+        upd = work.update
+        if upd is None:
+            raise ConfigError("ClipUpdate found no update to clip", fix="put it after LocalTrain(...)")
+        if work.round == 0:
+            return  # the transport's warm-up update: it is thrown away, and no clip norm is broadcast for it
+        if self.adaptive:
+            if np.asarray(work.values.get("clip_norm", ())).size != 1:
+                raise ConfigError("ClipUpdate() (adaptive) needs the clip norm on the clients",
+                                  fix="broadcast it: st.Broadcast('params', 'clip_norm')")
+            clip = float(np.asarray(work.values["clip_norm"]).reshape(-1)[0])
         else:
-            k = np.arange(a + 1, dtype=np.float64)
-            terms = _log_comb(a, k) + (a - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * sigma**2)
-            top = terms.max()
-            out[i] = (top + math.log(np.exp(terms - top).sum())) / (a - 1)
-    return out
+            assert self.clip is not None
+            clip = self.clip
+        spec = work.global_params.spec
+        delta = np.array(upd.decoded(spec), dtype=np.float64)
+        norm = float(np.linalg.norm(delta))
+        if norm > clip:
+            delta *= clip / norm
+        if self.noise_multiplier is not None:
+            delta += self.noise_multiplier * clip * gaussian(self._client_key(work), "local", work.round, delta.size)
+        upd.delta, upd.payload, upd.codec = delta.astype(spec.carrier), None, None
+        if self.adaptive:
+            bit = np.array([1.0 if norm <= clip else 0.0], spec.carrier)
+            work.outputs["clip_bit"] = Update(work.client, 1, work.round - 1, bit)
+
+    def _client_key(self, work: ClientWork) -> bytes:
+        saved = work.load_state("noise_key")
+        if saved is not None:
+            return np.asarray(saved, "<u8").tobytes()
+        if self.insecure_seed is not None:
+            key = insecure_key(self.insecure_seed * 1_000_003 + work.client)
+        else:
+            key = fresh_key()
+        work.save_state("noise_key", np.frombuffer(key, "<u8").copy())
+        return key
 
 
-def epsilon_from_rdp(rdp: np.ndarray, delta: float, orders: tuple[int, ...] = ORDERS) -> float:
-    """The smallest ``epsilon`` at ``delta`` over the orders (conversion of Balle et al. 2020, Thm. 21)."""
-    if not 0 < delta < 1:
-        raise ConfigError(f"delta={delta} must be in (0, 1)", fix="e.g. delta=1e-5 (below 1 / population)")
-    a = np.asarray(orders, np.float64)
-    eps = rdp + np.log1p(-1.0 / a) - (math.log(delta) + np.log(a)) / (a - 1)
-    return float(max(0.0, np.nanmin(eps)))
+class DPSetup:
+    """What the pipeline's DP stages add up to, read from the stages themselves (one copy of each setting).
 
-
-def epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
-    """``epsilon`` after ``steps`` rounds of the sampled Gaussian mechanism at ``delta``."""
-    return epsilon_from_rdp(steps * rdp_sampled_gaussian(sampling_rate, noise_multiplier), delta)
-
-
-class PrivacyAccountant(ServerStage):
-    """Report the privacy spent so far: ``epsilon`` at ``delta`` after each round (a server stage after
-    Aggregate). ``noise_multiplier`` must be the one of the run's :class:`GaussianNoise`.
-
-    The running Rényi-DP (one value per order) is the stage's explicit state, so it is checkpointed.
+    ``mode``: ``"central"`` (noise on the sum, :class:`DPAggregate`) or ``"local"`` (noise on each update,
+    :class:`ClipUpdate`). ``noise_multiplier`` is the effective multiplier of the whole release per unit of
+    sensitivity under add/remove-one (for adaptive clipping: of the update and the clipped count together,
+    Andrew et al. Sec. 3); ``update_noise`` the multiplier of the update's noise alone.
     """
 
-    requires: ClassVar[frozenset[str]] = frozenset({"clients"})
+    def __init__(self, stages: tuple[Stage, ...]) -> None:
+        from .clipping import AdaptiveClip
+        from .select import Select
 
-    def __init__(self, noise_multiplier: float, *, delta: float = 1e-5) -> None:
-        if not noise_multiplier >= 0:
-            raise ConfigError(f"PrivacyAccountant(noise_multiplier={noise_multiplier}): must be >= 0")
-        if not 0 < delta < 1:
-            raise ConfigError(f"PrivacyAccountant(delta={delta}): must be in (0, 1)",
-                              fix="e.g. delta=1e-5 (below 1 / population)")
+        selects = [s for s in stages if isinstance(s, Select)]
+        clips = [s for s in stages if isinstance(s, ClipUpdate)]
+        aggs = [s for s in stages if isinstance(s, DPAggregate)]
+        adaptive = [s for s in stages if isinstance(s, AdaptiveClip)]
+        if len(selects) != 1:
+            raise PipelineError(f"differential privacy needs exactly one Select, the pipeline has {len(selects)}",
+                                fix="one st.Select(...) per round")
+        if len(clips) != 1:
+            raise PipelineError("differential privacy needs one ClipUpdate, the last client stage",
+                                fix="add st.ClipUpdate(clip=C) after LocalTrain(...)")
+        client_stages = [s for s in stages if s.kind == "client"]
+        if client_stages[-1] is not clips[0]:
+            raise PipelineError(f"{type(client_stages[-1]).__name__} runs after ClipUpdate: it would change the "
+                                "clipped (and noised) update", fix="make st.ClipUpdate(...) the last client stage")
+        self.select: Select = selects[0]
+        self.clip_stage: ClipUpdate = clips[0]
+        self.aggregate: DPAggregate | None = aggs[0] if aggs else None
+        self.adaptive: AdaptiveClip | None = adaptive[0] if adaptive else None
+        local = self.clip_stage.noise_multiplier is not None
+        if local == (self.aggregate is not None):
+            raise PipelineError("add the noise once: on the clients (ClipUpdate(noise_multiplier=...), local DP) "
+                                "or on the sum (DPAggregate(noise_multiplier=...), central DP)" if local else
+                                "no stage adds noise", fix="st.DPAggregate(noise_multiplier=z) after "
+                                "ClipUpdate(clip=C), or ClipUpdate(clip=C, noise_multiplier=z) >> "
+                                "Aggregate(Mean())")
+        if self.clip_stage.adaptive != (self.adaptive is not None):
+            raise PipelineError("ClipUpdate() without clip= reads the adaptive clip norm, kept by AdaptiveClip"
+                                if self.clip_stage.adaptive else "AdaptiveClip's clip norm is not used: "
+                                "ClipUpdate has a fixed clip=", fix="ClipUpdate() with st.AdaptiveClip(...), "
+                                "or ClipUpdate(clip=C) without it")
+        self.mode = "local" if local else "central"
+        if local and self.select.sampling == "poisson":
+            raise ConfigError("local DP with Select(sampling='poisson'): the server sees who takes part, so "
+                              "local noise gets no amplification by sampling and the sampling buys nothing",
+                              fix="use Select(sampling='fixed') with local DP")
+        multiplier = (self.clip_stage.noise_multiplier if local else
+                      self.aggregate.noise_multiplier if self.aggregate is not None else None)
+        assert multiplier is not None
+        self.noise_multiplier = float(multiplier)
+        self.population = 0
+        self.expected = 0.0
+        self.update_noise = self.noise_multiplier
+
+    def size(self, population: int) -> None:
+        """Settle what depends on the population: the expected clients per round and the noise split."""
+        self.population = population
+        self.expected = self.select.rate(population) * population
+        if self.adaptive is not None:
+            sigma_b = self.adaptive.count_noise_for(self.expected)
+            z = self.noise_multiplier
+            if not 2 * sigma_b > z:
+                raise ConfigError(f"AdaptiveClip(count_noise={sigma_b:g}) with noise_multiplier={z:g}: the count's "
+                                  "noise must satisfy 2 * count_noise > noise_multiplier (the split of Andrew et "
+                                  "al. leaves the update the rest)", fix=f"count_noise > {z / 2:g}, e.g. the "
+                                  "default expected_clients / 20 with more clients per round")
+            self.update_noise = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
+
+    @property
+    def insecure(self) -> bool:
+        """Whether any noise of the pipeline comes from a public seed."""
+        stages = [self.clip_stage, self.aggregate, self.adaptive]
+        return any(getattr(s, "insecure_seed", None) is not None for s in stages)
+
+
+def dp_setup(stages: tuple[Stage, ...]) -> DPSetup:
+    """The :class:`DPSetup` of a pipeline's stages (raises PipelineError/ConfigError if it is not sound)."""
+    return DPSetup(stages)
+
+
+class DPAggregate(ReduceStage):
+    """Central DP: sum the clipped updates, add ``N(0, (z C)^2)`` once, divide by the round's expected number
+    of clients and step the model by ``server_lr`` times the result.
+
+    ``z`` is ``noise_multiplier`` (with :class:`~flgraph.stages.AdaptiveClip`: the effective multiplier of the
+    update and the clipped count together; the update gets ``(z^-2 - (2 sigma_b)^-2)^-1/2``). ``C`` is
+    ``ClipUpdate``'s clip, or the round's adaptive clip norm. The noise key is drawn from the operating
+    system when the run starts and kept in this stage's state (``noise_key``: secret; see
+    :mod:`flgraph.stages.dp_noise`); ``insecure_seed=`` derives it from a public seed for tests, and warns.
+    """
+
+    requires: ClassVar[frozenset[str]] = frozenset({"update"})
+
+    def __init__(self, noise_multiplier: float = 1.0, *, server_lr: float = 1.0,
+                 insecure_seed: int | None = None) -> None:
+        _positive("DPAggregate(noise_multiplier)", noise_multiplier)
+        _positive("DPAggregate(server_lr)", server_lr)
+        if insecure_seed is not None:
+            warn_insecure("DPAggregate", insecure_seed)
         self.noise_multiplier = noise_multiplier
-        self.delta = delta
+        self.server_lr = server_lr
+        self.insecure_seed = insecure_seed
+        self.reducer: Reducer = Mean(dtype="float64")
+        self._setup: DPSetup | None = None
+
+    @property
+    def name(self) -> str:
+        return "dp-aggregate"
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"noise_multiplier": self.noise_multiplier, "server_lr": self.server_lr}
+        if self.insecure_seed is not None:
+            out["insecure_seed"] = self.insecure_seed  # in the spec: the run says it is not private
+        return out
+
+    def see_pipeline(self, stages: tuple[Stage, ...]) -> None:
+        self._setup = dp_setup(stages)
+
+    def prepare(self, dataset: Any, model_source: Any) -> None:
+        if self._setup is None:
+            raise PipelineError("DPAggregate was not shown its pipeline", fix="run it inside flgraph.Run")
+        self._setup.size(dataset.num_clients)
 
     def init_state(self, params: Params) -> dict[str, Any]:
-        return {"rdp": np.zeros(len(ORDERS))}
+        key = insecure_key(self.insecure_seed) if self.insecure_seed is not None else fresh_key()
+        return {"noise_key": key_array(key)}
 
-    def run(self, ctx: RoundContext) -> None:
-        assert ctx.clients is not None
-        q = len(ctx.clients) / max(1, ctx.dataset.num_clients)
-        rdp = ctx.state.get("rdp", np.zeros(len(ORDERS))) + rdp_sampled_gaussian(q, self.noise_multiplier)
-        ctx.state["rdp"] = rdp  # a new array: the previous round's state stays intact until the round commits
-        ctx.metrics["epsilon"] = epsilon_from_rdp(rdp, self.delta)
-        ctx.metrics["dp_delta"] = self.delta
+    def apply(self, ctx: RoundContext, delta: Any, weight: float) -> None:
+        setup = self._setup
+        assert setup is not None, "prepare() runs first"
+        if setup.adaptive is not None:
+            clip = float(np.asarray(ctx.values["clip_norm"]).reshape(-1)[0])
+        else:
+            assert setup.clip_stage.clip is not None
+            clip = setup.clip_stage.clip
+        key = key_bytes(ctx.state["noise_key"])
+        total = np.asarray(delta, np.float64) * weight  # the mean times the count: the sum of clipped updates
+        noisy = total + (setup.update_noise * clip) * gaussian(key, "update", ctx.round, total.size)
+        step = (self.server_lr / setup.expected) * noisy
+        ctx.params = Params(ctx.params.spec, (ctx.params.flat + step).astype(ctx.params.spec.carrier))
+        ctx.metrics["update_norm"] = float(np.linalg.norm(step))
+        ctx.metrics["dp_clip"] = clip

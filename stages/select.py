@@ -3,7 +3,9 @@
 Uniform without replacement by default, a count or a fraction of the population, seeded per round from
 the run seed (stream ``(tag, round)``). ``weighting="samples"`` draws without replacement with
 probability proportional to each client's sample count (the sample counts are read once per run, in the
-driver). Bring your own sampler with ``sampler=``. ``available=`` skips clients that are away: only
+driver). ``sampling="poisson"`` includes each client independently with probability ``fraction`` (or
+``clients / population``): the round's size varies, as the privacy analysis of Poisson subsampling
+assumes. Bring your own sampler with ``sampler=``. ``available=`` skips clients that are away: only
 clients available at the round's start are drawn.
 
 Example:
@@ -14,6 +16,8 @@ Example:
     (3, 3)
     >>> st.Select(clients=3, weighting="samples")
     Select(clients=3, fraction=None, sampler=None, weighting='samples', over_select=1.0)
+    >>> st.Select(fraction=0.1, sampling="poisson").count(1000)  # the expected count
+    100
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class Select(ServerStage):
         weighting: str = "uniform",
         over_select: float = 1.0,
         available: Any = None,
+        sampling: str = "fixed",
         **removed: Any,
     ) -> None:
         if "sampler_is_pure" in removed:
@@ -141,6 +146,16 @@ class Select(ServerStage):
         if available is not None and not callable(available) and not hasattr(available, "online_mask"):
             raise ConfigError(f"Select(available={available!r}) is neither a DevicePopulation nor a function",
                               fix="pass a DevicePopulation or a function (ids, round=..., time=...) -> bool mask")
+        if sampling not in ("fixed", "poisson"):
+            raise ConfigError(f"Select(sampling={sampling!r})", fix="use 'fixed' (a fixed count) or 'poisson'")
+        if sampling == "poisson":
+            extra = [name for name, v in (("sampler", sampler), ("available", available)) if v is not None]
+            extra += ["weighting='samples'"] if weighting != "uniform" else []
+            extra += ["over_select"] if over_select != 1.0 else []
+            if extra:
+                raise ConfigError(f"Select(sampling='poisson', {', '.join(extra)}): Poisson sampling includes "
+                                  "every client independently with the same probability",
+                                  fix=f"drop {', '.join(extra)}, or use sampling='fixed'")
         self.clients = clients
         self.fraction = fraction
         self.sampler = sampler
@@ -148,13 +163,31 @@ class Select(ServerStage):
         self._weights: tuple[int, np.ndarray] | None = None
         self.over_select = over_select
         self.available = available
+        self.sampling = sampling
         self._ahead: tuple[int, int, int, ClientSet] | None = None  # (round, seed, id(dataset), clients)
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
         if out.get("available") is None:
             out.pop("available", None)  # the default: every client is always available
+        if out.get("sampling") == "fixed":
+            out.pop("sampling", None)  # the default, kept out of the specs of runs that predate it
         return out
+
+    def see_pipeline(self, stages: tuple[Any, ...]) -> None:
+        """Refuse, before the run starts, Poisson sampling with an asynchronous aggregate (it dispatches
+        clients one at a time, so there is no round to sample)."""
+        if self.sampling == "poisson" and any(getattr(s, "asynchronous", False) for s in stages):
+            raise ConfigError("Select(sampling='poisson') with an asynchronous aggregate: clients are dispatched "
+                              "one at a time, not sampled per round", fix="use sampling='fixed'")
+
+    def rate(self, population: int) -> float:
+        """The probability that a given client takes part in a round (Poisson: the inclusion probability;
+        fixed: ``count / population``, each subset of that size equally likely)."""
+        if self.fraction is not None:
+            return float(self.fraction) if self.sampling == "poisson" else self.count(population) / population
+        assert self.clients is not None
+        return min(1.0, self.clients / population)
 
     def available_mask(self, ids: np.ndarray, rnd: int, time: float | None) -> np.ndarray:
         """Which of ``ids`` are available in round ``rnd`` at virtual time ``time`` (all without ``available``)."""
@@ -232,9 +265,15 @@ class Select(ServerStage):
         else:
             assert dispatch is not None
             rng = stream(seed, self.tag, 0, dispatch)
-        if self.sampler is None:
+        if self.sampling == "poisson":
+            if round is None:
+                raise ConfigError("Select(sampling='poisson') draws whole rounds; an asynchronous run dispatches "
+                                  "clients one by one", fix="use sampling='fixed' with asynchronous rounds")
+            q = self.rate(len(population))
+            chosen: Any = population[rng.random(len(population)) < q]
+        elif self.sampler is None:
             # with count=1 this is the same draw as rng.choice(population): numpy draws one bounded integer
-            chosen: Any = rng.choice(population, size=count, replace=False, p=p)
+            chosen = rng.choice(population, size=count, replace=False, p=p)
         else:
             chosen = self.sampler(round if round is not None else 0, population, count, rng)
         return chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
@@ -245,6 +284,8 @@ class Select(ServerStage):
 
     def count(self, population: int) -> int:
         """How many clients a round selects from a population of ``population``."""
+        if self.sampling == "poisson":
+            return max(1, round(self.rate(population) * population))  # the expected count
         if self.clients is not None:
             return self.clients
         assert self.fraction is not None
@@ -266,6 +307,10 @@ class Select(ServerStage):
                 f"({dataset.num_clients})",
                 fix=f"select at most {dataset.num_clients} clients",
             )
+        if self.sampling == "poisson" and (1.0 - self.rate(dataset.num_clients)) ** dataset.num_clients > 1e-9:
+            raise ConfigError(f"Select(sampling='poisson'): with inclusion probability "
+                              f"{self.rate(dataset.num_clients):.3g} over {dataset.num_clients} clients a round "
+                              "may well select nobody", fix="raise fraction= (expect at least ~20 clients a round)")
         if self.weighting == "samples":
             p = self.probabilities(dataset)
             if np.count_nonzero(p) < self.count(dataset.num_clients):

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ..context import ClientSet, RoundContext
+    from .stage import Stage
 
-__all__ = ["ChoosesAhead", "KeepsClock"]
+__all__ = ["ChoosesAhead", "KeepsClock", "SeesPipeline"]
 
 
 @runtime_checkable
@@ -40,4 +41,15 @@ class ChoosesAhead(Protocol):
 
     def lookahead(self, rnd: int, seed: int, dataset: Any) -> ClientSet | None:
         """Choose round ``rnd``'s clients now; ``None`` when the choice may depend on more than the round."""
+        ...
+
+
+@runtime_checkable
+class SeesPipeline(Protocol):
+    """A stage that reads other stages of its pipeline (a privacy accountant reads the sampling of Select and
+    the noise of the DP aggregate, so the run holds one copy of each setting). :class:`flgraph.Run` calls
+    ``see_pipeline`` once, after the pipeline check and before any stage's ``prepare``."""
+
+    def see_pipeline(self, stages: tuple[Stage, ...]) -> None:
+        """Find the stages this one reads; refuse (ConfigError) a pipeline it cannot work with."""
         ...

@@ -43,7 +43,7 @@ log = logging.getLogger("flgraph")
 COLORS = {"loss": "#d62728", "test_loss": "#ff9896", "accuracy": "#2ca02c", "bytes_up": "#1f77b4",
           "bytes_up_raw": "#aec7e8", "bytes_down": "#ff7f0e", "bytes_broadcast": "#ffbb78",
           "round_time": "#000000", "clients_selected": "#7f7f7f", "clients_done": "#2ca02c",
-          "clients_failed": "#d62728", "clients_stale": "#9467bd"}
+          "clients_failed": "#d62728", "clients_stale": "#9467bd", "epsilon": "#8c564b"}
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 _KEY = re.compile(r"^(?P<stage>[A-Za-z][\w-]*?)-r(?P<round>\d+)-")
 _INTERVAL_MS = 500
@@ -121,6 +121,10 @@ class FLPage:
                 p = _fig("Accuracy" + suffix, label, "accuracy", f"fl-accuracy-{x}")
                 self._lines(p, x, ["accuracy"])
                 curves.append(p)
+        if "epsilon" in have:  # a privacy accountant's budget spent so far (flgraph.stages.PrivacyAccountant)
+            p = _fig("Privacy spent (epsilon at the accountant's delta)", "round", "epsilon", "fl-epsilon")
+            self._lines(p, "round", ["epsilon"])
+            curves.append(p)
         for i in range(0, len(curves), 2):
             rows.append(row(*curves[i:i + 2], sizing_mode="stretch_width"))
         side: list[Any] = []
@@ -188,7 +192,7 @@ class FLPage:
                  f"<p style='margin:2px 0'>{state}</p>",
                  "<p style='margin:2px 0'>last round: clients selected <b>{selected}</b>, done <b>{done}</b>, "
                  "dropped <b>{dropped}</b>, stale <b>{stale}</b>".format(**c)]
-        for k in ("loss", "accuracy", "sim_time"):
+        for k in ("loss", "accuracy", "sim_time", "epsilon"):
             v = rec.last(k)
             if isinstance(v, int | float):
                 parts[-1] += f"; {k} <b>{v:.4f}</b>"
