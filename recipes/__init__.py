@@ -12,6 +12,7 @@ from .ditto import ditto
 from .fedadagrad import fedadagrad
 from .fedadam import fedadam
 from .fedavg import fedavg
+from .fedavg_secagg import fedavg_secagg
 from .fedavgm import fedavgm
 from .fedbabu import fedbabu
 from .fedbuff import fedbuff
@@ -23,5 +24,5 @@ from .qffl import qffl
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
-__all__ = ["ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova", "fedprox", "fedyogi",
-           "oort", "qffl", "robust_fedavg", "scaffold"]
+__all__ = ["ditto", "fedadagrad", "fedadam", "fedavg", "fedavg_secagg", "fedavgm", "fedbabu", "fedbuff", "fednova",
+           "fedprox", "fedyogi", "oort", "qffl", "robust_fedavg", "scaffold"]

@@ -1,0 +1,78 @@
+"""Masks and the modular field of secure aggregation: expansion of agreed keys into uniform vectors mod
+``M``, and the clipping and quantisation that bring an update into ``Z_M``.
+
+A mask is the ChaCha20 keystream under a 32-byte key (from :mod:`cryptography`), read as 64-bit words and
+reduced into ``[0, M)`` without bias: for a power of two ``M`` the low bits are uniform; otherwise words at
+or above the largest multiple of ``M`` below ``2**64`` are rejected and the stream continues. Moduli are at
+most ``2**63``, so the sum of two field elements never overflows a ``uint64``.
+
+Example:
+    >>> import numpy as np
+    >>> a, b = expand(bytes(32), 5, 2**32), expand(bytes(32), 5, 2**32)
+    >>> bool((a == b).all()), bool((a < 2**32).all())
+    (True, True)
+    >>> x = quantise(np.array([-1.0, 0.0, 1.0], np.float32), 1.0, 5, np.random.default_rng(0))
+    >>> x.tolist(), dequantise_sum(x, 1, 1.0, 5).tolist()
+    ([0, 2, 4], [-1.0, 0.0, 1.0])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+__all__ = ["MAX_MODULUS", "add_mod", "dequantise_sum", "expand", "quantise", "sub_mod"]
+
+MAX_MODULUS = 2**63
+
+
+def expand(key: bytes, size: int, modulus: int, label: bytes = b"flgraph-mask") -> np.ndarray:
+    """``size`` uniform elements of ``[0, modulus)`` (``uint64``) expanded from ``key`` (32 bytes) with the
+    ChaCha20 keystream; ``label`` (at most 16 bytes) separates streams drawn from the same key."""
+    if len(key) != 32:
+        raise ValueError("a mask key has 32 bytes")
+    if not 2 <= modulus <= MAX_MODULUS:
+        raise ValueError(f"modulus {modulus} must lie in [2, 2**63]")
+    nonce = label[:16].ljust(16, b"\0")
+    stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+    if modulus & (modulus - 1) == 0:
+        words = np.frombuffer(stream.update(bytes(8 * size)), dtype="<u8").astype(np.uint64)
+        return words & np.uint64(modulus - 1)
+    limit = np.uint64((2**64 // modulus) * modulus - 1)  # the largest word kept: no residue is favoured
+    out = np.empty(size, np.uint64)
+    filled = 0
+    while filled < size:
+        need = size - filled
+        words = np.frombuffer(stream.update(bytes(8 * (need + need // 8 + 8))), dtype="<u8")
+        kept = words[words <= limit][:need]
+        out[filled : filled + len(kept)] = kept % np.uint64(modulus)
+        filled += len(kept)
+    return out
+
+
+def add_mod(acc: np.ndarray, other: np.ndarray, modulus: int) -> np.ndarray:
+    """``acc = (acc + other) mod M`` in place (both in ``[0, M)``, ``M <= 2**63``: no overflow)."""
+    np.add(acc, other, out=acc)
+    np.remainder(acc, np.uint64(modulus), out=acc)
+    return acc
+
+
+def sub_mod(acc: np.ndarray, other: np.ndarray, modulus: int) -> np.ndarray:
+    """``acc = (acc - other) mod M`` in place."""
+    np.add(acc, np.uint64(modulus) - other, out=acc)
+    np.remainder(acc, np.uint64(modulus), out=acc)
+    return acc
+
+
+def quantise(delta: np.ndarray, clip: float, levels: int, rng: np.random.Generator) -> np.ndarray:
+    """Clip each coordinate to ``[-clip, clip]`` and map it onto the integers ``0 .. levels - 1`` with
+    unbiased stochastic rounding (``rng``: the client's own seeded stream, so a rerun gives the same bits)."""
+    scaled = (np.clip(delta.astype(np.float64), -clip, clip) + clip) * ((levels - 1) / (2.0 * clip))
+    low = np.floor(scaled)
+    up = rng.random(scaled.shape) < (scaled - low)
+    return np.minimum(low + up, levels - 1).astype(np.uint64)
+
+
+def dequantise_sum(total: np.ndarray, count: int, clip: float, levels: int) -> np.ndarray:
+    """The sum of ``count`` clipped updates (float64) from the sum of their quantised forms."""
+    return total.astype(np.float64) * (2.0 * clip / (levels - 1)) - count * clip
