@@ -110,7 +110,7 @@ class SecureMask(ClientStage):
             # round 0 is a transport's warm-up client (its update is thrown away, never aggregated): give it
             # the quantised form, so the warm-up loads what a round needs, with no key and no mask
             update.delta = quantise(update.decoded(work.global_params.spec), cfg.clip, cfg.levels,
-                                    stream(work.seed, work.tag, 0, work.client)).astype(np.uint32)
+                                    stream(work.seed, work.tag, 0, work.client)).astype(self._carrier())
             return
         if record is None or update is None:
             raise ClientError("no SecureSetup prepared this client's masks" if record is None else "no update",
@@ -120,8 +120,13 @@ class SecureMask(ClientStage):
         x = quantise(delta, cfg.clip, cfg.levels, stream(work.seed, work.tag, work.round, work.client))
         y = masked_input(record, x, cfg.modulus)
         raw = int(delta.nbytes)
-        update.delta = y.astype(np.uint32) if cfg.modulus <= 2**32 else y
+        update.delta = y.astype(self._carrier(), copy=False)
         update.payload, update.codec, update.raw_nbytes = None, None, raw
+
+
+    def _carrier(self) -> type[np.unsignedinteger[Any]]:
+        """The masked input's dtype on the wire: 4 bytes an element when ``M <= 2**32``."""
+        return np.uint32 if self.config.modulus <= 2**32 else np.uint64
 
 
 class SecureSum(Reducer):

@@ -35,9 +35,10 @@ def expand(key: bytes, size: int, modulus: int, label: bytes = b"flgraph-mask") 
         raise ValueError(f"modulus {modulus} must lie in [2, 2**63]")
     nonce = label[:16].ljust(16, b"\0")
     stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-    if modulus & (modulus - 1) == 0:
-        words = np.frombuffer(stream.update(bytes(8 * size)), dtype="<u8").astype(np.uint64)
-        return words & np.uint64(modulus - 1)
+    if modulus & (modulus - 1) == 0:  # a power of two: the low bits of uniform words are uniform
+        width = 4 if modulus <= 2**32 else 8
+        words = np.frombuffer(stream.update(bytes(width * size)), dtype=f"<u{width}").astype(np.uint64)
+        return np.bitwise_and(words, np.uint64(modulus - 1), out=words)
     limit = np.uint64((2**64 // modulus) * modulus - 1)  # the largest word kept: no residue is favoured
     out = np.empty(size, np.uint64)
     filled = 0
@@ -51,17 +52,24 @@ def expand(key: bytes, size: int, modulus: int, label: bytes = b"flgraph-mask") 
 
 
 def add_mod(acc: np.ndarray, other: np.ndarray, modulus: int) -> np.ndarray:
-    """``acc = (acc + other) mod M`` in place (both in ``[0, M)``, ``M <= 2**63``: no overflow)."""
+    """``acc = (acc + other) mod M`` in place (``uint64``, both in ``[0, M)``, ``M <= 2**63``: no overflow)."""
     np.add(acc, other, out=acc)
-    np.remainder(acc, np.uint64(modulus), out=acc)
-    return acc
+    return _reduce(acc, modulus)
 
 
 def sub_mod(acc: np.ndarray, other: np.ndarray, modulus: int) -> np.ndarray:
     """``acc = (acc - other) mod M`` in place."""
-    np.add(acc, np.uint64(modulus) - other, out=acc)
-    np.remainder(acc, np.uint64(modulus), out=acc)
-    return acc
+    if modulus & (modulus - 1) == 0:
+        np.subtract(acc, other, out=acc)  # wraps mod 2**64, a multiple of M
+    else:
+        np.add(acc, np.uint64(modulus) - other, out=acc)
+    return _reduce(acc, modulus)
+
+
+def _reduce(acc: np.ndarray, modulus: int) -> np.ndarray:
+    if modulus & (modulus - 1) == 0:  # a mask, not a division: several times faster
+        return np.bitwise_and(acc, np.uint64(modulus - 1), out=acc)
+    return np.remainder(acc, np.uint64(modulus), out=acc)
 
 
 def quantise(delta: np.ndarray, clip: float, levels: int, rng: np.random.Generator) -> np.ndarray:
