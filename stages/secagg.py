@@ -39,7 +39,7 @@ from flgraph.rng import stream
 from flgraph.secure import Dropouts, SecAggConfig, SecureRound
 from flgraph.secure import protocol as secagg
 from flgraph.secure.client import masked_input
-from flgraph.secure.masks import add_mod, dequantise_sum, quantise
+from flgraph.secure.masks import add_mod, dequantise_sum, field_dtype, quantise
 
 from .aggregate import Aggregate
 
@@ -87,7 +87,7 @@ class SecureMask(ClientStage):
     """On the client, after training: clip each coordinate of the update to ``[-clip, clip]``, quantise it
     onto ``levels`` integers (unbiased stochastic rounding from the client's seeded stream), add the self
     mask and the pairwise masks mod ``M``. The update then holds the masked input (``uint32`` when ``M <=
-    2**32``, else ``uint64``) and nothing else.
+    2**32`` a power of two, else ``uint64``) and nothing else.
 
     Example:
         >>> from flgraph.secure import SecAggConfig
@@ -116,6 +116,10 @@ class SecureMask(ClientStage):
             raise ClientError("no SecureSetup prepared this client's masks" if record is None else "no update",
                               client=work.client, stage="SecureMask", round=work.round,
                               fix="compose Select >> Broadcast >> SecureSetup(cfg) >> LocalTrain >> SecureMask(cfg)")
+        if record.config != cfg:
+            raise ClientError(f"SecureMask({cfg!r}) and SecureSetup({record.config!r}) disagree", client=work.client,
+                              stage="SecureMask", round=work.round,
+                              fix="pass the same SecAggConfig to SecureSetup, SecureMask and SecureAggregate")
         delta = update.decoded(work.global_params.spec)
         x = quantise(delta, cfg.clip, cfg.levels, stream(work.seed, work.tag, work.round, work.client))
         y = masked_input(record, x, cfg.modulus)
@@ -124,9 +128,9 @@ class SecureMask(ClientStage):
         update.payload, update.codec, update.raw_nbytes = None, None, raw
 
 
-    def _carrier(self) -> type[np.unsignedinteger[Any]]:
-        """The masked input's dtype on the wire: 4 bytes an element when ``M <= 2**32``."""
-        return np.uint32 if self.config.modulus <= 2**32 else np.uint64
+    def _carrier(self) -> np.dtype[Any]:
+        """The masked input's dtype: the field's (4 bytes an element for ``M`` a power of two up to ``2**32``)."""
+        return field_dtype(self.config.modulus)
 
 
 class SecureSum(Reducer):
@@ -145,7 +149,7 @@ class SecureSum(Reducer):
             raise ClientError("the update reached SecureSum unmasked", client=update.client, stage="SecureSum",
                               round=update.base_round + 1, fix="put SecureMask(cfg) after the client's training")
         update.delta = None
-        return y.astype(np.uint64), [int(update.client)]
+        return y.astype(field_dtype(self.modulus), copy=False), [int(update.client)]
 
     def combine(self, left: Any, right: Any) -> Any:
         add_mod(left[0], right[0], self.modulus)
@@ -176,6 +180,9 @@ class SecureAggregate(Aggregate):
         super().__init__(SecureSum(self.config.modulus), server_lr=server_lr)
         self._last: SecureRound | None = None
 
+    def settings(self) -> dict[str, Any]:
+        return {"config": self.config, "server_lr": self.server_lr}  # the reducer follows from the config
+
     @property
     def last_round(self) -> SecureRound | None:
         """The last unmasked round's record (in the driver)."""
@@ -186,6 +193,9 @@ class SecureAggregate(Aggregate):
         if not isinstance(session, secagg.Session):
             raise PipelineError("SecureAggregate found no SecureSetup in the round",
                                 fix="put st.SecureSetup(cfg) after Select and before the client stages")
+        if session.config != self.config:
+            raise PipelineError(f"SecureAggregate({self.config!r}) and SecureSetup({session.config!r}) disagree",
+                                fix="pass the same SecAggConfig to SecureSetup, SecureMask and SecureAggregate")
         masked, contributors = delta
         total = secagg.finish(ctx, session, masked, contributors)
         cfg, n = self.config, len(contributors)

@@ -150,6 +150,25 @@ def test_settings_that_cannot_work_are_refused():
         st.SecureMask({"clip": 1.0})  # type: ignore[arg-type]
 
 
+def test_stages_with_different_settings_are_refused(client2):
+    other = SecAggConfig(neighbours=100, threshold=5, clip=0.5, levels=2**12)
+    p = (st.Select(10) >> st.Broadcast() >> st.SecureSetup(COMPLETE) >> KnownUpdate() >> st.SecureMask(other)
+         >> st.SecureAggregate(COMPLETE))
+    run = fit(p, client2, 0)
+    with pytest.raises(fg.ClientError, match="disagree"):
+        run.fit(rounds=1)
+    run.close()
+
+
+def test_the_recipe_round_trips_through_the_pipeline_spec():
+    from flgraph.spec import describe, differences, rebuild
+
+    p = fg.recipes.fedavg_secagg(clients=20, neighbours=6, threshold=4, clip=0.5, dropouts=Dropouts(after_keys=1))
+    spec = describe(p)
+    assert differences(spec, describe(rebuild(spec))) == []
+    assert spec[2]["settings"]["config"]["settings"]["threshold"] == 4
+
+
 # -- whole rounds on Dask --------------------------------------------------------------------------------
 
 COMPLETE = SecAggConfig(neighbours=100, threshold=5, clip=1.0, levels=2**12, modulus=2**32)  # 10 clients: k = 9

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import shamir
 from .keys import agree, open_box, seal_box
-from .masks import add_mod, expand, sub_mod
+from .masks import add_mod, expand, field_dtype, sub_mod
 from .ring import open_sealed, seal
 
 __all__ = ["AdvertiseKeys", "ShareKeys", "Unmask", "advertise", "mask_key", "masked_input", "share_context"]
@@ -109,6 +109,7 @@ class MaskRecord:
     position: int
     sealed: bytes
     neighbours: tuple[tuple[int, bytes], ...]
+    config: Any = None  # the SecAggConfig of the SecureSetup that prepared it (the masking stage checks it)
 
 
 def masked_input(record: MaskRecord, x: np.ndarray, modulus: int) -> np.ndarray:
@@ -116,7 +117,7 @@ def masked_input(record: MaskRecord, x: np.ndarray, modulus: int) -> np.ndarray:
     (plus towards neighbours after it, minus towards those before it), mod ``M``."""
     secrets = open_sealed(record.ring, record.sealed, _state_context(record.position, b"shared"))
     s_sk, b = secrets[32:64], secrets[64:96]
-    y = add_mod(x.astype(np.uint64, copy=True), expand(b, len(x), modulus, b"self"), modulus)
+    y = add_mod(x.astype(field_dtype(modulus), copy=True), expand(b, len(x), modulus, b"self"), modulus)
     for v, s_pk in record.neighbours:
         m = expand(mask_key(s_sk, s_pk, record.ring), len(x), modulus, b"pair")
         (add_mod if record.position < v else sub_mod)(y, m, modulus)

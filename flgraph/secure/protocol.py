@@ -34,7 +34,7 @@ from . import shamir
 from .client import AdvertiseKeys, MaskRecord, ShareKeys, Unmask, mask_key
 from .config import Dropouts, SecAggConfig
 from .keys import public_of
-from .masks import add_mod, expand, sub_mod
+from .masks import add_mod, expand, field_dtype, sub_mod
 from .neighbours import neighbour_graph
 
 __all__ = ["DropoutError", "SecureRound", "Session", "finish", "start"]
@@ -145,7 +145,7 @@ def start(ctx: Any, config: SecAggConfig, dropouts: Dropouts | None) -> Session:
     down = 0
     for i, u in enumerate(masking):
         neighbours = tuple((int(v), s_pk[v]) for v in graph[u] if int(v) in shared)
-        records[i] = MaskRecord(ring, u, shared[u], neighbours)
+        records[i] = MaskRecord(ring, u, shared[u], neighbours, config)
         down += PUBLIC_KEY * len(neighbours) + sum(len(b) for b in inbox[u].values())
     report.bytes_down["masked_input"] = down
     ctx.clients = ctx.clients.take(np.asarray(masking, np.int64)).with_settings(secagg=records)
@@ -204,7 +204,7 @@ def _unmask(ctx: Any, s: Session, masked: np.ndarray, contributors: list[int]) -
                 "if this many clients drop, use more neighbours or a lower threshold")
 
     t0 = time.perf_counter()
-    total = masked.astype(np.uint64, copy=True)
+    total = masked.astype(field_dtype(cfg.modulus), copy=True)
     size, m = len(total), cfg.modulus
     for u in u3:
         b = _secret(shares[("b", u)], ctx.round, int(ids[u]))
@@ -221,8 +221,8 @@ def _unmask(ctx: Any, s: Session, masked: np.ndarray, contributors: list[int]) -
                 mask = expand(mask_key(s_sk, s.s_pk[w], s.ring), size, m, b"pair")
                 (sub_mod if w < v else add_mod)(total, mask, m)
     report.seconds["unmasking_server"] = time.perf_counter() - t0
-    report.total = total
-    return total
+    report.total = total.astype(np.uint64)
+    return report.total
 
 
 def _secret(shares: list[tuple[int, int]], rnd: int, client: int) -> bytes:
