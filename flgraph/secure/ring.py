@@ -31,7 +31,8 @@ from .keys import agree, new_key_pair, open_box, seal_box
 
 __all__ = ["RingError", "drop", "join", "make", "offer", "open_sealed", "seal"]
 
-KEEP = 4  # rings a worker keeps: the current round's and a few failed rounds' (each 32 bytes)
+KEEP = 16  # rings a worker keeps (32 bytes each): the current rounds of the runs sharing the cluster, and
+# rounds that failed between SecureSetup and Unmasking (a completed round drops its own ring)
 
 _lock = threading.Lock()
 _offers: dict[tuple[str, str], bytes] = {}  # (ring, worker) -> the private key offered for it
