@@ -23,6 +23,7 @@ PACKAGES: dict[str, str] = {
     "flgraph.data": "Federated datasets, partitioners and stores.",
     "flgraph.models": "The model adapter.",
     "flgraph.sim": "Simulated devices.",
+    "flgraph.secure": "Secure aggregation's protocol (SecAgg+): keys, Shamir shares, neighbour graph, masks.",
     "flgraph.store": "The run directory: snapshots, per-client state, metrics table.",
     "flgraph.observe": "History, metrics file, progress, dashboard page and plots.",
     "flgraph.transports": "Where clients live: the Dask transport and the transport contract.",

@@ -258,6 +258,9 @@ class RoundContext:
     aggregates: dict[str, tuple[Any, float]] = field(default_factory=dict)
     # server values kept by stages (e.g. SCAFFOLD's "control"): name -> array, as of the round's start
     values: dict[str, Any] = field(default_factory=dict)
+    # the transport running the round's clients: for stages whose protocol talks to the clients in several
+    # phases (secure aggregation), through the capabilities it declares (flgraph.engine.contracts)
+    transport: Any = None
     mapper: Callable[[Callable[[ClientWork], Any], np.ndarray, np.ndarray], list[Any]] | None = None
 
     def map_clients(self, fn: Callable[[ClientWork], Any], ids: np.ndarray | list[int],

@@ -13,6 +13,7 @@ from .dp_fedavg import dp_fedavg
 from .fedadagrad import fedadagrad
 from .fedadam import fedadam
 from .fedavg import fedavg
+from .fedavg_secagg import fedavg_secagg
 from .fedavgm import fedavgm
 from .fedbabu import fedbabu
 from .fedbuff import fedbuff
@@ -24,5 +25,5 @@ from .qffl import qffl
 from .robust import robust_fedavg
 from .scaffold import scaffold
 
-__all__ = ["ditto", "dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbabu", "fedbuff", "fednova",
-           "fedprox", "fedyogi", "oort", "qffl", "robust_fedavg", "scaffold"]
+__all__ = ["ditto", "dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavg_secagg", "fedavgm", "fedbabu", "fedbuff",
+           "fednova", "fedprox", "fedyogi", "oort", "qffl", "robust_fedavg", "scaffold"]

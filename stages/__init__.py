@@ -29,6 +29,7 @@ from .privacy import ClipNorm, ClipUpdate, DPAggregate
 from .qffl import QFedAvgStep, QFFLUpdate
 from .robust import Krum, Median, TrimmedMean
 from .scaffold import ScaffoldControl
+from .secagg import SecureAggregate, SecureMask, SecureSetup, SecureSum
 from .select import Select, is_pure_sampler, pure_sampler
 from .server_opt import ServerOpt
 from .simulate import Simulate
@@ -79,6 +80,10 @@ __all__ = [
     "ReduceStage",
     "Reducer",
     "ScaffoldControl",
+    "SecureAggregate",
+    "SecureMask",
+    "SecureSetup",
+    "SecureSum",
     "Select",
     "ServerOpt",
     "ServerStage",

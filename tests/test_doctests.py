@@ -17,7 +17,7 @@ def modules() -> list[str]:
     names = ["flgraph"]
     for pkg in ("flgraph", "flgraph.graph", "flgraph.engine", "flgraph.store", "flgraph.observe", "flgraph.local",
                 "flgraph.stages", "flgraph.transports", "flgraph.transports.zmq", "flgraph.recipes",
-                "flgraph.models", "flgraph.sim",
+                "flgraph.models", "flgraph.sim", "flgraph.secure",
                 "flgraph.data"):
         mod = importlib.import_module(pkg)
         names.append(pkg)

@@ -92,7 +92,7 @@ class DaskTransport(Transport, PlansAhead):
 
     #: Every shape of round graph: fan-outs, parallel branches, tiers, server values broadcast.
     supports: frozenset[str] = frozenset({"parallel branches", "several per-client values", "tiers",
-                                          "server values broadcast besides the params"})
+                                          "server values broadcast besides the params", "secure aggregation"})
 
     def __init__(self, client: Client, run_token: str, stage_name: str, chunk_size: int | None = None) -> None:
         self.client = client
@@ -325,6 +325,14 @@ class DaskTransport(Transport, PlansAhead):
             return [r for part in gather(c, futs) for r in part]
         finally:
             c.cancel([*futs, *copies], force=True)
+
+    def on_every_worker(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+        """``fn(*args)`` in every worker process (``Client.run``), by worker address (:class:`ReachesWorkers`)."""
+        return dict(self.client.run(fn, *args))
+
+    def on_one_worker(self, worker: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the worker process at ``worker`` (:class:`ReachesWorkers`)."""
+        return self.client.run(fn, *args, workers=[worker])[worker]
 
     # -- asynchronous engine -----------------------------------------------------------------------
     def publish(self, version: int, flat: np.ndarray) -> Future:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..context import ClientSet
     from .clients import Partial
 
-__all__ = ["KnowsClients", "PlansAhead", "RunsGraphs", "Transport", "refuse_unsupported"]
+__all__ = ["KnowsClients", "PlansAhead", "ReachesWorkers", "RunsGraphs", "Transport", "refuse_unsupported"]
 
 
 @runtime_checkable
@@ -84,10 +84,25 @@ class KnowsClients(Protocol):
 
 
 @runtime_checkable
+class ReachesWorkers(Protocol):
+    """A transport whose clients run in worker processes it can address one by one: secure aggregation
+    keeps each simulated client's secrets between phases sealed under a key only those processes hold
+    (:mod:`flgraph.secure.ring`). A function given here takes a ``dask_worker`` keyword (the worker)."""
+
+    def on_every_worker(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+        """``fn(*args)`` in every worker process, by worker address."""
+        ...
+
+    def on_one_worker(self, worker: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the worker process at address ``worker``."""
+        ...
+
+
+@runtime_checkable
 class RunsGraphs(Protocol):
     """A transport that runs rounds beyond a chain: ``supports`` names the features (the keys of
     :meth:`flgraph.graph.RoundGraph.feature_stages`: ``"parallel branches"``, ``"several per-client values"``,
-    ``"tiers"``, ``"server values broadcast besides the params"``)."""
+    ``"tiers"``, ``"server values broadcast besides the params"``, ``"secure aggregation"``)."""
 
     supports: frozenset[str]
 

@@ -154,6 +154,7 @@ class SyncEngine:
                 states: dict[str, dict[str, Any]], keys: dict[int, str], times: dict[str, float]) -> RoundContext:
         ctx = RoundContext(rnd, self.seed, state.params, self.dataset, self.model_source, last)
         ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
+        ctx.transport = transport  # stages whose protocol talks to the clients in phases (SecAgg) reach it
         if self.reducer is not None:
             ctx.values = {v: self._value(v, states, keys) for b in self.graph.branches for s in b.stages
                           for v in s.keeps}

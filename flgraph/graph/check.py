@@ -98,8 +98,10 @@ class RoundGraph:
 
     @property
     def plain(self) -> bool:
-        """One branch, one reducer of the update, no tiers, only the params broadcast: a chain."""
-        return not self.features()
+        """One branch, one reducer of the update, no tiers, only the params broadcast: a chain (whatever
+        features its stages ask of the transport)."""
+        own = {s.feature for b in self.branches for s in b.stages}
+        return not set(self.features()) - own
 
     def features(self) -> list[str]:
         """What this round needs beyond a chain, in words (engines and transports refuse what they lack)."""
@@ -120,6 +122,9 @@ class RoundGraph:
             if b.broadcast:
                 out.setdefault("server values broadcast besides the params", []).append(
                     f"Broadcast of {', '.join(repr(v) for v in b.broadcast)}")
+            for s in b.stages:
+                if s.feature is not None:
+                    out.setdefault(s.feature, []).append(type(s).__name__)
         return out
 
 

@@ -55,6 +55,9 @@ class Stage(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     keeps: ClassVar[frozenset[str]] = frozenset()
+    # a round-graph feature the transport must declare it supports to run this stage (e.g. "secure
+    # aggregation", whose phases talk to the clients several times a round); None: any transport runs it
+    feature: ClassVar[str | None] = None
     tag: int = 0
 
     @property
