@@ -189,6 +189,8 @@ class AsyncEngine:
         agents)."""
         population = self.dataset.client_ids
         busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
+        if self.select.available is None and not self.realtime and self.select.sampler is None:
+            return _free_draw(self.select, population, busy, self.seed, idx)
         free = population[~np.isin(population, busy)]
         if self.select.available is not None:  # draw from those available at the dispatch's start
             here = free[self.select.available_mask(free, idx + 1, at if self.simulate is not None else None)]
@@ -342,3 +344,21 @@ class AsyncEngine:
         row["sim_round_time"] = float(st["time"]) - step_start
         row["clients_dispatched"] = dispatched
         return row
+
+
+def _free_draw(select: Any, population: np.ndarray, busy: np.ndarray, seed: int, idx: int) -> int:
+    """The draw ``select.draw(free, 1, ...)`` over ``free`` = ``population`` less ``busy``, without building
+    ``free``: O(clients in flight), not O(population), per dispatch.
+
+    A uniform draw from an array is the draw of an index into it (numpy's ``choice``), so the index is
+    drawn over ``len(free)`` and mapped to the free client it stands for, skipping the busy positions.
+    """
+    at = np.searchsorted(population, busy)
+    busy_pos = np.unique(at[(at < len(population)) & (population[np.minimum(at, len(population) - 1)] == busy)])
+    j = int(select.draw(len(population) - len(busy_pos), 1, seed=seed, dispatch=idx).ids[0])
+    for b in busy_pos.tolist():  # ascending: each busy position at or before the target shifts it by one
+        if b <= j:
+            j += 1
+        else:
+            break
+    return int(population[j])
