@@ -34,7 +34,7 @@ def uneven(k: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([42, k])
     n = SIZES[k % len(SIZES)]
     y = rng.integers(0, 3, n)
-    return rng.standard_normal((n, 6)).astype(np.float32) + y[:, None], y.astype(np.int64)
+    return (rng.standard_normal((n, 6)) + y[:, None]).astype(np.float32), y.astype(np.int64)
 
 
 def works(ids: list[int], data: FederatedDataset, ad: ModelAdapter) -> list[ClientWork]:

@@ -183,18 +183,12 @@ class LocalTrain(ClientStage):
     def run_block(self, works: Sequence[ClientWork]) -> list[BaseException | None]:
         """Train several clients: at once (:mod:`flgraph.stages.vectorised`) when ``clients_at_once > 1`` and
         the model and options allow it, else one by one. Returns each client's error, or None."""
-        reason = getattr(self, "_sequential_because", None)
-        if reason is None:
+        failed: Exception | None = None
+        if getattr(self, "_sequential_because", None) is None:
             try:
                 return vectorised.train_block(self, works)
-            except ClientError:
-                raise
-            except Exception as e:  # an operation torch.func cannot batch: say so once, go on one by one
-                reason = f"torch.func could not batch the model: {type(e).__name__}: {str(e).splitlines()[0]}"
-                self._sequential_because = reason
-                warnings.warn(f"LocalTrain(clients_at_once={self.clients_at_once}) trains one client at a time "
-                              f"(metric 'vectorised' = 0): {reason}", UserWarning, stacklevel=2)
-                log.warning("LocalTrain trains one client at a time: %s", reason)
+            except Exception as e:  # batching failed: the clients are trained one by one below
+                failed = e
         errors: list[BaseException | None] = []
         for work in works:
             try:
@@ -203,6 +197,14 @@ class LocalTrain(ClientStage):
                 errors.append(e)
             else:
                 errors.append(None)
+        if failed is not None and any(e is None for e in errors):
+            # one by one works where the block did not: an operation torch.func cannot batch. Say so once
+            # (per worker process) and stop trying. (Where every client fails alone too, the data is at fault.)
+            reason = f"torch.func could not batch the model: {type(failed).__name__}: {str(failed).splitlines()[0]}"
+            self._sequential_because = reason
+            warnings.warn(f"LocalTrain(clients_at_once={self.clients_at_once}) trains one client at a time "
+                          f"(metric 'vectorised' = 0): {reason}", UserWarning, stacklevel=2)
+            log.warning("LocalTrain trains one client at a time: %s", reason)
         return errors
 
     def run(self, work: ClientWork) -> None:

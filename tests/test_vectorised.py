@@ -197,3 +197,36 @@ def test_runs_bit_identical_on_one_and_two_workers_and_close_to_sequential(clien
     start = ModelAdapter.from_module(_model()).initial_params().flat
     rel = np.abs(one - seq).max() / np.abs(seq - start).max()
     assert rel <= 1e-5, rel
+
+
+class _Branchy(torch.nn.Module):
+    """Python control flow on a tensor's value: fine one client at a time, impossible to vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(D, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out * 2 if float(out.detach().sum()) > 0 else out
+
+
+def test_a_model_torch_func_cannot_batch_falls_back_at_run_time() -> None:
+    torch.manual_seed(0)
+    model, data = _Branchy(), _data()
+    ad = ModelAdapter.from_module(model)
+    stage = st.LocalTrain(2, batch_size=4, lr=0.1, clients_at_once=8)
+    stage.prepare(data, ad)  # nothing to see before it runs
+    ids = [0, 1, 2, 4]
+    block, seq = _works(ids, data, ad), _works(ids, data, ad)
+    with pytest.warns(UserWarning, match="torch.func could not batch the model"):
+        assert stage.run_block(block) == [None] * len(ids)
+    for w in seq:
+        st.LocalTrain(2, batch_size=4, lr=0.1).run(w)
+    for wb, ws in zip(block, seq):
+        assert wb.update and ws.update and wb.update.delta is not None
+        np.testing.assert_array_equal(wb.update.delta, ws.update.delta)
+        assert wb.update.metrics["vectorised"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the next block goes one by one without trying again
+        assert stage.run_block(_works(ids, data, ad)) == [None] * len(ids)
