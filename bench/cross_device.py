@@ -77,7 +77,7 @@ def w1_run(at_once: int, workers: int) -> fg.Run:
     pipe = (st.Select(clients=100) >> st.Broadcast()
             >> st.LocalTrain(1, batch_size=w1common.BATCH_SIZE, lr=w1common.LR, clients_at_once=at_once)
             >> st.Aggregate(st.WeightedMean()))
-    return fg.Run(pipe, model=w1common.initial_model("W1"), data=data, seed=0, workers=workers, progress=False,
+    return fg.Run(pipe, model=w1common.initial_model("mlp"), data=data, seed=0, workers=workers, progress=False,
                   evaluate="never")
 
 

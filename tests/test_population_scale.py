@@ -7,6 +7,7 @@ import time
 import tracemalloc
 
 import numpy as np
+import pytest
 
 import flgraph as fg
 from flgraph import stages as st
@@ -71,3 +72,12 @@ def test_lazy_lognormal_devices_equal_the_documented_draws() -> None:
         assert pop.profile(k) == _lognormal_profile(k, 1, 50.0, 0.8, 2.5e6, 0.6, 1.0e6, 0.6, 10.0, 5.0, 100.0)
     assert pop.flgraph_spec()[1]["client_ids"] == [4, 7, 9]
     assert DevicePopulation.lognormal(3, seed=1).flgraph_spec()[1]["client_ids"] == 3
+
+
+def test_always_online_devices_answer_without_making_profiles() -> None:
+    pop = DevicePopulation.lognormal(POPULATION, seed=2)
+    t = time.perf_counter()
+    assert pop.online_mask(np.arange(POPULATION), 10.0).all()
+    assert time.perf_counter() - t < 1.0
+    with pytest.raises(fg.errors.DataError, match="no device profile"):
+        pop.online_mask(np.array([3, POPULATION]), 10.0)

@@ -110,6 +110,12 @@ class DevicePopulation:
 
     def online_mask(self, ids: Any, t: float) -> Any:
         """Whether each client of ``ids`` is online at virtual time ``t`` (a bool array)."""
+        lazy = self.profiles
+        if (isinstance(lazy, _LognormalProfiles) and isinstance(lazy.ids, range)
+                and None in (lazy.settings["mean_on"], lazy.settings["mean_off"])):
+            arr = np.asarray(ids, np.int64)
+            if not len(arr) or (arr.min() >= lazy.ids.start and arr.max() < lazy.ids.stop):
+                return np.ones(len(arr), bool)  # always online: no profile needs making
         return np.fromiter((self.profile(int(c)).online(t) for c in ids), bool, len(ids))
 
     def spread(self) -> float:
