@@ -230,3 +230,27 @@ def test_a_model_torch_func_cannot_batch_falls_back_at_run_time() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once: the next block goes one by one without trying again
         assert stage.run_block(_works(ids, data, ad)) == [None] * len(ids)
+
+
+def test_asynchronous_runs_refuse_clients_at_once() -> None:
+    pipe = (st.Select(clients=4) >> st.Broadcast() >> st.LocalTrain(clients_at_once=8) >> st.BufferedAggregate(2))
+    with pytest.raises(fg.errors.ConfigError, match="one client per task"):
+        fg.Run(pipe, model=_model(), data=_data(), progress=False)
+
+
+def test_over_selection_trains_blocks_too(client2) -> None:
+    def run(at_once: int) -> tuple[np.ndarray, dict]:
+        devices = fg.sim.DevicePopulation.lognormal(48, seed=1)  # the first 12 to finish: by simulated time
+        pipe = (st.Select(clients=12, over_select=1.5) >> st.Simulate(devices) >> st.Broadcast()
+                >> st.LocalTrain(2, batch_size=4, lr=0.1, clients_at_once=at_once) >> st.Aggregate(st.WeightedMean()))
+        with fg.Run(pipe, model=_model(), data=_data(), seed=SEED, cluster=client2, progress=False,
+                    evaluate="never") as r:
+            r.fit(rounds=1)
+            return r.params.flat.copy(), dict(r.history[-1])
+
+    vec, mv = run(8)
+    assert mv["vectorised"] == 1.0 and mv["clients_done"] == 12
+    seq, ms = run(1)
+    assert ms["clients_done"] == 12
+    start = ModelAdapter.from_module(_model()).initial_params().flat
+    assert np.abs(vec - seq).max() / np.abs(seq - start).max() <= 1e-5

@@ -261,7 +261,10 @@ def hold_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Cli
                  on_error: OnError = "raise") -> dict[int, Partial]:
     """Phase 1 of selection after training: run positions ``a:b`` and keep their updates (not reduced)."""
     gp, values = bundle.global_params(global_flat)
-    return {p: client_leaf(bundle, gp, rnd, clients, p, on_error, reduce=False, values=values) for p in range(a, b)}
+    index = block_stage(bundle.stages) if clients.branch is None else None
+    blocks = BlockRunner(bundle, gp, values, rnd, clients, index) if index is not None else None
+    return {p: client_leaf(bundle, gp, rnd, clients, p, on_error, reduce=False, values=values,
+                           started=blocks.take(p) if blocks is not None else None) for p in range(a, b)}
 
 
 def finish_times(held: dict[int, Partial]) -> list[tuple[int, float]]:
