@@ -83,9 +83,10 @@ class AsyncEngine:
         if self.select.over_select > 1.0 or self.select.sampler is not None:
             raise ConfigError("asynchronous runs draw clients uniformly one at a time",
                               fix="use st.Select(clients=CONCURRENCY) without sampler= or over_select=")
-        blocked = [s for s in segments.clients if getattr(s, "clients_at_once", 1) > 1]
+        blocked = [(s, getattr(s, "clients_at_once", 1)) for s in segments.clients]
+        blocked = [(s, b) for s, b in blocked if b > 1]
         if blocked:
-            raise ConfigError(f"{type(blocked[0]).__name__}(clients_at_once={blocked[0].clients_at_once}): an "
+            raise ConfigError(f"{type(blocked[0][0]).__name__}(clients_at_once={blocked[0][1]}): an "
                               "asynchronous run dispatches one client per task, so no block of clients trains "
                               "at once", fix="drop clients_at_once= (or use a synchronous Aggregate)")
         sims = [s for s in segments.before if isinstance(s, Simulate)]
