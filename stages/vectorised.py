@@ -116,11 +116,13 @@ class _Model:
 
     def load(self, work: ClientWork) -> dict[str, torch.Tensor]:
         flat = work.global_params.flat
-        if flat is not self._flat:  # a new round (or a new copy of its params): one transfer per block run
+        # Compared by value, not by identity: a worker may refill the same buffer with the next round's
+        # params. One pass over the params per block, against a transfer to the device per client.
+        if self._flat is None or self._flat.shape != flat.shape or not np.array_equal(self._flat, flat):
             spec = work.global_params.spec
-            self.globals = {e.name: torch.from_numpy(np.ascontiguousarray(flat[e.offset : e.offset + e.size]))
+            self.globals = {e.name: torch.from_numpy(np.array(flat[e.offset : e.offset + e.size]))
                             .reshape(e.shape).to(self.device) for e in spec.entries}
-            self._flat = flat
+            self._flat = np.array(flat)
         return self.globals
 
 

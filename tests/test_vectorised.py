@@ -254,3 +254,25 @@ def test_over_selection_trains_blocks_too(client2) -> None:
     assert ms["clients_done"] == 12
     start = ModelAdapter.from_module(_model()).initial_params().flat
     assert np.abs(vec - seq).max() / np.abs(seq - start).max() <= 1e-5
+
+
+def test_a_buffer_refilled_with_new_params_is_read_again() -> None:
+    model, data = _model(), _data()
+    ad = ModelAdapter.from_module(model)
+    stage = st.LocalTrain(1, batch_size=4, lr=0.1, clients_at_once=4)
+    stage.prepare(data, ad)
+    first = _works([0, 1], data, ad)
+    assert stage.run_block(first) == [None, None]
+    gp = first[0].global_params
+    gp.flat += 0.25  # the same buffer object, refilled (as a worker may do for the next round)
+    again = _works([0, 1], data, ad)
+    for w in again:
+        w.global_params = gp
+    assert stage.run_block(again) == [None, None]
+    seq = _works([0, 1], data, ad)
+    for w in seq:
+        w.global_params.flat[:] = gp.flat
+        st.LocalTrain(1, batch_size=4, lr=0.1).run(w)
+    for wa, ws in zip(again, seq):
+        assert wa.update and ws.update and wa.update.delta is not None and ws.update.delta is not None
+        np.testing.assert_allclose(wa.update.delta, ws.update.delta, rtol=1e-5, atol=1e-6)
