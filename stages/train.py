@@ -11,7 +11,9 @@ gradient ``mu (w - w_global)`` is added to each step's gradient; the reported ``
 shell wildcards work too): they get no gradient and their delta is exactly zero; ``holdout=f`` trains on
 the samples the evaluators do not hold out (:mod:`flgraph.stages.split`); ``correction="scaffold"``
 corrects each step's gradient by SCAFFOLD's control variates and writes the client's ``control_delta``
-next to its ``update`` (:mod:`flgraph.stages.scaffold`). Per-client ``epochs`` or
+next to its ``update`` (:mod:`flgraph.stages.scaffold`); ``clients_at_once=B`` trains blocks of up to ``B``
+clients at once with ``torch.func`` (:mod:`flgraph.stages.vectorised`; one by one, with a warning saying why,
+where the model or the options cannot be batched). Per-client ``epochs`` or
 ``steps`` come from the ClientSet's settings when present (stragglers, device profiles); the metrics
 report the ``steps`` actually done.
 
