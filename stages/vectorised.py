@@ -176,9 +176,11 @@ def train_block(stage: LocalTrain, works: Sequence[ClientWork]) -> list[BaseExce
         for t, b in enumerate(plans[j]):
             idx[t, j, : len(b)] = b
             mask[t, j, : len(b)] = 1.0
-    at = np.arange(c)[None, :, None]
-    xb = torch.from_numpy(x_pad[at, idx]).to(device)  # (steps, clients, batch, features...)
-    yb = torch.from_numpy(y_pad[at, idx]).to(device)
+    # The clients' data go to the device once; each step gathers its batches there (memory: the data, not
+    # the data times the steps).
+    xd, yd = torch.from_numpy(x_pad).to(device), torch.from_numpy(y_pad).to(device)
+    at = torch.arange(c, device=device)[:, None]
+    ix = torch.from_numpy(idx).to(device)
     mb = torch.from_numpy(mask).to(device=device, dtype=glob[names[0]].dtype)
     active = torch.from_numpy(np.arange(t_max)[:, None] < steps[None, :]).to(device)
 
@@ -195,7 +197,7 @@ def train_block(stage: LocalTrain, works: Sequence[ClientWork]) -> list[BaseExce
     bufs: dict[str, torch.Tensor] = {}
     losses = torch.zeros(t_max, c, dtype=torch.float64, device=device)
     for t in range(t_max):
-        grads, lv = step(params, xb[t], yb[t], mb[t])
+        grads, lv = step(params, xd[at, ix[t]], yd[at, ix[t]], mb[t])
         losses[t] = lv.detach().double()
         every = bool(active[t].all())
         for n, g in grads.items():
