@@ -199,7 +199,7 @@ def train_block(stage: LocalTrain, works: Sequence[ClientWork]) -> list[BaseExce
     for t in range(t_max):
         grads, lv = step(params, xd[at, ix[t]], yd[at, ix[t]], mb[t])
         losses[t] = lv.detach().double()
-        every = bool(active[t].all())
+        every = bool((steps > t).all())  # on the host: no device sync per step
         for n, g in grads.items():
             p = params[n]
             if stage.mu > 0:  # FedProx: the gradient of mu/2 ||w - w_global||^2
