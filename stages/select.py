@@ -236,7 +236,7 @@ class Select(ServerStage):
         self._ahead = (rnd, seed, id(dataset), clients)
         return clients
 
-    def draw(self, population: np.ndarray, count: int, *, seed: int, round: int | None = None,
+    def draw(self, population: np.ndarray | int, count: int, *, seed: int, round: int | None = None,
              dispatch: int | None = None, p: np.ndarray | None = None) -> ClientSet:
         """The seeded draw itself: ``count`` clients of ``population``, unchecked.
 
@@ -245,7 +245,8 @@ class Select(ServerStage):
         a stream of its own, so the draw does not depend on which client arrived first). The choice is
         uniform without replacement, or proportional to ``p`` (probabilities over ``population``), or the
         ``sampler``'s. :meth:`run` narrows ``population`` to the available clients and checks the ids the
-        draw returns; a caller of ``draw`` does both itself.
+        draw returns; a caller of ``draw`` does both itself. An int ``population`` ``n`` stands for
+        ``arange(n)`` (positions, without building them) and needs the built-in choice.
 
         Example:
             >>> import numpy as np
@@ -275,6 +276,9 @@ class Select(ServerStage):
             # with count=1 this is the same draw as rng.choice(population): numpy draws one bounded integer
             chosen = rng.choice(population, size=count, replace=False, p=p)
         else:
+            if not isinstance(population, np.ndarray):
+                raise ConfigError("Select.draw(population=<int>) draws positions with the built-in choice; "
+                                  "a sampler needs the population's ids", fix="pass the ids as an array")
             chosen = self.sampler(round if round is not None else 0, population, count, rng)
         return chosen if isinstance(chosen, ClientSet) else ClientSet(np.asarray(chosen, dtype=np.int64))
 

@@ -11,7 +11,9 @@ gradient ``mu (w - w_global)`` is added to each step's gradient; the reported ``
 shell wildcards work too): they get no gradient and their delta is exactly zero; ``holdout=f`` trains on
 the samples the evaluators do not hold out (:mod:`flgraph.stages.split`); ``correction="scaffold"``
 corrects each step's gradient by SCAFFOLD's control variates and writes the client's ``control_delta``
-next to its ``update`` (:mod:`flgraph.stages.scaffold`). Per-client ``epochs`` or
+next to its ``update`` (:mod:`flgraph.stages.scaffold`); ``clients_at_once=B`` trains blocks of up to ``B``
+clients at once with ``torch.func`` (:mod:`flgraph.stages.vectorised`; one by one, with a warning saying why,
+where the model or the options cannot be batched). Per-client ``epochs`` or
 ``steps`` come from the ClientSet's settings when present (stragglers, device profiles); the metrics
 report the ``steps`` actually done.
 
@@ -29,7 +31,9 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -47,11 +51,12 @@ from flgraph.models.adapter import BoundModel, ModelAdapter
 from flgraph.params import ParamSpec, all_finite
 from flgraph.rng import client_torch_seed, stream
 
-from . import scaffold
+from . import scaffold, vectorised
 from .split import check_fraction, heldout
 
 __all__ = ["SGD", "LocalTrain", "TrainContext", "frozen_names"]
 
+log = logging.getLogger("flgraph")
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -102,6 +107,7 @@ class LocalTrain(ClientStage):
         freeze: Sequence[str] | None = None,
         holdout: float = 0.0,
         correction: str | None = None,
+        clients_at_once: int = 1,
     ) -> None:
         if not (mu >= 0 and math.isfinite(mu)):
             raise ConfigError(f"LocalTrain(mu={mu}): the proximal weight must be finite and >= 0",
@@ -135,6 +141,13 @@ class LocalTrain(ClientStage):
         if correction is not None:
             scaffold.check_options(correction, train_fn=train_fn, optimizer=optimizer, freeze=self.freeze)
             self.correction = correction
+        if isinstance(clients_at_once, bool) or not isinstance(clients_at_once, int) or clients_at_once < 1:
+            raise ConfigError(f"LocalTrain(clients_at_once={clients_at_once!r}): a whole number >= 1",
+                              fix="1 trains clients one by one; e.g. 256 trains blocks of up to 256 clients at "
+                                  "once (vectorised)")
+        if clients_at_once > 1:  # only then a setting: the default's spec and repr stay as they were
+            self.clients_at_once = clients_at_once
+        self._sequential_because: str | None = None
 
     def reads(self) -> frozenset[str]:
         return scaffold.client_reads(self.requires, getattr(self, "correction", None))
@@ -149,6 +162,13 @@ class LocalTrain(ClientStage):
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"LocalTrain(device={self.device!r}) but this machine has no CUDA device",
                               fix="use device='cpu', or run on workers with a GPU")
+        template = getattr(model_source, "template", None)
+        if getattr(self, "clients_at_once", 1) > 1 and template is not None:
+            self._sequential_because = vectorised.why_not(self, template)
+            if self._sequential_because is not None:  # once per run, in the driver
+                warnings.warn(f"LocalTrain(clients_at_once={self.clients_at_once}) trains one client at a time "
+                              f"(metric 'vectorised' = 0): {self._sequential_because}", UserWarning, stacklevel=2)
+                log.warning("LocalTrain trains one client at a time: %s", self._sequential_because)
         spec = getattr(model_source, "spec", None)
         if self.freeze and spec is not None:
             names = [e.name for e in spec.entries]
@@ -161,6 +181,33 @@ class LocalTrain(ClientStage):
             if params and set(frozen_names(params, self.freeze)) == set(params):
                 raise ConfigError(f"LocalTrain(freeze={list(self.freeze)}) freezes every parameter: nothing "
                                   "would train", fix="freeze a part of the model only, e.g. freeze=['head']")
+
+    def run_block(self, works: Sequence[ClientWork]) -> list[BaseException | None]:
+        """Train several clients: at once (:mod:`flgraph.stages.vectorised`) when ``clients_at_once > 1`` and
+        the model and options allow it, else one by one. Returns each client's error, or None."""
+        failed: Exception | None = None
+        if getattr(self, "_sequential_because", None) is None:
+            try:
+                return vectorised.train_block(self, works)
+            except Exception as e:  # batching failed: the clients are trained one by one below
+                failed = e
+        errors: list[BaseException | None] = []
+        for work in works:
+            try:
+                self.run(work)
+            except Exception as e:
+                errors.append(e)
+            else:
+                errors.append(None)
+        if failed is not None and any(e is None for e in errors):
+            # one by one works where the block did not: an operation torch.func cannot batch. Say so once
+            # (per worker process) and stop trying. (Where every client fails alone too, the data is at fault.)
+            reason = f"torch.func could not batch the model: {type(failed).__name__}: {str(failed).splitlines()[0]}"
+            self._sequential_because = reason
+            warnings.warn(f"LocalTrain(clients_at_once={self.clients_at_once}) trains one client at a time "
+                          f"(metric 'vectorised' = 0): {reason}", UserWarning, stacklevel=2)
+            log.warning("LocalTrain trains one client at a time: %s", reason)
+        return errors
 
     def run(self, work: ClientWork) -> None:
         adapter: ModelAdapter = work.model_source
@@ -206,6 +253,8 @@ class LocalTrain(ClientStage):
                     delta[e.offset : e.offset + e.size] = 0
         if control is not None:  # SCAFFOLD: the new client control variate and its change, from this delta
             control.finish(work, delta, int(metrics.get("steps", 0)), self.lr, n)
+        if getattr(self, "clients_at_once", 1) > 1:
+            metrics["vectorised"] = 0.0
         work.update = Update(work.client, n, work.round - 1, delta, metrics)
 
     def _frozen_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:

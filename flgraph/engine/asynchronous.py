@@ -83,6 +83,12 @@ class AsyncEngine:
         if self.select.over_select > 1.0 or self.select.sampler is not None:
             raise ConfigError("asynchronous runs draw clients uniformly one at a time",
                               fix="use st.Select(clients=CONCURRENCY) without sampler= or over_select=")
+        blocked = [(s, getattr(s, "clients_at_once", 1)) for s in segments.clients]
+        blocked = [(s, b) for s, b in blocked if b > 1]
+        if blocked:
+            raise ConfigError(f"{type(blocked[0][0]).__name__}(clients_at_once={blocked[0][1]}): an "
+                              "asynchronous run dispatches one client per task, so no block of clients trains "
+                              "at once", fix="drop clients_at_once= (or use a synchronous Aggregate)")
         sims = [s for s in segments.before if isinstance(s, Simulate)]
         self.simulate: Any = sims[0] if sims else None
         if self.simulate is not None and self.simulate.deadline is not None:
@@ -189,6 +195,8 @@ class AsyncEngine:
         agents)."""
         population = self.dataset.client_ids
         busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
+        if self.select.available is None and not self.realtime and self.select.sampler is None:
+            return _free_draw(self.select, population, busy, self.seed, idx)
         free = population[~np.isin(population, busy)]
         if self.select.available is not None:  # draw from those available at the dispatch's start
             here = free[self.select.available_mask(free, idx + 1, at if self.simulate is not None else None)]
@@ -342,3 +350,21 @@ class AsyncEngine:
         row["sim_round_time"] = float(st["time"]) - step_start
         row["clients_dispatched"] = dispatched
         return row
+
+
+def _free_draw(select: Any, population: np.ndarray, busy: np.ndarray, seed: int, idx: int) -> int:
+    """The draw ``select.draw(free, 1, ...)`` over ``free`` = ``population`` less ``busy``, without building
+    ``free``: O(clients in flight), not O(population), per dispatch.
+
+    A uniform draw from an array is the draw of an index into it (numpy's ``choice``), so the index is
+    drawn over ``len(free)`` and mapped to the free client it stands for, skipping the busy positions.
+    """
+    at = np.searchsorted(population, busy)
+    busy_pos = np.unique(at[(at < len(population)) & (population[np.minimum(at, len(population) - 1)] == busy)])
+    j = int(select.draw(len(population) - len(busy_pos), 1, seed=seed, dispatch=idx).ids[0])
+    for b in busy_pos.tolist():  # ascending: each busy position at or before the target shifts it by one
+        if b <= j:
+            j += 1
+        else:
+            break
+    return int(population[j])

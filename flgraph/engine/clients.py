@@ -23,6 +23,7 @@ from ..graph import ClientStage, Reducer
 from ..local.sharing import Share, run_shared
 from ..params import Params, ParamSpec
 from ..store.client_state import ROW, ClientStateStore, ClientStateView
+from .blocks import BlockRunner, Started, block_stage
 from .fanout import RoundReducer
 
 __all__ = ["Bundle", "Partial", "client_leaf", "combine_partials", "finish_times", "hold_clients", "map_chunk",
@@ -121,22 +122,33 @@ def _sim_finish(bundle: Bundle, clients: ClientSet, pos: int, update: Update) ->
 
 
 def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: int, on_error: OnError,
-                reduce: bool = True, values: dict[str, np.ndarray] | None = None) -> Partial:
+                reduce: bool = True, values: dict[str, np.ndarray] | None = None,
+                started: Started | None = None) -> Partial:
     """One client: its stages, then (``reduce``) the reducer's leaf, or a dropout/failure record.
 
     With ``reduce=False`` the partial's value is the Update itself (for selection after training).
+    ``started``: the client's first stages already ran in a block (:mod:`flgraph.engine.blocks`); the
+    rest run here.
     """
     cid = int(clients.ids[pos])
-    work = ClientWork(rnd, cid, pos, bundle.seed, gp, bundle.dataset, clients, bundle.model_source)
     branch = 0 if clients.branch is None else int(clients.branch[pos])
     stages = bundle.stages if branch == 0 else bundle.branch_stages[branch]
-    if values:
-        work.values = values
-    sums: dict[str, float] = {}
-    stage = stages[0]
-    t_start = time.perf_counter()
+    if started is None:
+        work = ClientWork(rnd, cid, pos, bundle.seed, gp, bundle.dataset, clients, bundle.model_source)
+        if values:
+            work.values = values
+        sums: dict[str, float] = {}
+        t_start = time.perf_counter()
+    else:
+        work, sums, t_start = started.work, started.sums, started.t_start
+        stages = stages[started.next_stage:]
+    stage = stages[0] if stages else bundle.stages[-1]
     try:
-        work.state = bundle.view(clients, pos, rnd)
+        if started is None:
+            work.state = bundle.view(clients, pos, rnd)
+        elif started.error is not None:
+            stage = started.failed or stage
+            raise started.error
         for stage in stages:
             work.tag = stage.tag
             t0 = time.perf_counter()
@@ -224,8 +236,15 @@ def run_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Clie
     def combine(a: Partial, b: Partial) -> Partial:
         return combine_partials(bundle.reducer, a, b)
 
-    def leaf(p: int) -> Partial:
-        return client_leaf(bundle, gp, rnd, clients, p, on_error, values=values)
+    index = block_stage(bundle.stages) if clients.branch is None else None
+    if index is None:
+        def leaf(p: int) -> Partial:
+            return client_leaf(bundle, gp, rnd, clients, p, on_error, values=values)
+    else:  # a stage trains blocks of clients at once; each client is still its own leaf of the tree
+        blocks = BlockRunner(bundle, gp, values, rnd, clients, index)
+
+        def leaf(p: int) -> Partial:
+            return client_leaf(bundle, gp, rnd, clients, p, on_error, values=values, started=blocks.take(p))
 
     if isinstance(nodes, Share):
         return run_shared(nodes, len(clients), leaf, combine, emit)
@@ -242,7 +261,10 @@ def hold_clients(bundle: Bundle, global_flat: np.ndarray, rnd: int, clients: Cli
                  on_error: OnError = "raise") -> dict[int, Partial]:
     """Phase 1 of selection after training: run positions ``a:b`` and keep their updates (not reduced)."""
     gp, values = bundle.global_params(global_flat)
-    return {p: client_leaf(bundle, gp, rnd, clients, p, on_error, reduce=False, values=values) for p in range(a, b)}
+    index = block_stage(bundle.stages) if clients.branch is None else None
+    blocks = BlockRunner(bundle, gp, values, rnd, clients, index) if index is not None else None
+    return {p: client_leaf(bundle, gp, rnd, clients, p, on_error, reduce=False, values=values,
+                           started=blocks.take(p) if blocks is not None else None) for p in range(a, b)}
 
 
 def finish_times(held: dict[int, Partial]) -> list[tuple[int, float]]:

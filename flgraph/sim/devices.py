@@ -28,10 +28,12 @@ import io
 import json
 import math
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..rng import stream
@@ -80,11 +82,11 @@ class DeviceProfile:
 class DevicePopulation:
     """Device profiles for a set of client ids (deterministic from the seed or read from a trace)."""
 
-    def __init__(self, profiles: dict[int, DeviceProfile], *,
+    def __init__(self, profiles: Mapping[int, DeviceProfile], *,
                  source: tuple[str, dict[str, Any]] | None = None) -> None:
         if not profiles:
             raise ConfigError("a device population needs at least one profile")
-        for cid, p in profiles.items():
+        for cid, p in (profiles.items() if isinstance(profiles, dict) else ()):  # lazy ones are valid by make
             if not (p.speed > 0 and p.down_bps > 0 and p.up_bps > 0):
                 raise ConfigError(f"client {cid}'s device has a non-positive speed or bandwidth: {p}",
                                   fix="speeds and bandwidths must be > 0")
@@ -108,8 +110,12 @@ class DevicePopulation:
 
     def online_mask(self, ids: Any, t: float) -> Any:
         """Whether each client of ``ids`` is online at virtual time ``t`` (a bool array)."""
-        import numpy as np
-
+        lazy = self.profiles
+        if (isinstance(lazy, _LognormalProfiles) and isinstance(lazy.ids, range)
+                and None in (lazy.settings["mean_on"], lazy.settings["mean_off"])):
+            arr = np.asarray(ids, np.int64)
+            if not len(arr) or (arr.min() >= lazy.ids.start and arr.max() < lazy.ids.stop):
+                return np.ones(len(arr), bool)  # always online: no profile needs making
         return np.fromiter((self.profile(int(c)).online(t) for c in ids), bool, len(ids))
 
     def spread(self) -> float:
@@ -129,26 +135,23 @@ class DevicePopulation:
         repeating ``period``; otherwise devices are always online. Client ``k``'s draws come from the stream
         ``(seed, devices, k)``, so a client's device does not depend on which other clients exist.
         """
-        ids = [int(k) for k in (range(client_ids) if isinstance(client_ids, int) else client_ids)]
-        source_ids: int | list[int] = len(ids) if ids == list(range(len(ids))) else ids
+        ids: range | np.ndarray
+        if isinstance(client_ids, (int, range)):
+            ids = range(client_ids) if isinstance(client_ids, int) else client_ids
+        else:
+            ids = np.unique(np.fromiter((int(k) for k in client_ids), np.int64))
+            if len(ids) and ids[0] == 0 and ids[-1] == len(ids) - 1:
+                ids = range(len(ids))
+        source_ids: int | list[int] = (len(ids) if isinstance(ids, range) and ids == range(len(ids))
+                                       else [int(k) for k in ids])
         kwargs = {"client_ids": source_ids, "seed": seed, "speed": speed, "speed_sigma": speed_sigma,
                   "down_bps": down_bps, "down_sigma": down_sigma, "up_bps": up_bps, "up_sigma": up_sigma,
                   "mean_on": mean_on, "mean_off": mean_off, "period": period}
-        out = {}
-        for k in ids:
-            g = stream(seed, _TAG, int(k))
-            s, d, u = g.standard_normal(3)
-            on: tuple[tuple[float, float], ...] | None = None
-            if mean_on is not None and mean_off is not None:
-                intervals: list[tuple[float, float]] = []
-                t = float(g.uniform(0, mean_off))
-                while t < period and len(intervals) < 10_000:
-                    length = float(g.exponential(mean_on))
-                    intervals.append((t, min(t + length, period)))
-                    t += length + float(g.exponential(mean_off))
-                on = tuple(intervals)
-            out[int(k)] = DeviceProfile(speed * math.exp(speed_sigma * s), down_bps * math.exp(down_sigma * d),
-                                        up_bps * math.exp(up_sigma * u), on, period if on is not None else math.inf)
+        settings = {k: v for k, v in kwargs.items() if k != "client_ids"}
+        if not (speed > 0 and down_bps > 0 and up_bps > 0):
+            raise ConfigError(f"DevicePopulation.lognormal: medians must be > 0 (speed={speed}, down_bps={down_bps}, "
+                              f"up_bps={up_bps})")
+        out = _LognormalProfiles(ids, settings)
         return cls(out, source=("flgraph.sim.devices:DevicePopulation.lognormal", kwargs))
 
     @classmethod
@@ -229,6 +232,52 @@ class DevicePopulation:
             "capacity": str(Path(capacity).resolve()),
             "behaviour": str(Path(behaviour).resolve()) if behaviour is not None else None,
             "client_ids": [int(c) for c in ids], "batch_factor": batch_factor}))
+
+
+def _lognormal_profile(k: int, seed: int, speed: float, speed_sigma: float, down_bps: float, down_sigma: float,
+                       up_bps: float, up_sigma: float, mean_on: float | None, mean_off: float | None,
+                       period: float) -> DeviceProfile:
+    """Client ``k``'s device, from its own stream ``(seed, devices, k)``."""
+    g = stream(seed, _TAG, int(k))
+    s, d, u = g.standard_normal(3)
+    on: tuple[tuple[float, float], ...] | None = None
+    if mean_on is not None and mean_off is not None:
+        intervals: list[tuple[float, float]] = []
+        t = float(g.uniform(0, mean_off))
+        while t < period and len(intervals) < 10_000:
+            length = float(g.exponential(mean_on))
+            intervals.append((t, min(t + length, period)))
+            t += length + float(g.exponential(mean_off))
+        on = tuple(intervals)
+    return DeviceProfile(speed * math.exp(speed_sigma * s), down_bps * math.exp(down_sigma * d),
+                         up_bps * math.exp(up_sigma * u), on, period if on is not None else math.inf)
+
+
+class _LognormalProfiles(Mapping[int, DeviceProfile]):
+    """Log-normal profiles made on demand from each client's stream: O(1) memory for a ``range`` of ids
+    (a million devices cost nothing until drawn), the same profiles as making them all up front."""
+
+    def __init__(self, ids: range | np.ndarray, settings: dict[str, Any]) -> None:
+        self.ids, self.settings = ids, settings
+
+    def __getitem__(self, client: int) -> DeviceProfile:
+        if client not in self:
+            raise KeyError(client)
+        return _lognormal_profile(int(client), **self.settings)
+
+    def __contains__(self, client: object) -> bool:
+        if not isinstance(client, (int, np.integer)):
+            return False
+        if isinstance(self.ids, range):
+            return int(client) in self.ids
+        at = int(np.searchsorted(self.ids, client))
+        return at < len(self.ids) and int(self.ids[at]) == int(client)
+
+    def __iter__(self) -> Iterator[int]:
+        return (int(k) for k in self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class _PlainUnpickler(pickle.Unpickler):
