@@ -270,8 +270,9 @@ class Select(ServerStage):
             if round is None:
                 raise ConfigError("Select(sampling='poisson') draws whole rounds; an asynchronous run dispatches "
                                   "clients one by one", fix="use sampling='fixed' with asynchronous rounds")
-            q = self.rate(len(population))
-            chosen: Any = population[rng.random(len(population)) < q]
+            ids = np.arange(population) if isinstance(population, int) else population
+            q = self.rate(len(ids))
+            chosen: Any = ids[rng.random(len(ids)) < q]
         elif self.sampler is None:
             # with count=1 this is the same draw as rng.choice(population): numpy draws one bounded integer
             chosen = rng.choice(population, size=count, replace=False, p=p)
