@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import _chaos
 from .cluster import ClusterHandle, connect
 from .engine import PlansAhead, RunState, SyncEngine
 from .engine.clients import Bundle
@@ -120,7 +121,7 @@ class Run:
         metrics_log: str | os.PathLike[str] | None = "auto",
         dashboard: bool = True,
         client_state: str | os.PathLike[str] | None = None,
-        _resume: tuple[RunDirectory, Snapshot] | None = None,
+        _resume: tuple[RunDirectory, Snapshot | None] | None = None,
     ) -> None:
         from .models.adapter import ModelAdapter
         from .stages import Evaluate
@@ -212,7 +213,8 @@ class Run:
                                             checkpoints.keep_last)
         if _resume is not None:
             directory, snap = _resume
-            self._restore(snap)
+            if snap is not None:
+                self._restore(snap)
         elif path is not None:
             directory = create_directory(path, self, user_pipeline, options,
                                          place.meta() if place is not None else {})
@@ -222,7 +224,8 @@ class Run:
         if place is not None:
             self._open_client_state(place, _resume)
 
-    def _open_client_state(self, place: ClientStatePlace, resume: tuple[RunDirectory, Snapshot] | None) -> None:
+    def _open_client_state(self, place: ClientStatePlace,
+                           resume: tuple[RunDirectory, Snapshot | None] | None) -> None:
         store = ClientStateStore(place.path, self.data.num_clients, place.slots)
         table = ClientStateTable(store, self.data.client_ids, self._state_fields)
         key = next(self._keys[id(s)] for s in self.segments.clients if s.client_fields(self.state.params.spec))
@@ -231,7 +234,7 @@ class Run:
         if resume is not None:  # the snapshots that may still be resumed from keep their clients' versions
             directory, snap = resume
             for rnd in directory.snapshot_rounds():
-                got = snap if rnd == snap.round else directory.read(rnd)
+                got = snap if snap is not None and rnd == snap.round else directory.read(rnd)
                 if key in got.states:
                     table.protect(rnd, got.states[key])
         self.engine.client_state = (table, key)
@@ -257,6 +260,7 @@ class Run:
         else:
             self._handle = connect(self._cluster_arg, workers=self._workers, timeout=self._connect_timeout)
             first = self.segments.clients[0].name
+            _chaos.point("cluster-start")
             transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
         self.warmup_s = transport.start(bundle, self.state.params.flat)
         self._transport = transport
@@ -291,11 +295,13 @@ class Run:
         """
         if rounds < 1:
             raise ConfigError(f"fit(rounds={rounds}): run at least one round")
-        transport = self._ensure_started()
         first = self.state.round + 1
         end = self.state.round + rounds
-        self.target_round = end
         writer = self._writer
+        if writer is not None and writer.last_round == 0 and not writer.directory.snapshot_rounds():
+            writer.directory.note_target(end)  # a run stopped before its first snapshot resumes toward it
+        transport = self._ensure_started()
+        self.target_round = end
         try:
             with frozen(), RoundProgress(total=rounds, enabled=self.progress) as bar:
                 for rnd in range(first, end + 1):

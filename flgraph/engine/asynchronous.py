@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _chaos
 from ..context import ClientSet, Devices, RoundContext
 from ..errors import ConfigError, PipelineError
 from ..graph import RoundGraph
@@ -261,6 +262,7 @@ class AsyncEngine:
             ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
             ctx.tag = self.stage.tag
             t0 = time.perf_counter()
+            _chaos.point("aggregate")
             self.stage.step(ctx, st)
             t_agg = time.perf_counter() - t0
             new_version = version + 1

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import tree
+from .. import _chaos, tree
 from ..context import ClientSet, ClientWork, Update
 from ..errors import ClientError, FlgraphError
 from ..graph import ClientStage, Reducer
@@ -126,6 +126,7 @@ def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: i
 
     With ``reduce=False`` the partial's value is the Update itself (for selection after training).
     """
+    _chaos.point("client-work")
     cid = int(clients.ids[pos])
     work = ClientWork(rnd, cid, pos, bundle.seed, gp, bundle.dataset, clients, bundle.model_source)
     branch = 0 if clients.branch is None else int(clients.branch[pos])
