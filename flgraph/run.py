@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -33,7 +34,7 @@ from .cluster import ClusterHandle, connect
 from .engine import PlansAhead, RunState, SyncEngine
 from .engine.clients import Bundle
 from .engine.contracts import refuse_unsupported
-from .errors import ConfigError, PipelineError
+from .errors import ClusterError, ConfigError, PipelineError
 from .graph import Pipeline, ReduceStage
 from .local import malloc
 from .local.heap import frozen
@@ -300,10 +301,19 @@ class Run:
         writer = self._writer
         if writer is not None and writer.last_round == 0 and not writer.directory.snapshot_rounds():
             writer.directory.note_target(end)  # a run stopped before its first snapshot resumes toward it
-        transport = self._ensure_started()
-        self.target_round = end
         try:
-            with frozen(), RoundProgress(total=rounds, enabled=self.progress) as bar:
+            transport = self._ensure_started()
+            self.target_round = end
+            self._rounds(transport, first, end, writer)
+        except Exception as e:
+            if self._handle is not None and self._handle.scheduler_lost():
+                raise self._scheduler_lost() from e
+            raise
+        return self.history
+
+    def _rounds(self, transport: Any, first: int, end: int, writer: SnapshotWriter | None) -> None:
+        try:
+            with frozen(), RoundProgress(total=end - first + 1, enabled=self.progress) as bar:
                 for rnd in range(first, end + 1):
                     row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
                                                 self.on_client_error)
@@ -316,12 +326,34 @@ class Run:
                     self._notify("on_round", row)
                     log.debug("round %d: %s", rnd, row)
         finally:
-            if isinstance(transport, PlansAhead):
+            if isinstance(transport, PlansAhead) and not (self._handle is not None and self._handle.lost):
                 transport.cancel_ahead()  # nothing waits on the workers for a round that will not run now
             if writer is not None:
                 writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
             self._notify("on_end")
-        return self.history
+
+    def _scheduler_lost(self) -> ClusterError:
+        """The error of a fit whose scheduler was lost: what was saved, and the command that continues."""
+        assert self._handle is not None
+        address = self._handle.address or "tcp://HOST:PORT"
+        under_way = f"round {self.state.round + 1} was under way" if self._transport is not None else \
+            "the run was starting"
+        directory = self.checkpoint_directory
+        if directory is None:
+            return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); nothing was saved: the "
+                                "run writes no checkpoints", fix="start the scheduler and its workers again and run "
+                                "again; pass checkpoint=PATH to make a run resumable")
+        rounds = directory.snapshot_rounds()
+        root = getattr(directory.group.store, "root", None)
+        where = str(root) if root is not None else "its run directory"
+        saved = (f"round {rounds[-1]} is saved in {where}" if rounds else
+                 f"no round was saved yet in {where}, which holds the run's configuration (resume starts it "
+                 "from round 0)")
+        workers = f" --workers {self._workers}" if self._workers else ""
+        command = f"flgraph resume {shlex.quote(where)} --scheduler {address}{workers}"
+        return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); "
+                            f"{saved}", fix=f"start a scheduler and its workers, then continue with `{command}` "
+                            f"(in Python: flgraph.resume({where!r}, cluster={address!r}))")
 
     def _protect_client_state(self, writer: SnapshotWriter) -> None:
         """The snapshot just submitted keeps its clients' state versions; pruned snapshots release theirs."""

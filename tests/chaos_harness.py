@@ -68,8 +68,11 @@ def build(case: str) -> tuple[Any, Any, Any, dict[str, Any]]:
 
 def drive(case: str, path: str, rounds: int, scheduler: str | None = None) -> None:
     """The driver: a checkpointed run of ``case`` on an embedded cluster of one worker (or ``scheduler``)."""
+    import faulthandler
+
     import flgraph as fg
 
+    faulthandler.dump_traceback_later(100, exit=True)  # a hung driver shows where it hangs, in the trial's log
     pipeline, model, data, every = build(case)
     with fg.Run(pipeline, model=model, data=data, seed=7, cluster=scheduler, workers=1,
                 progress=False, dashboard=False, checkpoint=fg.Checkpoints(path, **every)) as run:
@@ -199,22 +202,23 @@ class AddressCluster:
         self.close()
 
 
-def _run(cmd: list[str], workdir: Path, env: dict[str, str], limit: float) -> tuple[int, str]:
+def _run(cmd: list[str], workdir: Path, env: dict[str, str], limit: float) -> tuple[int, str, float]:
     """Run ``cmd`` in its own process group; afterwards kill what is left of the group (the workers of a
-    driver that was killed). Returns (exit code, the tail of its output)."""
+    driver that was killed). Returns (exit code, the tail of its output, the time.time() it ended)."""
     log = workdir / f"log-{time.monotonic_ns()}.txt"
     with open(log, "wb") as out:
         p = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=out, start_new_session=True)
         try:
             rc = p.wait(timeout=limit)
+            ended = time.time()
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
-    return rc, log.read_text(errors="replace")[-3000:]
+    return rc, log.read_text(errors="replace")[-3000:], ended
 
 
-def trial(kill: Kill, rounds: int, workdir: Path, limit: float = 240, resume: bool = True) -> dict[str, Any]:
+def trial(kill: Kill, rounds: int, workdir: Path, limit: float = 150, resume: bool = True) -> dict[str, Any]:
     """Run ``kill``: the driver with the fault armed, then (``resume``) ``flgraph resume`` if it did not end.
 
     Returns what happened: ``fired`` (the kill happened), ``exit`` (the armed driver's exit code),
@@ -230,9 +234,10 @@ def trial(kill: Kill, rounds: int, workdir: Path, limit: float = 240, resume: bo
         cmd = [sys.executable, str(HERE), kill.case, str(path), str(rounds)]
         if cluster is not None:
             cmd.append(cluster.address)
-        rc, text = _run(cmd, workdir, env, limit)
+        rc, text, ended = _run(cmd, workdir, env, limit)
         result: dict[str, Any] = {"fired": fired.exists(), "exit": rc, "resumed": 0, "path": path,
-                                  "error": "", "log": text}
+                                  "error": "", "log": text,
+                                  "after_kill_s": ended - fired.stat().st_mtime if fired.exists() else None}
         if rc != 0 and rc != -signal.SIGKILL:
             lines = [ln for ln in text.splitlines() if ln.strip()]
             result["error"] = "\n".join(lines[-6:])
@@ -246,7 +251,7 @@ def trial(kill: Kill, rounds: int, workdir: Path, limit: float = 240, resume: bo
                 fresh = stack.enter_context(AddressCluster(workdir))
                 resume += ["--scheduler", fresh.address]
             resume += ["--workers", "1"]  # on an address: wait for that one worker
-            rc2, text2 = _run(resume, workdir, base, limit)
+            rc2, text2, _ = _run(resume, workdir, base, limit)
             result["resumed"] = 1
             if rc2 != 0:
                 raise AssertionError(f"flgraph resume failed after {kill}:\n{text2}")

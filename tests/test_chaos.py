@@ -7,6 +7,7 @@ This file runs a seeded, representative subset; bench/chaos.py runs every combin
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -65,3 +66,27 @@ def test_driver_killed_before_its_first_snapshot_leaves_a_resumable_directory(tm
                 checkpoint=fg.Checkpoints(str(copies["again"]), **every)) as run:
         run.fit(rounds=ROUNDS)
     assert mismatches(outcome(copies["again"]), want) == []
+
+
+# -- a lost scheduler: the `dask scheduler` process of a cluster reached by address, killed ---------------
+@pytest.mark.parametrize(("phase", "count", "saved"), [("round-submitted", 3, "round 3 is saved in"),
+                                                        ("warm-up", 1, "no round was saved yet in")])
+def test_lost_scheduler_is_a_cluster_error_with_the_command_to_continue(phase, count, saved, tmp_path, client1,
+                                                                        tmp_path_factory):
+    # resuming after a loss in warm-up is the stuck-directory case above; bench/chaos.py runs it too
+    mid_run = phase == "round-submitted"
+    result = trial(Kill("fedavg", phase, count, "scheduler"), ROUNDS, tmp_path, resume=mid_run)
+    assert result["fired"] and result["exit"] == 1, result["log"]
+    error = result["error"]
+    assert re.search(r"ClusterError: the Dask scheduler at tcp://127\.0\.0\.1:\d+ was lost", error), error
+    assert saved in error and f"{result['path']}" in error
+    assert re.search(rf"`flgraph resume {re.escape(str(result['path']))} --scheduler tcp://127\.0\.0\.1:\d+ "
+                     r"--workers 1`", error), error
+    ended = error[error.index("ClusterError:"):]  # what fit raised (Dask's error is only its cause)
+    assert "ClosedClientError" not in ended and "FutureCancelledError" not in ended
+    assert result["after_kill_s"] < 10, result["after_kill_s"]  # Dask alone waits 30 s to reconnect
+    if not mid_run:
+        return
+    # the command (on a new scheduler, as trial runs it) ends the run as if the scheduler had never died
+    assert result["resumed"] == 1
+    assert mismatches(outcome(result["path"]), expected("fedavg", client1, tmp_path_factory)) == []
