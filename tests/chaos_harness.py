@@ -8,7 +8,7 @@ API): the driver runs with ``FLGRAPH_CHAOS=PHASE:COUNT[:TARGET]`` and the proces
 COUNT-th time SIGKILLs TARGET: itself (the driver, or a worker for a phase that runs in workers), its
 parent (a worker's nanny), or a pid (the ``dask scheduler``).
 
-Run as a script, this module is the driver: ``python chaos_harness.py CASE RUN.zarr ROUNDS [SCHEDULER]``.
+Run as a script, this module is the driver: ``python chaos_harness.py CASE RUN.zarr ROUNDS WORKERS [SCHEDULER]``.
 """
 
 from __future__ import annotations
@@ -66,15 +66,15 @@ def build(case: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     return p, model, data, every
 
 
-def drive(case: str, path: str, rounds: int, scheduler: str | None = None) -> None:
-    """The driver: a checkpointed run of ``case`` on an embedded cluster of one worker (or ``scheduler``)."""
+def drive(case: str, path: str, rounds: int, workers: int, scheduler: str | None = None) -> None:
+    """The driver: a checkpointed run of ``case`` on an embedded cluster of ``workers`` (or ``scheduler``)."""
     import faulthandler
 
     import flgraph as fg
 
     faulthandler.dump_traceback_later(100, exit=True)  # a hung driver shows where it hangs, in the trial's log
     pipeline, model, data, every = build(case)
-    with fg.Run(pipeline, model=model, data=data, seed=7, cluster=scheduler, workers=1,
+    with fg.Run(pipeline, model=model, data=data, seed=7, cluster=scheduler, workers=workers,
                 progress=False, dashboard=False, checkpoint=fg.Checkpoints(path, **every)) as run:
         run.fit(rounds=rounds)
 
@@ -135,6 +135,12 @@ class Kill:
     phase: str
     count: int = 1
     target: str = "self"
+
+    @property
+    def workers(self) -> int:
+        """Worker processes of the driver's cluster: two where one is killed (the scattered run data lives on
+        every worker; with one, it dies with it), else one."""
+        return 2 if self.process in ("worker", "nanny") else 1
 
     @property
     def process(self) -> str:
@@ -231,7 +237,7 @@ def trial(kill: Kill, rounds: int, workdir: Path, limit: float = 150, resume: bo
     try:
         target = str(cluster.scheduler.pid) if cluster is not None else kill.target
         env = {**base, "FLGRAPH_CHAOS": f"{kill.phase}:{kill.count}:{target}", "FLGRAPH_CHAOS_FIRED": str(fired)}
-        cmd = [sys.executable, str(HERE), kill.case, str(path), str(rounds)]
+        cmd = [sys.executable, str(HERE), kill.case, str(path), str(rounds), str(kill.workers)]
         if cluster is not None:
             cmd.append(cluster.address)
         rc, text, ended = _run(cmd, workdir, env, limit)
@@ -259,4 +265,4 @@ def trial(kill: Kill, rounds: int, workdir: Path, limit: float = 150, resume: bo
 
 
 if __name__ == "__main__":
-    drive(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    drive(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)

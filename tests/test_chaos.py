@@ -12,11 +12,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import flgraph as fg
+from flgraph.store.checkpoint import RunDirectory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chaos_harness import Kill, build, flgraph_cli, mismatches, outcome, reference, trial
@@ -90,3 +94,62 @@ def test_lost_scheduler_is_a_cluster_error_with_the_command_to_continue(phase, c
     # the command (on a new scheduler, as trial runs it) ends the run as if the scheduler had never died
     assert result["resumed"] == 1
     assert mismatches(outcome(result["path"]), expected("fedavg", client1, tmp_path_factory)) == []
+
+
+# -- kills at the phases of a run, per process and kind of state (the rest of the matrix: bench/chaos.py) --
+SUBSET = [
+    Kill("fedbuff", "snapshot-write", 3),  # the driver, mid-commit, on the virtual clock (buffer, in-flight clients)
+    Kill("error-feedback", "client-state-write", 4),  # a worker, between a client's residual and its stamp
+]
+
+
+@pytest.mark.parametrize("kill", SUBSET, ids=lambda k: f"{k.case}-{k.process}-{k.phase}")
+def test_killed_at_a_phase_ends_bit_identical(kill, tmp_path, client1, tmp_path_factory):
+    result = trial(kill, ROUNDS, tmp_path)
+    assert result["fired"], result["log"]
+    if kill.process == "driver":
+        assert result["exit"] == -signal.SIGKILL and result["resumed"] == 1
+    else:  # a lost worker: its nanny starts another, the round's lost work runs again, the run goes on
+        assert result["exit"] == 0 and result["resumed"] == 0, result["log"]
+    assert mismatches(outcome(result["path"]), expected(kill.case, client1, tmp_path_factory)) == []
+
+
+class FakeClock:
+    """time.monotonic for the run's snapshot schedule: advanced by the test, 20 s a round."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def on_round(self, run, row) -> None:
+        self.now += 20.0
+
+
+def test_checkpoint_minutes_writes_by_time_and_resumes_exactly(tmp_path, client1, tmp_path_factory, monkeypatch):
+    import flgraph.run
+    import flgraph.store.writer
+
+    clock = FakeClock()
+    for module in (flgraph.run, flgraph.store.writer):
+        monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=clock.monotonic, perf_counter=time.perf_counter))
+    pipeline, model, data, _ = build("fedavg")
+    path = tmp_path / "run.zarr"
+    with fg.Run(pipeline, model=model, data=data, seed=7, cluster=client1, progress=False, dashboard=False,
+                callbacks=[clock], checkpoint=fg.Checkpoints(str(path), every=None, minutes=0.5, keep_last=10)) as run:
+        run.fit(rounds=4)
+        # a round takes 20 s on this clock: a snapshot once 30 s passed since the last (rounds 3, 5...), and
+        # the last round of each fit always gets one
+        assert RunDirectory.open(path).snapshot_rounds() == [3, 4]
+        run.fit(rounds=ROUNDS - 4 + 3)
+        assert RunDirectory.open(path).snapshot_rounds() == [3, 4, 6, 8]
+    monkeypatch.undo()
+    # resumed from round 6 (the last snapshot written by time, as if round 8's were lost) to the end: exact
+    shutil.rmtree(path / "snapshots" / "r00000008")
+    with fg.resume(str(path), cluster=client1, progress=False) as run:
+        assert run.round == 6
+        run.fit(rounds=2)
+    with fg.Run(pipeline, model=model, data=data, seed=7, cluster=client1, progress=False, dashboard=False) as ref:
+        ref.fit(rounds=8)
+        assert np.array_equal(outcome(path)["params"], ref.params.flat)
