@@ -58,6 +58,9 @@ def build(case: str) -> tuple[Any, Any, Any, dict[str, Any]]:
         every = {"every": 2, "keep_last": 2}
     elif case == "ditto":
         p = fg.recipes.ditto(clients=6, batch_size=8, lr=0.1, evaluate_every=2)
+    elif case == "long":  # bench/chaos.py --long: thousands of cheap rounds, milestones kept
+        p = fg.recipes.fedavg(clients=4, batch_size=8, lr=0.05, evaluate_every=500)
+        every = {"every": 10, "keep_last": 3, "keep_every": 1000}
     elif case == "minutes":  # snapshots by time only: which rounds get one depends on timing, the result must not
         p = fg.recipes.fedavg(clients=6, batch_size=8, lr=0.1, evaluate_every=3)
         every = {"every": None, "minutes": 0.3 / 60, "keep_last": 2}
@@ -72,7 +75,8 @@ def drive(case: str, path: str, rounds: int, workers: int, scheduler: str | None
 
     import flgraph as fg
 
-    faulthandler.dump_traceback_later(100, exit=True)  # a hung driver shows where it hangs, in the trial's log
+    if os.environ.get("FLGRAPH_CHAOS"):  # a hung trial's driver shows where it hangs, in the trial's log
+        faulthandler.dump_traceback_later(100, exit=True)
     pipeline, model, data, every = build(case)
     with fg.Run(pipeline, model=model, data=data, seed=7, cluster=scheduler, workers=workers,
                 progress=False, dashboard=False, checkpoint=fg.Checkpoints(path, **every)) as run:

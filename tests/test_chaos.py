@@ -7,6 +7,7 @@ This file runs a seeded, representative subset; bench/chaos.py runs every combin
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -153,3 +154,24 @@ def test_checkpoint_minutes_writes_by_time_and_resumes_exactly(tmp_path, client1
     with fg.Run(pipeline, model=model, data=data, seed=7, cluster=client1, progress=False, dashboard=False) as ref:
         ref.fit(rounds=8)
         assert np.array_equal(outcome(path)["params"], ref.params.flat)
+
+
+def test_directory_whose_creation_was_interrupted_is_created_again(tmp_path):
+    # what a kill inside RunDirectory.create leaves: the group and its blobs, not yet its attributes
+    pipeline, model, data, every = build("fedavg")
+    path = tmp_path / "run.zarr"
+    fg.Run(pipeline, model=model, data=data, seed=7, progress=False, dashboard=False,
+           checkpoint=fg.Checkpoints(str(path), **every)).close()
+    meta = json.loads((path / "zarr.json").read_text())
+    (path / "zarr.json").write_text(json.dumps({**meta, "attributes": {}}))
+    with pytest.raises(fg.errors.CheckpointError, match=r"stopped while it created(.|\n)*same checkpoint= path"):
+        fg.resume(str(path))
+    fg.Run(pipeline, model=model, data=data, seed=7, progress=False, dashboard=False,
+           checkpoint=fg.Checkpoints(str(path), **every)).close()
+    assert RunDirectory.open(path).meta["seed"] == 7
+    # a zarr group of someone else's is never taken for one
+    other = tmp_path / "other.zarr"
+    shutil.copytree(path / "blobs", other / "blobs")
+    (other / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"mine": 1}}')
+    with pytest.raises(fg.errors.CheckpointError, match="exists and is not empty"):
+        fg.Run(pipeline, model=model, data=data, seed=7, progress=False, checkpoint=str(other))

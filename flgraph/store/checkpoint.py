@@ -409,14 +409,14 @@ _CREATED_PARTS = {"zarr.json", "blobs", "snapshots", "metrics", "client-state"}
 
 
 def interrupted_creation(p: Path) -> bool:
-    """Whether ``p`` is a run directory whose creation was stopped: a zarr group holding only what
-    :meth:`RunDirectory.create` writes, without the flgraph attributes (written last)."""
+    """Whether ``p`` is a run directory whose creation was stopped: a zarr group without attributes (they
+    are written last) holding the blobs :meth:`RunDirectory.create` writes first, and nothing else of its own."""
     try:
         names = {c.name for c in p.iterdir()}
         attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError):
         return False
-    return "zarr.json" in names and names <= _CREATED_PARTS and "flgraph_format" not in attrs
+    return {"zarr.json", "blobs"} <= names <= _CREATED_PARTS and not attrs
 
 
 def _is_run(p: Path) -> bool:
