@@ -166,9 +166,10 @@ def dask_cli() -> str:
 
 
 class AddressCluster:
-    """`dask scheduler` and `dask worker` (one worker process) on 127.0.0.1, as separate process groups."""
+    """`dask scheduler` and ``workers`` `dask worker` processes (each a nanny and its worker process) on
+    127.0.0.1, as separate process groups."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, workers: int = 1, env: dict[str, str] | None = None) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         sched_file = workdir / f"scheduler-{time.monotonic_ns()}.json"
         self.scheduler = subprocess.Popen([dask_cli(), "scheduler", "--host", "127.0.0.1", "--port", "0",
@@ -185,10 +186,11 @@ class AddressCluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError("dask scheduler did not start")
                 time.sleep(0.1)
-            self.procs.append(subprocess.Popen([dask_cli(), "worker", self.address, "--nworkers", "1", "--nthreads",
-                                                "1", "--host", "127.0.0.1", "--no-dashboard"],
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                               start_new_session=True))
+            for _ in range(workers):
+                self.procs.append(subprocess.Popen([dask_cli(), "worker", self.address, "--nworkers", "1",
+                                                    "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+                                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                   start_new_session=True))
         except BaseException:
             self.close()
             raise
@@ -237,10 +239,20 @@ def trial(kill: Kill, rounds: int, workdir: Path, limit: float = 150, resume: bo
     path = workdir / "run.zarr"
     fired = workdir / "fired"
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLGRAPH_CHAOS")}
-    cluster = AddressCluster(workdir) if kill.target == "scheduler" else None
+    # the scheduler and the nannies are processes of their own only in a cluster reached by address (the
+    # embedded cluster's scheduler and nannies live in the driver); a nanny is killed by its worker process,
+    # so there the workers get the hook, and the driver does not
+    hooked = {**base, "FLGRAPH_CHAOS": f"{kill.phase}:{kill.count}:{kill.target}", "FLGRAPH_CHAOS_FIRED": str(fired)}
+    cluster = None
+    if kill.target in ("scheduler", "parent"):
+        cluster = AddressCluster(workdir, kill.workers, env=hooked if kill.target == "parent" else base)
     try:
-        target = str(cluster.scheduler.pid) if cluster is not None else kill.target
-        env = {**base, "FLGRAPH_CHAOS": f"{kill.phase}:{kill.count}:{target}", "FLGRAPH_CHAOS_FIRED": str(fired)}
+        env = hooked
+        if kill.target == "scheduler":
+            assert cluster is not None
+            env = {**hooked, "FLGRAPH_CHAOS": f"{kill.phase}:{kill.count}:{cluster.scheduler.pid}"}
+        elif kill.target == "parent":
+            env = base
         cmd = [sys.executable, str(HERE), kill.case, str(path), str(rounds), str(kill.workers)]
         if cluster is not None:
             cmd.append(cluster.address)
