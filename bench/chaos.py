@@ -208,6 +208,7 @@ def long_run(rounds: int, kill_every: int, seed: int, workdir: Path, sample: flo
         cmd = [flgraph_cli(), "resume", str(path), "--workers", "1", "--quiet"]
         print(f"  {path.stem}: killed at round {_newest_round(path)} ({kills} kills, {time.perf_counter() - t0:.0f} s)",
               flush=True)
+    (workdir / f"{path.stem}-memory.json").write_text(json.dumps(samples))  # (life, round, driver MB, worker MB)
     return {"kills": kills, "lives": life + 1, "seconds": round(time.perf_counter() - t0, 1), "path": path,
             "driver_kb_per_round": slope_kb(samples, 2, settle), "worker_kb_per_round": slope_kb(samples, 3, settle),
             "driver_mb_max": round(max(s[2] for s in samples), 1) if samples else None,
