@@ -94,7 +94,9 @@ def reference(case: str, rounds: int, cluster: Any, path: Path) -> dict[str, Any
     return outcome(path)
 
 
-_VARYING = ("time", "_s", "per_s", "wall", "bytes_held", "rss")
+# metrics of the deployment, not of the computation: timings, and bytes sent once per worker (a killed run
+# may have a different number of workers in a round)
+_VARYING = ("time", "_s", "per_s", "wall", "bytes_held", "rss", "bytes_broadcast")
 
 
 def outcome(path: Path) -> dict[str, Any]:
