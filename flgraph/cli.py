@@ -119,7 +119,7 @@ def _resume(args: argparse.Namespace) -> int:
 
     with fg.resume(args.run, cluster=args.scheduler, workers=args.workers, progress=not args.quiet) as run:
         for note in run.resume_notes:
-            print(f"flgraph: skipped a damaged snapshot: {note}", file=sys.stderr)
+            print(f"flgraph: {note}", file=sys.stderr)
         target = args.rounds if args.rounds is not None else run.target_round
         print(f"flgraph: resuming {args.run} at round {run.round}; running to round {target}", file=sys.stderr)
         if target > run.round:

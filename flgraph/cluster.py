@@ -16,10 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,14 +35,47 @@ __all__ = ["ClusterHandle", "connect", "embedded", "embedded_client", "worker_th
 
 log = logging.getLogger("flgraph")
 
+WATCH_INTERVAL_S = 0.5
+"""How often the watcher of a scheduler in another process looks at the client's connection."""
+
 
 @dataclass
 class ClusterHandle:
-    """A connected Dask client and, for the embedded cluster, the cluster it owns."""
+    """A connected Dask client and, for the embedded cluster, the cluster it owns.
+
+    A scheduler in another process can be lost (its process killed, its machine gone). Dask's client then
+    cancels every future at once and tries to reconnect for ``distributed.comm.timeouts.connect`` (30 s)
+    while the round's retries wait on it; the run's data on the cluster is gone either way. So for a
+    scheduler reached over the network, a watcher notices the lost connection (``lost``) within
+    :data:`WATCH_INTERVAL_S` and closes a client flgraph made, which ends the waits at once.
+    """
 
     client: Client
     cluster: LocalCluster | None
     owns_client: bool = True
+    address: str = ""
+    lost: bool = False
+    _stop: threading.Event | None = None
+
+    def watch(self) -> None:
+        """Start noticing a lost scheduler (a daemon thread, until :meth:`close`)."""
+        self.address = self.address or str(getattr(self.client.scheduler, "address", "") or "")
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, args=(self._stop,), name="flgraph-scheduler-watch", daemon=True).start()
+
+    def scheduler_lost(self) -> bool:
+        """Whether the connection to the scheduler was lost (asked now, and noticed by the watcher)."""
+        self.lost = self.lost or (self._stop is not None and self.client.status == "connecting")
+        return self.lost
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(WATCH_INTERVAL_S):
+            if self.scheduler_lost():
+                log.error("flgraph: lost the connection to the Dask scheduler at %s", self.address)
+                if self.owns_client:
+                    with contextlib.suppress(Exception):
+                        self.client.close(timeout=5)
+                return
 
     @property
     def dashboard_link(self) -> str:
@@ -57,6 +92,8 @@ class ClusterHandle:
 
     def close(self) -> None:
         """Close the client and the cluster if flgraph made them; a user's Client stays open."""
+        if self._stop is not None:
+            self._stop.set()
         if self.owns_client:
             self.client.close()
         if self.cluster is not None:
@@ -151,17 +188,27 @@ def connect(cluster: Any = None, *, workers: int | None = None, timeout: float =
             local.close()
             raise
     if isinstance(cluster, Client):
-        return ClusterHandle(cluster, None, owns_client=False)
+        handle = ClusterHandle(cluster, None, owns_client=False)
+        handle.watch()
+        return handle
     if isinstance(cluster, str):
         try:
             client = Client(cluster, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError) as e:
             raise ClusterError(f"could not reach the Dask scheduler at {cluster!r}: {e}",
                                fix="start it with `dask scheduler` and pass its tcp://HOST:PORT address") from e
+        handle = ClusterHandle(client, None, address=cluster)
+        handle.watch()
         if workers:
-            client.wait_for_workers(workers, timeout=timeout)
-        return ClusterHandle(client, None)
+            try:
+                client.wait_for_workers(workers, timeout=timeout)
+            except BaseException:
+                handle.close()
+                raise
+        return handle
     if hasattr(cluster, "scheduler_address"):
-        return ClusterHandle(Client(cluster, set_as_default=False), None)
+        handle = ClusterHandle(Client(cluster, set_as_default=False), None)
+        handle.watch()
+        return handle
     raise ClusterError(f"cannot use {type(cluster).__name__} as a cluster",
                        fix="pass None, a distributed.Client, a cluster object, or a scheduler address")

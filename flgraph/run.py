@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -28,11 +29,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import _chaos
 from .cluster import ClusterHandle, connect
 from .engine import PlansAhead, RunState, SyncEngine
 from .engine.clients import Bundle
 from .engine.contracts import refuse_unsupported
-from .errors import ConfigError, PipelineError, StopRun
+from .errors import ClusterError, ConfigError, PipelineError, StopRun
 from .graph import Pipeline, ReduceStage
 from .graph.hooks import SeesPipeline
 from .local import malloc
@@ -121,7 +123,7 @@ class Run:
         metrics_log: str | os.PathLike[str] | None = "auto",
         dashboard: bool = True,
         client_state: str | os.PathLike[str] | None = None,
-        _resume: tuple[RunDirectory, Snapshot] | None = None,
+        _resume: tuple[RunDirectory, Snapshot | None] | None = None,
     ) -> None:
         from .models.adapter import ModelAdapter
         from .stages import Evaluate
@@ -217,7 +219,8 @@ class Run:
                                             checkpoints.keep_last)
         if _resume is not None:
             directory, snap = _resume
-            self._restore(snap)
+            if snap is not None:
+                self._restore(snap)
         elif path is not None:
             directory = create_directory(path, self, user_pipeline, options,
                                          place.meta() if place is not None else {})
@@ -227,7 +230,8 @@ class Run:
         if place is not None:
             self._open_client_state(place, _resume)
 
-    def _open_client_state(self, place: ClientStatePlace, resume: tuple[RunDirectory, Snapshot] | None) -> None:
+    def _open_client_state(self, place: ClientStatePlace,
+                           resume: tuple[RunDirectory, Snapshot | None] | None) -> None:
         store = ClientStateStore(place.path, self.data.num_clients, place.slots)
         table = ClientStateTable(store, self.data.client_ids, self._state_fields)
         key = next(self._keys[id(s)] for s in self.segments.clients if s.client_fields(self.state.params.spec))
@@ -236,7 +240,7 @@ class Run:
         if resume is not None:  # the snapshots that may still be resumed from keep their clients' versions
             directory, snap = resume
             for rnd in directory.snapshot_rounds():
-                got = snap if rnd == snap.round else directory.read(rnd)
+                got = snap if snap is not None and rnd == snap.round else directory.read(rnd)
                 if key in got.states:
                     table.protect(rnd, got.states[key])
         self.engine.client_state = (table, key)
@@ -262,6 +266,7 @@ class Run:
         else:
             self._handle = connect(self._cluster_arg, workers=self._workers, timeout=self._connect_timeout)
             first = self.segments.clients[0].name
+            _chaos.point("cluster-start")
             transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
         self.warmup_s = transport.start(bundle, self.state.params.flat)
         self._transport = transport
@@ -298,13 +303,24 @@ class Run:
         """
         if rounds < 1:
             raise ConfigError(f"fit(rounds={rounds}): run at least one round")
-        transport = self._ensure_started()
         first = self.state.round + 1
         end = self.state.round + rounds
-        self.target_round = end
         writer = self._writer
+        if writer is not None and writer.last_round == 0 and not writer.directory.snapshot_rounds():
+            writer.directory.note_target(end)  # a run stopped before its first snapshot resumes toward it
         try:
-            with frozen(), RoundProgress(total=rounds, enabled=self.progress) as bar:
+            transport = self._ensure_started()
+            self.target_round = end
+            self._rounds(transport, first, end, writer)
+        except Exception as e:
+            if self._handle is not None and self._handle.scheduler_lost():
+                raise self._scheduler_lost() from e
+            raise
+        return self.history
+
+    def _rounds(self, transport: Any, first: int, end: int, writer: SnapshotWriter | None) -> None:
+        try:
+            with frozen(), RoundProgress(total=end - first + 1, enabled=self.progress) as bar:
                 for rnd in range(first, end + 1):
                     row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
                                                 self.on_client_error)
@@ -319,12 +335,34 @@ class Run:
         except StopRun as stop:
             self._stop(str(stop) or type(stop).__name__)
         finally:
-            if isinstance(transport, PlansAhead):
+            if isinstance(transport, PlansAhead) and not (self._handle is not None and self._handle.lost):
                 transport.cancel_ahead()  # nothing waits on the workers for a round that will not run now
             if writer is not None:
                 writer.wait()  # a normal exit, an error or Ctrl-C: the write in flight completes
             self._notify("on_end")
-        return self.history
+
+    def _scheduler_lost(self) -> ClusterError:
+        """The error of a fit whose scheduler was lost: what was saved, and the command that continues."""
+        assert self._handle is not None
+        address = self._handle.address or "tcp://HOST:PORT"
+        under_way = f"round {self.state.round + 1} was under way" if self._transport is not None else \
+            "the run was starting"
+        directory = self.checkpoint_directory
+        if directory is None:
+            return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); nothing was saved: the "
+                                "run writes no checkpoints", fix="start the scheduler and its workers again and run "
+                                "again; pass checkpoint=PATH to make a run resumable")
+        rounds = directory.snapshot_rounds()
+        root = getattr(directory.group.store, "root", None)
+        where = str(root) if root is not None else "its run directory"
+        saved = (f"round {rounds[-1]} is saved in {where}" if rounds else
+                 f"no round was saved yet in {where}, which holds the run's configuration (resume starts it "
+                 "from round 0)")
+        workers = f" --workers {self._workers}" if self._workers else ""
+        command = f"flgraph resume {shlex.quote(where)} --scheduler {address}{workers}"
+        return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); "
+                            f"{saved}", fix=f"start a scheduler and its workers, then continue with `{command}` "
+                            f"(in Python: flgraph.resume({where!r}, cluster={address!r}))")
 
     def _stop(self, reason: str) -> None:
         """End the run before the next round: the target becomes the last completed round, committed."""

@@ -44,7 +44,7 @@ import numpy as np
 from distributed import Client, Future, as_completed
 from distributed.client import FutureCancelledError
 
-from flgraph import tree
+from flgraph import _chaos, tree
 from flgraph.cluster import worker_threads
 from flgraph.context import ClientSet
 from flgraph.engine.clients import (
@@ -121,6 +121,7 @@ class DaskTransport(Transport, PlansAhead):
         self._reducer = self.client.scatter({rkey: bundle.reducer}, broadcast=True, hash=False)[rkey]
         futs = [self.client.submit(_warm, self._bundle, flat, key=f"warm-up-{i}-{self.token}", workers=[w],
                                    pure=False) for i, w in enumerate(sorted(set(workers)))]
+        _chaos.point("warm-up")
         self.client.gather(futs)
         from flgraph.local.rounds import accelerator_for  # the local package builds on this module
 
@@ -243,6 +244,7 @@ class DaskTransport(Transport, PlansAhead):
     def _submitted(self) -> None:
         """The round's tasks are out: release the previous round's futures, and prepare the next round
         while this one's clients train (once; a failure there only means the next round does it itself)."""
+        _chaos.point("round-submitted")
         self._release_later([])
         prepare, self._prepare = self._prepare, None
         if prepare is not None:

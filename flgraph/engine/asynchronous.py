@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _chaos
 from ..context import ClientSet, Devices, RoundContext
 from ..errors import ConfigError, PipelineError
 from ..graph import RoundGraph
@@ -48,6 +49,8 @@ from .clients import Partial
 
 __all__ = ["AsyncEngine"]
 
+
+_VERSION = "model_of_version_"  # + the version: a model clients in flight started from (stage state)
 
 @dataclass
 class _Flight:
@@ -105,6 +108,7 @@ class AsyncEngine:
         self.client_state: Any = None  # per-client state is kept by synchronous rounds only (Run refuses it here)
         self.reducer: Any = None  # one reducer, the buffered stage's own
         self.versions: dict[int, Any] = {}
+        self.version_flats: dict[int, np.ndarray] = {}  # the params of each version in self.versions
         self.completed: Any = None
         self.spec = None
         self.realtime = False  # set from the transport at each step
@@ -140,11 +144,14 @@ class AsyncEngine:
     def _version_future(self, transport: Any, version: int, params: Params) -> Any:
         if version not in self.versions:
             self.versions[version] = transport.publish(version, params.flat)
+            self.version_flats[version] = params.flat  # never changed in place: no copy
         return self.versions[version]
 
     def _release_versions(self, transport: Any, current: int) -> None:
         used = {f.version for f in self.flights.values()} | {current}
         old = [v for v in self.versions if v not in used]
+        for v in old:
+            self.version_flats.pop(v, None)
         if old:
             transport.release([self.versions.pop(v) for v in old])
 
@@ -223,8 +230,10 @@ class AsyncEngine:
         try:
             if not self.flights:  # first step, or after a resume: (re)fill the flight
                 for fl in np.asarray(st.get("inflight", np.zeros((0, 4)))).reshape(-1, 4):
-                    self._dispatch(transport, st, params, version, float(fl[3]), on_error,
-                                   idx=int(fl[0]), cid=int(fl[1]))
+                    was = int(fl[2])  # a client in flight trains again on the model it started from
+                    began = params if f"{_VERSION}{was}" not in st else Params(params.spec, st[f"{_VERSION}{was}"])
+                    self._dispatch(transport, st, began, was if began is not params else version, float(fl[3]),
+                                   on_error, idx=int(fl[0]), cid=int(fl[1]))
                 while len(self.flights) < self.concurrency:
                     self._dispatch(transport, st, params, version, float(st["time"]), on_error)
             sums: dict[str, float] = {}
@@ -269,6 +278,7 @@ class AsyncEngine:
             ctx.mapper = lambda fn, ids, flat: transport.map_clients(rnd, flat, ids, fn)
             ctx.tag = self.stage.tag
             t0 = time.perf_counter()
+            _chaos.point("aggregate")
             self.stage.step(ctx, st)
             t_agg = time.perf_counter() - t0
             new_version = version + 1
@@ -288,6 +298,13 @@ class AsyncEngine:
             raise
         st["inflight"] = np.array([[f.idx, f.client, f.version, f.start] for f in self.flights.values()],
                                   np.float64).reshape(-1, 4)
+        # the older models clients in flight started from are part of the state: a resumed run dispatches
+        # them again from those (not from the newest), as a run that never stopped had them train
+        older = {f.version for f in self.flights.values()} - {new_version}
+        for k in [k for k in st if k.startswith(_VERSION) and int(k[len(_VERSION):]) not in older]:
+            del st[k]
+        for v in older:
+            st.setdefault(f"{_VERSION}{v}", self.version_flats[v])
         self._release_versions(transport, new_version)
         row = self._row(rnd, ctx, sums, stale, dropped_stale, failed, dropped, st, step_start,
                         int(st["dispatched"]) - dispatched_before, transport)
@@ -335,6 +352,7 @@ class AsyncEngine:
             transport.release(futs)
         self.flights.clear()
         self.versions.clear()
+        self.version_flats.clear()
         self.completed = None
 
     @staticmethod

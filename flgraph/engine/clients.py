@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import tree
+from .. import _chaos, tree
 from ..context import ClientSet, ClientWork, Update
 from ..errors import ClientError, FlgraphError
 from ..graph import ClientStage, Reducer
@@ -130,6 +130,7 @@ def client_leaf(bundle: Bundle, gp: Params, rnd: int, clients: ClientSet, pos: i
     ``started``: the client's first stages already ran in a block (:mod:`flgraph.engine.blocks`); the
     rest run here.
     """
+    _chaos.point("client-work")
     cid = int(clients.ids[pos])
     branch = 0 if clients.branch is None else int(clients.branch[pos])
     stages = bundle.stages if branch == 0 else bundle.branch_stages[branch]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _chaos
 from ..context import ClientSet, RoundContext, Update
 from ..errors import ClientError, ConfigError, PipelineError
 from ..graph import Branch, RoundGraph, ServerStage
@@ -115,6 +116,7 @@ class SyncEngine:
                 main.state = new_states.setdefault(keys[id(s)], {})
                 s.after_clients(main, root)
         t0 = time.perf_counter()
+        _chaos.point("aggregate")
         if root.value is None and (root.failures or not root.dropped):
             cid, msg = (root.failures or [(int(clients.ids[0]), "no update")])[0]
             raise ClientError(f"all {len(clients)} clients of the round failed; the first: {msg}",

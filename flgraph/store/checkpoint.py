@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import zlib
@@ -50,6 +51,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
+from .. import _chaos
 from ..errors import CheckpointError
 from .metrics_table import MetricsTable, json_default
 from .schedule import CheckpointPolicy, Checkpoints
@@ -143,7 +145,11 @@ class RunDirectory(MetricsTable):
                     raise CheckpointError(f"{target} already holds an flgraph run",
                                           fix="continue it with flgraph.resume(path) (`flgraph resume PATH`), "
                                               "or choose a new path")
-                raise CheckpointError(f"{target} exists and is not empty", fix="choose a new path for the run")
+                if not interrupted_creation(p):
+                    raise CheckpointError(f"{target} exists and is not empty", fix="choose a new path for the run")
+                log.warning("flgraph: %s holds a run directory whose creation was interrupted (no run in it yet); "
+                            "creating it again", target)
+                shutil.rmtree(p)
             try:
                 p.mkdir(parents=True, exist_ok=True)
                 probe = p / ".flgraph-write-test"
@@ -174,6 +180,10 @@ class RunDirectory(MetricsTable):
         target = cls._store(store)
         if isinstance(target, str) and not Path(target).exists():
             raise CheckpointError(f"{target} does not exist", fix="pass the path of a run directory (RUN.zarr)")
+        if isinstance(target, str) and interrupted_creation(Path(target)):
+            raise CheckpointError(f"{target} holds no run: the run was stopped while it created this directory",
+                                  fix="start the run again with the same checkpoint= path (the directory is "
+                                      "created anew), or delete it")
         try:
             g = zarr.open_group(target, mode=mode)
             attrs: dict[str, Any] = dict(g.attrs.asdict())
@@ -242,6 +252,7 @@ class RunDirectory(MetricsTable):
             commit = {"round": snap.round, "target_round": snap.target_round, "history_len": total,
                       "scalars": scalars, "rows_other": {}, "extra": snap.extra, "written": time.time()}
             body = json.dumps(commit, sort_keys=True, default=json_default)
+            _chaos.point("snapshot-write")
             g.attrs.update({**json.loads(body), "checksum": zlib.crc32(body.encode(), crc), "committed": True})
             self.rows_written = total
             known[snap.round] = True
@@ -352,7 +363,16 @@ class RunDirectory(MetricsTable):
                 log.warning("%s; falling back to the previous snapshot", e)
         raise CheckpointError("the run directory holds no intact snapshot" +
                               (f" ({'; '.join(skipped)})" if skipped else ""),
-                              fix="start the run again; nothing can be resumed from this directory")
+                              fix="nothing can be resumed from this directory: start the run again with a new "
+                                  "checkpoint= path (or delete this directory first)")
+
+    def note_target(self, target_round: int) -> None:
+        """Record the target of a ``fit`` that starts before any snapshot is committed, so that a run stopped
+        before its first snapshot resumes from round 0 toward the same target (see :func:`resume`)."""
+        try:
+            self.group.attrs.update({"first_target_round": int(target_round)})
+        except OSError as e:
+            raise CheckpointError(f"cannot write the run directory: {e}", fix=_storage_hint(e)) from e
 
     # -- retention -------------------------------------------------------------------------------------
     def prune(self, policy: CheckpointPolicy) -> list[int]:
@@ -366,6 +386,7 @@ class RunDirectory(MetricsTable):
         for rnd in sorted(known):
             if rnd in keep or (rnd not in committed and rnd > newest):
                 continue
+            _chaos.point("snapshot-prune")
             del snaps[f"r{rnd:08d}"]
             del known[rnd]
             dropped.append(rnd)
@@ -382,6 +403,20 @@ class RunDirectory(MetricsTable):
             d = Path(root) / "snapshots" / f"r{rnd:08d}"
             out[rnd] = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         return out
+
+
+_CREATED_PARTS = {"zarr.json", "blobs", "snapshots", "metrics", "client-state"}
+
+
+def interrupted_creation(p: Path) -> bool:
+    """Whether ``p`` is a run directory whose creation was stopped: a zarr group without attributes (they
+    are written last) holding the blobs :meth:`RunDirectory.create` writes first, and nothing else of its own."""
+    try:
+        names = {c.name for c in p.iterdir()}
+        attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return {"zarr.json", "blobs"} <= names <= _CREATED_PARTS and not attrs
 
 
 def _is_run(p: Path) -> bool:

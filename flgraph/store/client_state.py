@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .. import _chaos
 from ..context import ClientSet
 from ..errors import CheckpointError, ClientError, ConfigError
 
@@ -156,6 +157,7 @@ class ClientStateStore:
         values, marker = self._paths(key, name, row, slot)
         marker.unlink(missing_ok=True)  # from here until the new stamp, the slot reads as "nothing"
         _overwrite(values, arr.view(np.uint8).data)
+        _chaos.point("client-state-write")
         _replace(marker, np.array([rnd], "<i8").tobytes())
 
 
@@ -210,6 +212,8 @@ class ClientStatePlace:
                                       "per-client state", fix="resume with the run's own pipeline")
             path = str(given) if given is not None else (
                 rec["path"] if Path(rec["path"]).is_absolute() or root is None else str(Path(root) / rec["path"]))
+            if not Path(path).exists() and not resume.snapshot_rounds():
+                Path(path).mkdir(parents=True)  # stopped before its first snapshot: the run starts from round 0
             if not Path(path).exists():
                 raise CheckpointError(f"the run's client-state store {path} does not exist",
                                       fix="resume where that path is reachable, or pass client_state= with its "

@@ -11,8 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import os
 import pickle
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
     from ..run import Run
 
 __all__ = ["config_of", "create_directory", "load_blob_model", "resume", "snapshot_of"]
+
+log = logging.getLogger("flgraph")
 
 
 def _param_spec(spec: ParamSpec) -> list[list[Any]]:
@@ -61,7 +67,34 @@ def create_directory(store: Any, run: Run, user_pipeline: Any, options: dict[str
     missing = unimportable(cfg["pipeline"])
     if missing:
         notes["pipeline"] = "resume with pipeline=... (not importable: " + "; ".join(missing) + ")"
+    _reuse_unstarted(store, cfg)
     return RunDirectory.create(store, meta={**cfg, **(meta or {}), "notes": notes}, blobs=blobs)
+
+
+def _reuse_unstarted(store: Any, cfg: dict[str, Any]) -> None:
+    """Make way for a new run at ``store`` if it holds a run stopped before its first snapshot committed
+    with the same configuration: nothing of it can be lost (it saved no round), and running the same
+    script again is what a user does. Another configuration there is refused: that directory is a
+    different run, which :func:`resume` starts from round 0 with its saved configuration."""
+    if not isinstance(store, str | os.PathLike) or not (Path(store).expanduser() / "zarr.json").exists():
+        return
+    try:
+        old = RunDirectory.open(store)
+    except CheckpointError:
+        return  # not a run (RunDirectory.create says what it is)
+    if old.snapshot_rounds(committed_only=False):
+        return  # a run that got to write a snapshot: RunDirectory.create refuses it, and resume continues it
+    meta = old.meta
+    if meta.get("config_hash") != cfg["config_hash"]:
+        what = [k for k in ("pipeline", "seed", "params", "options") if meta.get(k) != cfg[k]]
+        raise CheckpointError(f"{store} holds a run that stopped before its first snapshot, with another "
+                              f"configuration (its {', '.join(what) or 'configuration'} differ)",
+                              fix="start that run from round 0 with flgraph.resume(path) (`flgraph resume PATH`), "
+                                  "or choose a new path for this one (or delete the directory: it holds no "
+                                  "snapshot)")
+    log.warning("flgraph: %s holds this run's configuration and no snapshot (it was stopped before its first "
+                "one); starting it afresh there", store)
+    shutil.rmtree(Path(store).expanduser())
 
 
 def snapshot_of(run: Run, target_round: int) -> Snapshot:
@@ -121,7 +154,8 @@ def resume(
     allow_changes: Sequence[str] = (),
     **run_options: Any,
 ) -> Run:
-    """Continue the run saved at ``store`` from its last intact snapshot.
+    """Continue the run saved at ``store`` from its last intact snapshot (from round 0, with the saved
+    configuration, if it stopped before its first snapshot committed).
 
     Everything not passed is rebuilt from the run directory: the pipeline from its spec (built-in stages
     and importable callables), the model and the dataset from their saved copies. A ``pipeline`` that
@@ -134,9 +168,15 @@ def resume(
 
     directory = RunDirectory.open(store)
     meta = directory.meta
-    snap, skipped = directory.latest(rows=History.default_window)  # older rows are read back when asked for
-    saved = snap.extra.get("pipeline") or meta["pipeline"]
-    changes = list(snap.extra.get("changes", []))
+    snap: Snapshot | None = None
+    skipped: list[str] = []
+    if directory.snapshot_rounds():
+        snap, damaged = directory.latest(rows=History.default_window)  # older rows are read back when asked
+        skipped = [f"skipped a damaged snapshot: {note}" for note in damaged]
+    else:  # stopped before its first snapshot committed: start from round 0 with the saved configuration
+        skipped = ["no snapshot was committed before the run stopped: starting from round 0"]
+    saved = (snap.extra.get("pipeline") if snap is not None else None) or meta["pipeline"]
+    changes = list(snap.extra.get("changes", [])) if snap is not None else []
     if pipeline is None:
         pipeline = rebuild(saved)
     else:
@@ -147,7 +187,7 @@ def resume(
                               fix="resume with the same pipeline, or name what may change: "
                                   "allow_changes=[" + ", ".join(repr(d.split(":")[0].split("(")[-1].replace(")", ""))
                                                                 for d in refused) + "]")
-        changes += [f"round {snap.round}: {d}" for d in diffs]
+        changes += [f"round {snap.round if snap is not None else 0}: {d}" for d in diffs]
     if model is None:
         model = load_blob_model(directory)
     if data is None:
@@ -168,4 +208,6 @@ def resume(
                           fix="resume with a model of the same architecture")
     run.changes = changes
     run.resume_notes = skipped
+    if snap is None:
+        run.target_round = int(meta.get("first_target_round", 0))
     return run
