@@ -18,8 +18,9 @@ Example:
     >>> root = tempfile.mkdtemp()
     >>> for i in range(3):
     ...     np.save(os.path.join(root, f"s{i}.npy"), np.full(2, i, np.float32))
+    >>> rows = ["client_id,sample_path,label_name,label_id", "7,s0.npy,cat,0", "3,s1.npy,dog,1", "7,s2.npy,dog,1"]
     >>> with open(os.path.join(root, "train.csv"), "w") as f:
-    ...     _ = f.write("client_id,sample_path,label_name,label_id\\n7,s0.npy,cat,0\\n3,s1.npy,dog,1\\n7,s2.npy,dog,1\\n")
+    ...     _ = f.write("\\n".join(rows))
     >>> ds = FedScaleDataset(os.path.join(root, "train.csv"), root)
     >>> ds.keys.tolist(), ds.load(ds.client_of(7)).x.tolist(), ds.label_names
     ([3, 7], [[0.0, 0.0], [2.0, 2.0]], {0: 'cat', 1: 'dog'})
@@ -28,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -83,7 +85,10 @@ def _int_keys(values: list[str]) -> np.ndarray:
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[int, str]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist", fix="give FedScale's client_data_mapping/<split>.csv")
-    clients, paths, labels, names = [], [], [], {}
+    clients: list[str] = []
+    paths: list[str] = []
+    labels: list[int] = []
+    names: dict[int, str] = {}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -131,8 +136,8 @@ class FedScaleDataset(KeyedDataset):
         clients, paths, labels, names = _read_csv(Path(csv_path).expanduser())
         super().__init__(np.unique(clients))
         order = np.argsort(clients, kind="stable")  # a client's rows keep the CSV's order
-        bounds = np.searchsorted(clients[order], self.keys, side="left").tolist() + [len(order)]
-        self._rows = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        bounds = [*np.searchsorted(clients[order], self.keys, side="left").tolist(), len(order)]
+        self._rows = [order[a:b] for a, b in itertools.pairwise(bounds)]
         self._paths, self._labels = np.array(paths, dtype=object), labels
         self.label_names = names
         self.loader = loader
@@ -148,7 +153,8 @@ class FedScaleDataset(KeyedDataset):
     def load(self, client: int) -> ClientData:
         pos = self._position(client)
         rows = self._rows[pos]
-        return ClientData(self._stack(self._paths[rows].tolist(), f"client {self.keys[pos]!r}"), self._labels[rows])
+        x = self._stack(self._paths[rows].tolist(), f"client {self.keys[pos].item()!r}")
+        return ClientData(x, self._labels[rows])
 
     def _stack(self, paths: list[str], what: str) -> np.ndarray:
         samples = []

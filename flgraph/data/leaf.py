@@ -92,7 +92,7 @@ def shakespeare_chars(x: list[str], y: list[str]) -> tuple[np.ndarray, np.ndarra
     Example:
         >>> x, y = shakespeare_chars(["ab", "b!"], ["c", " "])
         >>> x.tolist(), y.tolist()
-        ([[65, 66], [66, 2]], [67, 1])
+        ([[53, 54], [54, 2]], [55, 1])
     """
     table = {c: i for i, c in enumerate(LEAF_LETTERS)}
 
@@ -240,7 +240,7 @@ class LeafDataset(KeyedDataset):
 
     def load_test(self, client: int) -> ClientData:
         """Client ``client``'s own held-out samples (its user in the test split)."""
-        user = self.keys[self._position(client)]
+        user = self.keys[self._position(client)].item()
         split = self._test()
         if split is None:
             raise DataError("this LeafDataset has no test split", fix="pass test='.../test'")

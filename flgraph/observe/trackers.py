@@ -199,7 +199,8 @@ class WandbTracker(Tracker):
     ``wandb.init`` is called when the flgraph run starts. Offline runs (``mode="offline"`` or
     ``WANDB_MODE=offline``) are written under ``dir`` and uploaded later with ``wandb sync``.
 
-    >>> fg.Run(pipeline, model=model, data=data, callbacks=[WandbTracker(project="fl", mode="offline")])  # doctest: +SKIP
+    >>> tracker = WandbTracker(project="fl", mode="offline")  # doctest: +SKIP
+    >>> fg.Run(pipeline, model=model, data=data, callbacks=[tracker])  # doctest: +SKIP
     """
 
     def __init__(self, **init_kwargs: Any) -> None:
