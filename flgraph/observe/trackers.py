@@ -76,15 +76,15 @@ def run_config(run: Any) -> dict[str, Any]:
         >>> cfg["seed"], cfg["pipeline"], cfg["stage3.LocalTrain.lr"]
         (7, 'Select >> Broadcast >> LocalTrain >> Aggregate', 0.1)
     """
-    from ..spec import describe
+    from ..spec import _value  # settings as JSON values, the form checkpoints record them in
 
     config: dict[str, Any] = {"seed": int(getattr(run, "seed", 0))}
-    stages = [s for s in describe(run.pipeline) if "graph" not in s] if len(list(run.pipeline)) else []
-    names = [str(s.get("class", s.get("unimportable", "?"))).rpartition(":")[2] for s in stages]
-    config["pipeline"] = " >> ".join(names)
-    for i, (name, stage) in enumerate(zip(names, stages), start=1):
-        for k, v in _redact(stage.get("settings", {}), in_stage=True).items():
-            config[f"stage{i}.{name}.{k}"] = _flat_value(v)
+    stages = list(run.pipeline)
+    config["pipeline"] = " >> ".join(type(s).__name__ for s in stages)
+    for i, stage in enumerate(stages, start=1):
+        settings = stage.settings() if hasattr(stage, "settings") else {}
+        for k, v in _redact({k: _value(v) for k, v in settings.items()}, in_stage=True).items():
+            config[f"stage{i}.{type(stage).__name__}.{k}"] = _flat_value(v)
     adapter = getattr(run, "adapter", None)
     if adapter is not None:
         config["model"] = run.state.params.spec.describe()
@@ -228,8 +228,10 @@ class WandbTracker(Tracker):
 class MLflowTracker(Tracker):
     """An MLflow run in ``experiment``: the config as params, the metrics at ``step=round``.
 
-    ``tracking_uri`` is where MLflow keeps runs, e.g. ``"file:/path/mlruns"`` (a local file store) or a
-    tracking server's URL; default: MLflow's own (``MLFLOW_TRACKING_URI``). The run is made through
+    ``tracking_uri`` is where MLflow keeps runs, e.g. ``"file:/path/mlruns"`` (a local file store; MLflow 3
+    opens one only with ``MLFLOW_ALLOW_FILE_STORE=true`` set), ``"sqlite:///mlflow.db"`` or a tracking
+    server's URL; default: MLflow's own (``MLFLOW_TRACKING_URI``). A store MLflow refuses is a
+    :class:`~flgraph.errors.ConfigError` when the tracker is made, before the run starts. The run is made through
     ``MlflowClient`` (no global active run, so several flgraph runs in one process do not mix); its id is
     :attr:`run_id` once the flgraph run has started.
 
@@ -242,7 +244,14 @@ class MLflowTracker(Tracker):
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise _missing("mlflow", "mlflow") from None
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        except Exception as e:  # MlflowException: the store cannot be opened
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"MLflow cannot open the tracking store {tracking_uri!r}: {why}",
+                              fix="for a local file store (kept in maintenance mode since MLflow 3) set "
+                                  "MLFLOW_ALLOW_FILE_STORE=true; or use a database, e.g. "
+                                  "'sqlite:///mlflow.db' (needs the full mlflow package)") from None
         self.experiment, self.run_name = experiment, run_name
         self.run_id: str | None = None
 
