@@ -395,3 +395,12 @@ def test_readers_load_on_dask_workers(client2, tmp_path, leaf):
     for k, y in zip(ds.client_ids.tolist(), client2.gather(futures)):
         np.testing.assert_array_equal(y, train[ds.keys[k]][1])
     assert isinstance(ds, FederatedDataset)
+    from flgraph.data.tff_h5 import TffH5Dataset
+
+    clients = _emnist_clients(["a", "b", "c", "d"], [1, 2, 3, 4])
+    _write_tff(tmp_path / "w.h5", clients)
+    h5 = TffH5Dataset(tmp_path / "w.h5", x="pixels", y="label")
+    h5.load(0)  # the driver's open file stays on the driver
+    futures = client2.map(lambda k, d: d.load(k).x, h5.client_ids.tolist(), d=h5)
+    for k, x in zip(h5.client_ids.tolist(), client2.gather(futures)):
+        np.testing.assert_array_equal(x, clients[h5.keys[k]][0])
