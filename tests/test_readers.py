@@ -79,6 +79,9 @@ def test_leaf_loads_read_only_the_file_that_holds_the_user(leaf):
     np.testing.assert_array_equal(ds.load(k).y, train["f0003_12"][1])
     with pytest.raises(DataError, match=r"all_data_1.*not valid JSON \(line 1, column 3"):
         ds.load(ds.client_of("f0000_07"))
+    _write_leaf(other, {"f0002_33": (np.zeros((1, 4)), np.zeros(1, np.int64))})  # rewritten without f0000_07
+    with pytest.raises(DataError, match=r"all_data_1.*user 'f0000_07' is not in it any more"):
+        ds.load(ds.client_of("f0000_07"))
     # a pickled copy (what a worker gets) carries the index, not parsed data
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._cached is None

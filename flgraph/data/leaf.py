@@ -206,14 +206,18 @@ class LeafDataset(KeyedDataset):
 
     def load(self, client: int) -> ClientData:
         pos = self._position(client)
-        return self._user(self._train.files[self._train.file_of[pos]], self.keys[pos])
+        return self._user(self._train.files[self._train.file_of[pos]], self.keys[pos].item())
 
     def _user(self, file: Path, user: Any) -> ClientData:
         with self._lock:
             if self._cached is None or self._cached[0] != file:
                 self._cached = None  # free the previous file before parsing the next
                 self._cached = (file, self._convert(file))
-            return self._cached[1][user]
+            found = self._cached[1].get(user)
+        if found is None:
+            raise DataError(f"{file}: user {user!r} is not in it any more (the file changed after the dataset "
+                            "was made)", fix="make the LeafDataset again, or convert it with to_zarr first")
+        return found
 
     def _convert(self, file: Path) -> dict[Any, ClientData]:
         doc = _parse(file)
