@@ -85,8 +85,10 @@ class Run:
             writes no checkpoints. Continue an interrupted run with :func:`flgraph.resume`
             (``flgraph resume PATH``).
         callbacks: objects told about the run: ``on_start(run)`` once the cluster is up,
-            ``on_round(run, row)`` after each completed round, ``on_end(run)`` at the end of each ``fit``
-            (each method optional; an exception in a callback is logged, never stops the run).
+            ``on_round(run, row)`` after each completed round, ``on_end(run)`` at the end of each ``fit``,
+            ``on_close(run)`` when the run is closed (each method optional; an exception in a callback is
+            logged, never stops the run). Experiment trackers (TensorBoard, Weights & Biases, MLflow) are
+            such callbacks: see :mod:`flgraph.observe.trackers`.
         transport: where client stages run, an object like :class:`flgraph.transports.DaskTransport`
             (``start``, ``run_round``, ``map_clients``, ``places``, ``close``; for an asynchronous pipeline
             also ``publish``, ``submit_client``, ``release``, ``completion``, see
@@ -438,7 +440,8 @@ class Run:
     # -- lifetime ------------------------------------------------------------------------------------
     def close(self) -> None:
         """Wait for the snapshot in flight, release the run's data on the cluster, and stop the embedded
-        cluster if the run started one."""
+        cluster if the run started one; callbacks get ``on_close`` first (a tracker ends its run)."""
+        self._notify("on_close")
         if self._writer is not None:
             self._writer.close()
         if self._client_state_tmp is not None:

@@ -168,6 +168,9 @@ class Recorder:
     def on_end(self, run):
         self.events.append(("end", run.round))
 
+    def on_close(self, run):
+        self.events.append(("close", run.round))
+
 
 class Broken:
     def on_round(self, run, row):
@@ -179,7 +182,7 @@ def test_callbacks_see_the_run(client2):
     with fg.Run(pipeline(clients=4), model=small_model(), data=small_data(), cluster=client2, progress=False,
                 evaluate="never", callbacks=[Broken(), rec]) as run:
         run.fit(rounds=2)
-    assert rec.events == [("start", 0), ("round", 1), ("round", 2), ("end", 2)]
+    assert rec.events == [("start", 0), ("round", 1), ("round", 2), ("end", 2), ("close", 2)]
 
 
 def count_samples(work):

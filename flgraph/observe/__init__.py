@@ -3,6 +3,7 @@ the FL page of the Dask dashboard, and plots.
 
 * :mod:`flgraph.observe.history` — the rows of a run, a bounded window in memory, the rest on disk;
 * :mod:`flgraph.observe.metrics_log` — every round's row appended to a ``.jsonl`` or ``.csv`` file;
+* :mod:`flgraph.observe.trackers` — the config and every round's numbers sent to TensorBoard, W&B, MLflow;
 * :mod:`flgraph.observe.progress` — the terminal progress bar;
 * :mod:`flgraph.observe.dashboard` (and ``dashboard_page``) — the ``/flgraph`` page next to Dask's;
 * :mod:`flgraph.observe.plotting` — curves for notebooks.

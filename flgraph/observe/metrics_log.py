@@ -12,8 +12,9 @@ and rewritten). Writing errors are logged once and stop the file, never the run.
 
 Read a file back with :func:`read_metrics` (a list of row dicts; ``History(read_metrics(path))``).
 
-:class:`TensorBoardLog` writes every numeric metric as a scalar ``flgraph/<name>`` at step ``round`` when
-``tensorboard`` (or ``tensorboardX``) is installed.
+:class:`TensorBoardLog` (:class:`flgraph.observe.trackers.TensorBoardTracker`) writes every numeric metric
+as a scalar ``flgraph/<name>`` at step ``round`` when ``tensorboard`` (or ``tensorboardX``) is installed;
+:mod:`flgraph.observe.trackers` has Weights & Biases and MLflow too.
 
 Example:
     >>> import tempfile, pathlib
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import ConfigError
+from .trackers import TensorBoardTracker
 
 __all__ = ["MetricsLog", "TensorBoardLog", "read_metrics"]
 
@@ -219,43 +221,6 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-class TensorBoardLog:
-    """A run callback that writes every numeric metric as a TensorBoard scalar ``flgraph/<name>``.
-
-    Needs ``tensorboard`` (through ``torch.utils.tensorboard``) or ``tensorboardX``; without either it
-    raises a :class:`~flgraph.errors.ConfigError` saying what to install.
-
-    >>> from flgraph.observe.metrics_log import TensorBoardLog
-    >>> cb = TensorBoardLog("runs/tb")  # doctest: +SKIP
-    >>> fg.Run(pipeline, model=model, data=data, callbacks=[cb])  # doctest: +SKIP
-    """
-
-    def __init__(self, logdir: str | os.PathLike[str]) -> None:
-        self.logdir = str(Path(logdir).expanduser())
-        self.writer = _summary_writer(self.logdir)
-
-    def on_round(self, run: Any, row: dict[str, Any]) -> None:
-        step = int(row.get("round", 0))
-        for k, v in row.items():
-            p = _plain(v)
-            if k != "round" and isinstance(p, int | float) and not isinstance(p, bool):
-                self.writer.add_scalar(f"flgraph/{k}", float(p), step)
-
-    def on_end(self, run: Any) -> None:
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _summary_writer(logdir: str) -> Any:
-    import importlib
-
-    for module in ("torch.utils.tensorboard", "tensorboardX"):
-        try:
-            writer = importlib.import_module(module).SummaryWriter
-        except ImportError:
-            continue
-        return writer(log_dir=logdir)
-    raise ConfigError("TensorBoardLog needs the tensorboard package",
-                      fix="pip install tensorboard (or tensorboardX), or use MetricsLog")
+#: The TensorBoard writer, under the name it had before the trackers: see
+#: :class:`flgraph.observe.trackers.TensorBoardTracker` (it also sends the run's config).
+TensorBoardLog = TensorBoardTracker
