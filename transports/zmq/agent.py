@@ -42,7 +42,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,10 @@ from .keys import load_public, load_secret
 from .sockets import readable
 from .wire import Limits, Message, ProtocolError, decode, encode
 
-__all__ = ["Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
+__all__ = ["OWN_SETTINGS", "Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
+
+#: The client settings a device's owner may set for their device (``flgraph edge --set NAME=VALUE``).
+OWN_SETTINGS = frozenset({"epochs", "steps", "batch_size", "lr", "samples"})
 
 log = logging.getLogger("flgraph")
 
@@ -76,6 +79,11 @@ class Agent:
         max_tasks: stop after this many tasks (``None``: never).
         threaded: run tasks in a background thread (heartbeats continue); ``False`` runs them inline.
         context: a ``zmq.Context`` to share (many agents in one process); default: a private one.
+        allow: the code (import-path patterns such as ``"my_pkg.*"``) that tasks may name for the task
+            function to import on this device: a ``train_fn``, an optimizer factory, a loss
+            (:mod:`.segment`). Announced at ``join`` (``caps.allow``) so that the driver refuses up front.
+        settings: the device owner's own client settings (``epochs``, ``steps``, ``batch_size``, ``lr``,
+            ``samples``), which win over the run's (announced at ``join`` as ``caps.set.NAME``).
     """
 
     def __init__(self, connect: str, task: TaskFn | str, *, client_id: int | None = None,
@@ -83,7 +91,8 @@ class Agent:
                  heartbeat_s: float = 1.0, liveness: int = 3, limits: Limits | None = None,
                  max_backoff_s: float = 5.0, give_up_s: float | None = None, max_tasks: int | None = None,
                  threaded: bool = True, compress: str = "auto", device: Mapping[str, Any] | None = None,
-                 context: zmq.Context[Any] | None = None, name: str = "") -> None:
+                 context: zmq.Context[Any] | None = None, name: str = "", allow: Sequence[str] = (),
+                 settings: Mapping[str, Any] | None = None) -> None:
         if (secret_key is None) != (server_key is None):
             raise ConfigError("CURVE needs both the agent's secret key and the gateway's public key",
                               fix="pass --key AGENT.key_secret and --server-key GATEWAY.key (or neither)")
@@ -102,6 +111,15 @@ class Agent:
         self.device = dict(device) if device is not None else {
             "host": platform.node()[:64], "os": platform.system(), "cpus": os.cpu_count() or 1}
         self.name = name or f"flgraph-agent-{secrets.token_hex(3)}"
+        self.allow = tuple(str(p) for p in allow)
+        if len(",".join(self.allow)) > self.limits.max_str or any("," in p for p in self.allow):
+            raise ConfigError(f"allow={list(self.allow)}: the patterns travel as one comma-separated string of at "
+                              f"most {self.limits.max_str} characters", fix="use fewer, broader patterns (my_pkg.*)")
+        self.settings = dict(settings or {})
+        bad = sorted(set(self.settings) - OWN_SETTINGS)
+        if bad:
+            raise ConfigError(f"settings={bad}: a device sets only {sorted(OWN_SETTINGS)}",
+                              fix="e.g. flgraph edge --set epochs=2 --set lr=0.05")
         self._ctx = context
         self._own_ctx = context is None
         self.session = ""
@@ -188,7 +206,10 @@ class Agent:
     def _session(self, sock: zmq.Socket[Any], wake: zmq.Socket[Any]) -> str:
         """One connection: join, then serve. Returns 'done', 'accepted' (then lost) or 'failed'."""
         join: dict[str, Any] = {"agent": f"flgraph-python {self.name}"[:200], "device": self.device,
-                                "caps": {"codecs": "raw,lz4", "threaded": self.threaded, "params_cache": True}}
+                                "caps": {"codecs": "raw,lz4", "threaded": self.threaded, "params_cache": True,
+                                         "segment": bool(getattr(self.task, "runs_segment", False)),
+                                         "allow": ",".join(self.allow),
+                                         **{f"set.{k}": v for k, v in self.settings.items()}}}
         if self.client_id is not None:
             join["client"] = int(self.client_id)
         self._send(sock, "join", join)
@@ -309,7 +330,8 @@ class Agent:
             f = msg.fields
             spec = self._spec_of(f["spec"])
             flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
-            task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"])
+            task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"],
+                            f.get("stages"), self.allow, dict(self.settings))
             out = result_of(self.task(task), task)
         except BaseException as e:  # reported to the gateway as this client's failure
             err = e

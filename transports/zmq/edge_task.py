@@ -27,7 +27,11 @@ __all__ = ["EdgeResult", "EdgeTask", "TaskFn", "load_task", "result_of"]
 
 @dataclass
 class EdgeTask:
-    """One round's work for this device: the global params (read-only: copy before writing) and the config."""
+    """One round's work for this device: the global params (read-only: copy before writing) and the config.
+
+    ``stages``: the round's client segment as plain data (``transports/PROTOCOL.md`` section 3.1), ``None``
+    from a gateway that sends none; ``allow``: the code patterns the device's owner allows
+    (``--allow-code``); ``own``: the owner's own settings (``--set``), which win over the config."""
 
     round: int
     client: int
@@ -35,6 +39,9 @@ class EdgeTask:
     deadline_s: float
     params: Params
     config: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict[str, Any]] | None = None
+    allow: tuple[str, ...] = ()
+    own: dict[str, Any] = field(default_factory=dict)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The global weights as name -> array in each tensor's own dtype (``torch.from_numpy`` ready)."""

@@ -35,7 +35,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgpack
@@ -196,10 +196,15 @@ class Gateway(AgentSessions, JobRouting):
         return EncodedParams(frames, next(self._param_versions))
 
     def begin_round(self, rnd: int, flat: np.ndarray, spec: ParamSpec, seed: int,
-                    configs: dict[int, dict[str, Any]], deadline_s: float) -> queue.SimpleQueue[RoundEvent]:
+                    configs: dict[int, dict[str, Any]], deadline_s: float, stages: list[Any] | None = None,
+                    needs_segment: Sequence[str] = ()) -> queue.SimpleQueue[RoundEvent]:
         """Post synchronous round ``rnd`` (client id -> task config, in position order); returns the event
-        queue. A round is exclusive: it closes every job still open (their clients fail)."""
-        job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.SimpleQueue(), True)
+        queue. A round is exclusive: it closes every job still open (their clients fail).
+
+        ``stages``: the client segment each task carries (:mod:`.segment`); ``needs_segment``: what an agent
+        that runs no segment (no ``caps.segment``) would leave out; non-empty, such an agent's client fails."""
+        job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.SimpleQueue(), True,
+                        stages, needs_segment)
         self._posted = job
         self._command("job", job)
         return job.events
@@ -214,13 +219,15 @@ class Gateway(AgentSessions, JobRouting):
 
     def begin_job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
                   configs: dict[int, dict[str, Any]], deadline_s: float,
-                  events: queue.SimpleQueue[RoundEvent]) -> int:
+                  events: queue.SimpleQueue[RoundEvent], stages: list[Any] | None = None,
+                  needs_segment: Sequence[str] = ()) -> int:
         """Post a job beside the running ones (the asynchronous engine: one client per job) and return its id.
 
         ``params``: from :meth:`encode_params` (one encoding per params version, shared by its
         jobs); ``rnd`` travels as the task's ``round``; events go to ``events`` with ``job`` set. Close it
-        with :meth:`end_job` once its event came (or to give up on it)."""
-        job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False)
+        with :meth:`end_job` once its event came (or to give up on it). ``stages``, ``needs_segment``: as in
+        :meth:`begin_round`."""
+        job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False, stages, needs_segment)
         self._open_jobs[job.job] = job
         self._command("job", job)
         return job.job
@@ -233,7 +240,7 @@ class Gateway(AgentSessions, JobRouting):
 
     def _job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
              configs: dict[int, dict[str, Any]], deadline_s: float, events: queue.SimpleQueue[RoundEvent],
-             exclusive: bool) -> _Round:
+             exclusive: bool, stages: list[Any] | None = None, needs_segment: Sequence[str] = ()) -> _Round:
         if self._thread is None:
             raise ConfigError("the gateway is not started", fix="call start() first")
         tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
@@ -241,7 +248,8 @@ class Gateway(AgentSessions, JobRouting):
         descs = [[spec.carrier, [spec.size], "raw" if len(frame) == spec.nbytes else "lz4", len(frame)]]
         spec_wire = [[e.name, list(e.shape), e.dtype] for e in spec.entries]
         return _Round(next(self._job_ids), rnd, seed, spec, params, time.monotonic() + deadline_s, deadline_s,
-                      tasks, events, exclusive, spec_wire=spec_wire, descs=descs)
+                      tasks, events, exclusive, spec_wire=spec_wire, descs=descs, stages=stages,
+                      needs_segment=tuple(needs_segment))
 
     # -- the gateway thread ----------------------------------------------------------------------------
 

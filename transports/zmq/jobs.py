@@ -86,6 +86,8 @@ class _Round:
     open: bool = True  # set to False by the driver (end_round / end_job) or at the deadline
     spec_wire: list[list[Any]] = field(default_factory=list)  # the task envelope's spec, built once per job
     descs: list[list[Any]] = field(default_factory=list)  # the params frame's descriptor, built once per job
+    stages: list[Any] | None = None  # the client segment every task carries
+    needs_segment: tuple[str, ...] = ()  # what an agent without caps.segment would leave out
 
 
 class JobRouting:
@@ -154,13 +156,17 @@ class JobRouting:
         rid = self.by_client.get(task.client)
         if rid is None or task.finished:
             return  # sent when an agent for the client joins, or failed at the deadline
-        task.sent_to = rid
         info = self.agents[rid]
+        if job.needs_segment and not info.caps.get("segment"):
+            self._fail(job, task, "its agent runs no client segment (no caps.segment) and would leave out "
+                       + "; ".join(job.needs_segment))
+            return
+        task.sent_to = rid
         info.working[1:] = [task.task_id]  # the agent runs one task and keeps the newest one queued
         self._mark(info)
         remaining = max(0.0, job.deadline - time.monotonic())
         env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
-               "seed": job.seed, "config": task.config, "spec": job.spec_wire}
+               "seed": job.seed, "config": task.config, "spec": job.spec_wire, "stages": job.stages}
         if info.caches_params:
             env["params"] = job.params.version
             if info.params_held == job.params.version:  # the agent holds these params: the envelope only

@@ -35,28 +35,37 @@ from flgraph.context import ClientSet, ClientWork
 from flgraph.errors import ConfigError
 from flgraph.rng import stage_tag
 
+from . import segment
 from .agent import EdgeResult, EdgeTask
 
 __all__ = ["LocalTrainTask", "synthetic"]
 
 
 class _OneClient:
-    """The minimal dataset a ClientWork needs on a device: this client's data, loaded on first use."""
+    """The minimal dataset a ClientWork needs on a device: this client's data, loaded on first use (its first
+    ``samples`` samples when the device or the operator sets ``samples``)."""
 
-    def __init__(self, client: int, load: Callable[[int], Any]) -> None:
+    def __init__(self, client: int, load: Callable[[int], Any], samples: int | None = None) -> None:
         self.client = client
         self._load = load
+        self.samples = samples
 
     def load(self, client: int) -> Any:
-        from flgraph.data.dataset import as_client_data
+        from flgraph.data.dataset import ClientData, as_client_data
 
         if client != self.client:
             raise ConfigError(f"this device holds client {self.client}'s data, not client {client}'s")
-        return as_client_data(self._load(client), f"the device's data for client {client}")
+        data = as_client_data(self._load(client), f"the device's data for client {client}")
+        if self.samples is not None:
+            data = ClientData(data.x[: self.samples], data.y[: self.samples])
+        return data
 
 
 class LocalTrainTask:
-    """A task function running flgraph's ``LocalTrain`` on ``model`` with ``load_data(client)``."""
+    """A task function running the round's client segment (flgraph's ``LocalTrain``, ``Compress``) on
+    ``model`` with ``load_data(client)``, as a Dask worker runs it."""
+
+    runs_segment = True  # the agent announces caps.segment: it runs the task's stages, not LocalTrain alone
 
     def __init__(self, model: Any, load_data: Callable[[int], Any], *, device: str = "cpu") -> None:
         from flgraph.models.adapter import ModelAdapter
@@ -70,21 +79,61 @@ class LocalTrainTask:
         if [(e.name, e.shape) for e in mine.entries] != [(e.name, e.shape) for e in theirs.entries]:
             raise ConfigError(f"the gateway's model ({theirs.describe()}) is not this device's "
                               f"({mine.describe()})", fix="install the run's model on the device")
-        cfg = task.config
-        accepted = inspect.signature(LocalTrain).parameters
-        kwargs = {k: cfg[k] for k in ("epochs", "steps", "batch_size", "lr", "mu", "holdout")
-                  if k in cfg and k in accepted}
-        stage = LocalTrain(**kwargs, device=self.device)
-        stage.prepare(None, self.adapter)
+        cfg = {**task.config, **task.own}  # the device owner's settings win
+        if task.stages is None:  # a gateway that sends no segment: LocalTrain with the config's settings
+            accepted = inspect.signature(LocalTrain).parameters
+            stage = LocalTrain(**{k: cfg[k] for k in ("epochs", "steps", "batch_size", "lr", "mu", "holdout")
+                                  if k in cfg and k in accepted})
+            stage.tag = int(cfg.get("tag", stage_tag("LocalTrain", 0)))
+            stages: list[Any] = [stage]
+        else:
+            stages = segment.build(task.stages, task.allow)
+        used: dict[str, float] = {}
+        for stage in stages:
+            if isinstance(stage, LocalTrain):
+                used = _endpoint_settings(stage, cfg)
+                stage.device = self.device  # the device's own accelerator, not the driver's
+            stage.prepare(None, self.adapter)
+        samples = int(cfg["samples"]) if "samples" in cfg else None
+        if samples is not None and samples < 1:
+            raise ConfigError(f"samples={samples}: train on at least one sample")
         work = ClientWork(task.round, task.client, 0, task.seed, task.params,
-                          _OneClient(task.client, self.load_data),  # type: ignore[arg-type]
+                          _OneClient(task.client, self.load_data, samples),  # type: ignore[arg-type]
                           ClientSet(np.array([task.client])), self.adapter)
-        stage.tag = work.tag = int(cfg.get("tag", stage_tag("LocalTrain", 0)))
-        stage.run(work)
+        for stage in stages:  # as flgraph.engine.clients.client_leaf runs them
+            work.tag = stage.tag
+            stage.run(work)
         update = work.update
-        assert update is not None and update.delta is not None
-        return EdgeResult(num_samples=update.num_samples, delta=np.array(update.delta, copy=True),
-                          metrics=dict(update.metrics))
+        if update is None:
+            raise ConfigError("no client stage produced an update", fix="put LocalTrain in the pipeline")
+        delta = np.array(update.decoded(task.params.spec), copy=True)
+        return EdgeResult(num_samples=update.num_samples, delta=delta, metrics={**update.metrics, **used})
+
+
+def _endpoint_settings(stage: Any, cfg: dict[str, Any]) -> dict[str, float]:
+    """Set ``stage``'s epochs, steps, batch size and lr from ``cfg`` (the run's per-client settings, the
+    operator's config, the device owner's settings); the values it will train with, as metrics."""
+    from flgraph.stages.train import SGD
+
+    if "epochs" in cfg:
+        stage.epochs = int(cfg["epochs"])
+    if "steps" in cfg:
+        stage.steps = int(cfg["steps"])
+    if "batch_size" in cfg:
+        stage.batch_size = int(cfg["batch_size"])
+    if "lr" in cfg and float(cfg["lr"]) != stage.lr:
+        if stage.optimizer is not None and not isinstance(stage.optimizer, SGD):
+            raise ConfigError(f"lr={cfg['lr']} is set for this client, but LocalTrain's optimizer "
+                              f"{stage.optimizer!r} sets its own learning rate",
+                              fix="set lr only for runs with LocalTrain's SGD (optimizer=SGD(lr, momentum))")
+        stage.lr = float(cfg["lr"])
+        if stage.optimizer is not None:
+            stage.optimizer = SGD(stage.lr, momentum=stage.optimizer.momentum)
+    if stage.epochs < 1 or (stage.steps is not None and stage.steps < 1) or stage.batch_size < 1:
+        raise ConfigError(f"epochs={stage.epochs}, steps={stage.steps}, batch_size={stage.batch_size}: each must "
+                          "be >= 1", fix="check the device's --set and the operator's client settings")
+    out = {"epochs": float(stage.epochs), "batch_size": float(stage.batch_size), "lr": float(stage.lr)}
+    return out
 
 
 _cache: dict[tuple[Any, ...], LocalTrainTask] = {}
@@ -117,3 +166,6 @@ def synthetic(task: EdgeTask) -> EdgeResult:
             _cache.clear()
             _cache[key] = fn
     return fn(task)
+
+
+synthetic.runs_segment = True  # type: ignore[attr-defined]

@@ -54,6 +54,7 @@ from flgraph.context import ClientSet, Update
 from flgraph.engine.clients import Bundle, Partial, combine_partials, reducer_leaf
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
+from . import segment
 from .capabilities import unsupported
 from .edge_async import EdgeCompletion, EdgeFuture, EdgeVersion
 from .gateway import Gateway, RoundEvent
@@ -122,12 +123,15 @@ class ZmqTransport:
                               "devices cannot reach",
                               fix="keep such state on the device, inside the agent's task function (e.g. the "
                                   "error-feedback residual), and drop it from the pipeline's client stages")
-        refused = unsupported(bundle.stages)
+        refused = segment.refusals(bundle.stages)
         if refused:
-            raise ConfigError("edge agents would not run " + "; ".join(refused) + " as a Dask worker does",
+            raise ConfigError("edge agents cannot run the pipeline's client stages as a Dask worker does: "
+                              + "; ".join(refused),
                               fix="drop these from the pipeline's client stages for an edge run (or run it on Dask)")
         self._bundle = bundle
         self._base = _stage_config(bundle)
+        self._segment = segment.describe(bundle.stages)
+        self._legacy = unsupported(bundle.stages)  # what an agent without caps.segment would leave out
         self.gateway.start()
         return time.perf_counter() - t0
 
@@ -156,11 +160,38 @@ class ZmqTransport:
         """Post round ``rnd``'s tasks; collect with :meth:`collect`."""
         if self._bundle is None:
             raise ClusterError("the transport was not started", fix="use it through fg.Run(..., transport=...)")
+        self._check_agents(clients)
         events = self.gateway.begin_round(rnd, flat, self._bundle.spec, self._bundle.seed, self.configs(clients),
-                                          self.deadline_s)
+                                          self.deadline_s, self._segment, self._legacy)
         present = self.gateway.connected().keys()
         self._places = sum(1 for c in clients.ids.tolist() if c in present)
         return _Pending(rnd, flat, clients, events, time.monotonic() + self.deadline_s + self._grace())
+
+    def _check_agents(self, clients: ClientSet) -> None:
+        """Refuse, before any task goes out, a round that a connected agent of its clients would not run as
+        a Dask worker does: it runs no client segment (and the segment holds more than LocalTrain's plain
+        settings), or the segment names code its owner does not allow (announced at join)."""
+        agents = self.gateway.connected()
+        for cid in clients.ids.tolist():
+            info = agents.get(int(cid))
+            if info is None:
+                continue
+            if not info.caps.get("segment"):
+                if self._legacy:
+                    raise ConfigError(f"client {cid}'s agent does not run client "
+                                      "segments (it did not announce caps.segment), so it would leave out "
+                                      + "; ".join(self._legacy),
+                                      fix="run flgraph's LocalTrainTask on the device (or a task function that "
+                                          "runs task.stages and sets runs_segment = True)")
+                continue
+            patterns = [p for p in str(info.caps.get("allow", "")).split(",") if p]
+            bad = segment.disallowed(self._segment, patterns)
+            if bad:
+                raise ConfigError(f"the pipeline's client stages name code {bad[0]!r}, which client {cid}'s agent "
+                                  f"does not allow (it allows {patterns or 'no code beyond the built-in stages'})",
+                                  fix=f"its owner restarts it with --allow-code for that path (e.g. "
+                                      f"{bad[0].split(':')[0].split('.')[0]}.*) after checking the code, or the "
+                                      "pipeline drops it")
 
     def _grace(self) -> float:
         """How long after a deadline the driver waits for the gateway to report it."""
@@ -257,8 +288,10 @@ class ZmqTransport:
         if len(clients) != 1:
             raise ConfigError(f"submit_client got {len(clients)} clients", fix="submit one client per call")
         started = time.monotonic()
+        self._check_agents(clients)
         job = self.gateway.begin_job(rnd, params.encoded, self._bundle.spec, self._bundle.seed,
-                                     self.configs(clients), self.deadline_s, self._events)
+                                     self.configs(clients), self.deadline_s, self._events, self._segment,
+                                     self._legacy)
         return EdgeFuture(job, rnd, int(clients.ids[0]), params, on_error, started,
                           started + self.deadline_s + self._grace())
 

@@ -102,7 +102,8 @@ class Message:
 
 # -- schemas ----------------------------------------------------------------------------------------
 # field -> (kind, required). Kinds: int (0..2**63-1), float (finite), str, text, bool, scalars (a map of
-# str -> int/float/str/bool), floats (a map of str -> finite float), spec ([[name, shape, dtype], ...]).
+# str -> int/float/str/bool), floats (a map of str -> finite float), spec ([[name, shape, dtype], ...]),
+# stages (the client segment: a list of maps of plain data, see _plain).
 SCHEMAS: dict[str, tuple[dict[str, tuple[str, bool]], int]] = {
     "join": ({"client": ("int", False), "agent": ("str", False), "caps": ("scalars", False),
               "device": ("scalars", False)}, 0),
@@ -110,7 +111,7 @@ SCHEMAS: dict[str, tuple[dict[str, tuple[str, bool]], int]] = {
                 "liveness": ("int", True), "max_tensor_bytes": ("int", True)}, 0),
     "task": ({"round": ("int", True), "task": ("int", True), "client": ("int", True),
               "deadline_s": ("float", True), "seed": ("int", True), "config": ("scalars", True),
-              "spec": ("spec", True), "params": ("int", False)}, 1),
+              "spec": ("spec", True), "params": ("int", False), "stages": ("stages", False)}, 1),
     "result": ({"round": ("int", True), "task": ("int", True), "num_samples": ("int", True),
                 "kind": ("str", True), "metrics": ("floats", True)}, 1),
     "error": ({"code": ("str", True), "text": ("text", True), "round": ("int", False),
@@ -295,7 +296,46 @@ def _check(msg_type: str, name: str, kind: str, v: Any, limits: Limits) -> Any:
                 raise ProtocolError("bad-field", f"{where} entries must be [name, shape, dtype]")
             out.append((e[0], _shape(where, e[1], limits), e[2]))
         return out
+    if kind == "stages":
+        if not isinstance(v, list) or len(v) > MAX_STAGES or not all(isinstance(e, dict) for e in v):
+            raise ProtocolError("bad-field", f"{where} must be a list of at most {MAX_STAGES} maps")
+        _plain(where, v, limits, 0)
+        return v
     raise AssertionError(kind)
+
+
+MAX_STAGES = 16
+MAX_DEPTH = 8
+
+
+def _plain(where: str, v: Any, limits: Limits, depth: int) -> None:
+    """Plain data only: nil, bools, ints, finite floats, short strings, and arrays / string-keyed maps of at
+    most ``max_map`` entries of those, nested at most MAX_DEPTH deep."""
+    if v is None or isinstance(v, bool | int):
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ProtocolError("bad-field", f"{where}: a non-finite number")
+        return
+    if isinstance(v, str):
+        if len(v) > limits.max_str:
+            raise ProtocolError("bad-field", f"{where}: a string longer than {limits.max_str} characters")
+        return
+    if depth >= MAX_DEPTH:
+        raise ProtocolError("bad-field", f"{where}: nested deeper than {MAX_DEPTH}")
+    if isinstance(v, list):
+        if len(v) > limits.max_map:
+            raise ProtocolError("bad-field", f"{where}: an array of more than {limits.max_map} entries")
+        for i, x in enumerate(v):
+            _plain(f"{where}[{i}]", x, limits, depth + 1)
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str) or len(k) > limits.max_str:
+                raise ProtocolError("bad-field", f"{where} has a key that is not a short string")
+            _plain(f"{where}.{k[:40]}", x, limits, depth + 1)
+        return
+    raise ProtocolError("bad-field", f"{where}: {type(v).__name__} is not plain data")
 
 
 def _shape(where: str, shape: Any, limits: Limits) -> tuple[int, ...]:
