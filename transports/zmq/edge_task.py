@@ -22,7 +22,7 @@ import numpy as np
 from flgraph.errors import ConfigError
 from flgraph.params import Params
 
-__all__ = ["EdgeResult", "EdgeTask", "TaskFn", "load_task", "result_of"]
+__all__ = ["EdgeResult", "EdgeTask", "EdgeValues", "TaskFn", "load_task", "result_of"]
 
 
 @dataclass
@@ -31,7 +31,9 @@ class EdgeTask:
 
     ``stages``: the round's client segment as plain data (``transports/PROTOCOL.md`` section 3.1), ``None``
     from a gateway that sends none; ``allow``: the code patterns the device's owner allows
-    (``--allow-code``); ``own``: the owner's own settings (``--set``), which win over the config."""
+    (``--allow-code``); ``own``: the owner's own settings (``--set``), which win over the config;
+    ``mode``: ``"train"`` (run the segment, answer an update) or ``"evaluate"`` (run the one evaluation
+    stage's client work, answer :class:`EdgeValues`)."""
 
     round: int
     client: int
@@ -42,6 +44,7 @@ class EdgeTask:
     stages: list[dict[str, Any]] | None = None
     allow: tuple[str, ...] = ()
     own: dict[str, Any] = field(default_factory=dict)
+    mode: str = "train"
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The global weights as name -> array in each tensor's own dtype (``torch.from_numpy`` ready)."""
@@ -69,6 +72,14 @@ class EdgeResult:
             raise ConfigError(f"the task returned {flat.size} values; the model has {spec.size}",
                               fix="return the whole model (every tensor of task.params)")
         return flat - task.params.flat if self.weights is not None else flat
+
+
+@dataclass
+class EdgeValues:
+    """A device's answer to an ``evaluate`` task: the evaluation stage's numbers for this client (the first
+    is its held-out sample count)."""
+
+    values: tuple[float, ...]
 
 
 TaskFn = Callable[[EdgeTask], Any]

@@ -220,14 +220,16 @@ class Gateway(AgentSessions, JobRouting):
     def begin_job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
                   configs: dict[int, dict[str, Any]], deadline_s: float,
                   events: queue.SimpleQueue[RoundEvent], stages: list[Any] | None = None,
-                  needs_segment: Sequence[str] = ()) -> int:
+                  needs_segment: Sequence[str] = (), mode: str = "train") -> int:
         """Post a job beside the running ones (the asynchronous engine: one client per job) and return its id.
 
         ``params``: from :meth:`encode_params` (one encoding per params version, shared by its
         jobs); ``rnd`` travels as the task's ``round``; events go to ``events`` with ``job`` set. Close it
         with :meth:`end_job` once its event came (or to give up on it). ``stages``, ``needs_segment``: as in
-        :meth:`begin_round`."""
+        :meth:`begin_round`; ``mode="evaluate"``: each client runs the one evaluation stage of ``stages`` and
+        answers its numbers (a ``values`` result, PROTOCOL.md section 4.4)."""
         job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False, stages, needs_segment)
+        job.mode = mode
         self._open_jobs[job.job] = job
         self._command("job", job)
         return job.job

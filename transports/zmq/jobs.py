@@ -88,6 +88,7 @@ class _Round:
     descs: list[list[Any]] = field(default_factory=list)  # the params frame's descriptor, built once per job
     stages: list[Any] | None = None  # the client segment every task carries
     needs_segment: tuple[str, ...] = ()  # what an agent without caps.segment would leave out
+    mode: str = "train"  # "evaluate": its tasks answer a values result (an evaluation stage's numbers)
 
 
 class JobRouting:
@@ -166,7 +167,8 @@ class JobRouting:
         self._mark(info)
         remaining = max(0.0, job.deadline - time.monotonic())
         env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
-               "seed": job.seed, "config": task.config, "spec": job.spec_wire, "stages": job.stages}
+               "seed": job.seed, "config": task.config, "spec": job.spec_wire, "stages": job.stages,
+               "mode": None if job.mode == "train" else job.mode}
         if info.caches_params:
             env["params"] = job.params.version
             if info.params_held == job.params.version:  # the agent holds these params: the envelope only
@@ -217,7 +219,7 @@ class JobRouting:
             self._reject(sock, info.routing_id, ProtocolError("duplicate", f"round {rnd} already counts this "
                                                               "client"), f"client {info.client}", **ref)
             return
-        problem = _check_update(msg, job.spec, self.limits)
+        problem = _check_values(msg) if job.mode == "evaluate" else _check_update(msg, job.spec, self.limits)
         if problem is not None:
             self._reject(sock, info.routing_id, ProtocolError("refused-update", problem,
                                                               fix="send a finite flat update of the model's size"),
@@ -241,6 +243,21 @@ class JobRouting:
                 self._fail(job, task, why or (f"no result by the round's deadline ({job.deadline_s:g} s)"
                                          + ("" if task.sent_to else "; no agent for this client was connected")))
         job.open = False
+
+
+def _check_values(msg: Message) -> str | None:
+    """Why an evaluate task's result cannot be used, or None."""
+    if msg.fields["kind"] != "values":
+        return f"kind {msg.fields['kind']!r} for an evaluate task (use 'values')"
+    t = msg.tensors[0]
+    if t.ndim != 1 or not 1 <= t.size <= MAX_VALUES or t.dtype != np.float64:
+        return f"values of shape {t.shape} and dtype {t.dtype}; an evaluate result is 1..{MAX_VALUES} float64"
+    if not np.isfinite(t).all():
+        return "the values hold non-finite numbers"
+    return None
+
+
+MAX_VALUES = 64
 
 
 def _check_update(msg: Message, spec: ParamSpec, limits: Limits) -> str | None:

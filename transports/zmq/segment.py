@@ -37,13 +37,18 @@ from flgraph.errors import ConfigError
 from flgraph.spec import describe as describe_spec
 from flgraph.spec import rebuild_value
 
-__all__ = ["AGENT_STAGES", "BUILTIN", "allowed", "build", "code_paths", "describe", "disallowed", "refusals"]
+__all__ = ["AGENT_STAGES", "BUILTIN", "EVAL_STAGES", "allowed", "build", "code_paths", "describe", "disallowed",
+           "refusals"]
 
 #: The client stages an agent runs as a Dask worker does (by class path).
 AGENT_STAGES = frozenset({"flgraph.stages.train:LocalTrain", "flgraph.stages.compress:Compress"})
 
+#: The evaluation stages whose client work (``client(work)``, through ``map_clients``) agents run.
+EVAL_STAGES = frozenset({"flgraph.stages.evaluate_clients:FederatedEvaluate",
+                         "flgraph.stages.evaluate_clients:PersonalizedEvaluate"})
+
 #: Paths every agent resolves without its owner's say: the stages above and the plain-data helpers they take.
-BUILTIN = AGENT_STAGES | frozenset({
+BUILTIN = AGENT_STAGES | EVAL_STAGES | frozenset({
     "flgraph.stages.train:SGD",
     *(f"flgraph.stages.compress:{c}" for c in ("LZ4", "Float16", "BFloat16", "Int8", "TopK")),
     *(f"torch.nn.functional:{f}" for f in ("cross_entropy", "nll_loss", "mse_loss")),
@@ -144,17 +149,18 @@ def disallowed(entries: Any, patterns: Iterable[str]) -> list[str]:
     return [p for p in code_paths(entries) if not allowed(p, pats)]
 
 
-def build(entries: Sequence[Any], allow: Iterable[str]) -> list[Any]:
-    """The client stages ``entries`` describe, with their tags; refuses any path ``allow`` does not cover."""
+def build(entries: Sequence[Any], allow: Iterable[str], kinds: frozenset[str] = AGENT_STAGES) -> list[Any]:
+    """The client stages ``entries`` describe, with their tags; refuses any path ``allow`` does not cover,
+    and any stage not in ``kinds`` (:data:`EVAL_STAGES` for an evaluate task)."""
     pats = list(allow)
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("class"), str)
                                                 for e in entries):
         raise ConfigError("the task's stages are not a list of {class, settings, tag} maps",
                           fix="the gateway must send the client segment as transports/PROTOCOL.md says")
     for entry in entries:
-        if entry["class"] not in AGENT_STAGES:
-            raise ConfigError(f"the task asks for the client stage {entry['class']!r}, which this agent does not "
-                              "run", fix="run that stage on Dask; agents run " + ", ".join(sorted(AGENT_STAGES)))
+        if entry["class"] not in kinds:
+            raise ConfigError(f"the task asks for the stage {entry['class']!r}, which this agent does not run "
+                              "here", fix="run that stage on Dask; agents run " + ", ".join(sorted(kinds)))
     bad = disallowed(entries, pats)
     if bad:
         shown = ", ".join(pats) if pats else "nothing beyond the built-in stages"

@@ -37,6 +37,7 @@ from flgraph.rng import stage_tag
 
 from . import segment
 from .agent import EdgeResult, EdgeTask
+from .edge_task import EdgeValues
 
 __all__ = ["LocalTrainTask", "synthetic"]
 
@@ -74,12 +75,14 @@ class LocalTrainTask:
         self.load_data = load_data
         self.device = device
 
-    def __call__(self, task: EdgeTask) -> EdgeResult:
+    def __call__(self, task: EdgeTask) -> EdgeResult | EdgeValues:
         mine, theirs = self.adapter.spec, task.params.spec
         if [(e.name, e.shape) for e in mine.entries] != [(e.name, e.shape) for e in theirs.entries]:
             raise ConfigError(f"the gateway's model ({theirs.describe()}) is not this device's "
                               f"({mine.describe()})", fix="install the run's model on the device")
         cfg = {**task.config, **task.own}  # the device owner's settings win
+        if task.mode == "evaluate":
+            return self._evaluate(task)
         if task.stages is None:  # a gateway that sends no segment: LocalTrain with the config's settings
             accepted = inspect.signature(LocalTrain).parameters
             stage = LocalTrain(**{k: cfg[k] for k in ("epochs", "steps", "batch_size", "lr", "mu", "holdout")
@@ -108,6 +111,19 @@ class LocalTrainTask:
             raise ConfigError("no client stage produced an update", fix="put LocalTrain in the pipeline")
         delta = np.array(update.decoded(task.params.spec), copy=True)
         return EdgeResult(num_samples=update.num_samples, delta=delta, metrics={**update.metrics, **used})
+
+
+    def _evaluate(self, task: EdgeTask) -> EdgeValues:
+        """An evaluation stage's client work (``FederatedEvaluate.client``) on all of this device's data."""
+        if not task.stages or len(task.stages) != 1:
+            raise ConfigError("an evaluate task names exactly one evaluation stage")
+        (stage,) = segment.build(task.stages, task.allow, segment.EVAL_STAGES)
+        stage.prepare(None, self.adapter)
+        work = ClientWork(task.round, task.client, 0, task.seed, task.params,
+                          _OneClient(task.client, self.load_data),  # type: ignore[arg-type]
+                          ClientSet(np.array([task.client])), self.adapter)
+        work.tag = stage.tag
+        return EdgeValues(tuple(float(v) for v in stage.client(work)))
 
 
 def _endpoint_settings(stage: Any, cfg: dict[str, Any]) -> dict[str, float]:
@@ -140,7 +156,7 @@ _cache: dict[tuple[Any, ...], LocalTrainTask] = {}
 _cache_lock = threading.Lock()
 
 
-def synthetic(task: EdgeTask) -> EdgeResult:
+def synthetic(task: EdgeTask) -> EdgeResult | EdgeValues:
     """Train an MLP on this client's part of ``synthetic_classification``, both described by the config.
 
     Config keys (defaults): ``data_seed`` (0), ``num_clients`` (1000), ``samples_per_client`` (64),

@@ -43,7 +43,7 @@ import logging
 import os
 import queue
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,8 @@ class ZmqTransport:
         bind: the gateway's endpoint (``"tcp://127.0.0.1:0"``: any free port; see ``endpoint``).
         deadline_s: seconds a round waits for its clients; the missing ones are failures.
         config: extra per-round config for the agents' task functions (numbers, bools, short strings).
+        client_config: the operator's settings per client id, over ``config`` (e.g. ``{7: {"epochs": 2,
+            "lr": 0.05, "batch_size": 16, "samples": 500}}``); a device's own ``--set`` wins over both.
         secret_key, allow, heartbeat_s, liveness, limits, max_agents, client_ids, compress: the
             :class:`~flgraph.transports.zmq.gateway.Gateway`'s.
 
@@ -97,11 +99,13 @@ class ZmqTransport:
                  config: dict[str, Any] | None = None, secret_key: str | os.PathLike[str] | None = None,
                  allow: str | os.PathLike[str] | Iterable[bytes] | None = None, heartbeat_s: float = 1.0,
                  liveness: int = 3, limits: Limits | None = None, max_agents: int = 10_000,
-                 client_ids: Iterable[int] | None = None, compress: str = "auto") -> None:
+                 client_ids: Iterable[int] | None = None, compress: str = "auto",
+                 client_config: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         if deadline_s <= 0:
             raise ConfigError(f"deadline_s={deadline_s}", fix="give rounds a positive deadline in seconds")
         self.deadline_s = float(deadline_s)
         self.config = dict(config or {})
+        self.client_config = {int(c): dict(v) for c, v in (client_config or {}).items()}
         self.gateway = Gateway(bind, secret_key=secret_key, allow=allow, heartbeat_s=heartbeat_s, liveness=liveness,
                                limits=limits, max_agents=max_agents, client_ids=client_ids, compress=compress)
         self._bundle: Bundle | None = None
@@ -144,7 +148,8 @@ class ZmqTransport:
         return self.gateway.start()
 
     def configs(self, clients: ClientSet) -> dict[int, dict[str, Any]]:
-        """Each client's task config: the run's client-stage settings, its ClientSet settings, ``config``."""
+        """Each client's task config: the run's client-stage settings, its ClientSet settings, ``config``, then
+        its ``client_config``."""
         out = {}
         for pos, cid in enumerate(clients.ids.tolist()):
             cfg = dict(self._base)
@@ -153,6 +158,7 @@ class ZmqTransport:
                 if isinstance(v, (int, float, bool, str)):
                     cfg[name] = v
             cfg.update(self.config)
+            cfg.update(self.client_config.get(int(cid), {}))
             out[int(cid)] = cfg
         return out
 
@@ -369,10 +375,46 @@ class ZmqTransport:
         fut._value = part
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
-        """Not possible on edge agents: no code travels over the wire."""
-        raise ConfigError(f"{getattr(fn, '__qualname__', 'client work')} cannot run on edge agents (no code "
-                          "travels to them)", fix="evaluate on the driver's test split (st.Evaluate), or run this "
-                                                  "stage's clients on Dask with MixedTransport")
+        """An evaluation stage's client work (``FederatedEvaluate.client``, ``PersonalizedEvaluate.client``)
+        on the agents of ``ids``: the stage travels as plain data, as the client segment does, each agent
+        answers its numbers; in the order of ``ids``. Other client work cannot run there (no code travels).
+
+        A client whose agent is away, fails or misses the deadline raises a ClientError (as a failing Dask
+        worker does): an evaluation over clients that are not there would be over other clients."""
+        stage = getattr(fn, "__self__", None)
+        entries = segment.describe([stage]) if stage is not None and getattr(fn, "__name__", "") == "client" else []
+        if not entries or entries[0].get("class") not in segment.EVAL_STAGES or segment.code_paths(entries):
+            raise ConfigError(f"{getattr(fn, '__qualname__', 'client work')} cannot run on edge agents (no code "
+                              "travels to them; they run FederatedEvaluate and PersonalizedEvaluate)",
+                              fix="evaluate on the driver's test split (st.Evaluate), or run this stage's clients "
+                                  "on Dask with MixedTransport")
+        if self._bundle is None:
+            raise ClusterError("the transport was not started", fix="use it through fg.Run(..., transport=...)")
+        name = type(stage).__name__
+        clients = ClientSet(np.asarray(ids, np.int64))
+        self._check_agents(clients)
+        events: queue.SimpleQueue[RoundEvent] = queue.SimpleQueue()
+        job = self.gateway.begin_job(rnd, self.gateway.encode_params(np.array(flat, copy=True)), self._bundle.spec,
+                                     self._bundle.seed, self.configs(clients), self.deadline_s, events, entries,
+                                     (f"{name} (evaluation)",), mode="evaluate")
+        out: list[Any] = [None] * len(clients)
+        end = time.monotonic() + self.deadline_s + self._grace()
+        try:
+            for _ in range(len(clients)):
+                left = end - time.monotonic()
+                try:
+                    ev = events.get(timeout=max(left, 0.0)) if left > 0 else events.get_nowait()
+                except queue.Empty:
+                    raise ClusterError(f"round {rnd}: the gateway did not report {name}'s clients after the "
+                                       "deadline", fix="check the gateway's log") from None
+                if ev.kind != "result" or ev.message is None:
+                    raise ClientError(f"edge: {ev.reason}", client=ev.client, stage=name, round=rnd,
+                                      fix="start the client's agent (flgraph edge ...) or evaluate fewer clients "
+                                          f"({name}(clients=N) samples N of them)")
+                out[ev.position] = tuple(float(v) for v in ev.message.tensors[0])
+        finally:
+            self.gateway.end_job(job)
+        return out
 
     def places(self) -> int:
         """Agents that received the last round's params."""
