@@ -54,7 +54,7 @@ from flgraph.params import Params, ParamSpec
 from .edge_task import EdgeResult, EdgeTask, EdgeValues, TaskFn, load_task, result_of
 from .keys import load_public, load_secret
 from .sockets import readable
-from .wire import Limits, Message, ProtocolError, decode, encode
+from .wire import Limits, Message, ProtocolError, Reassembly, decode, encode, encode_parts
 
 __all__ = ["OWN_SETTINGS", "Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
 
@@ -136,6 +136,9 @@ class Agent:
         self._queued: Message | None = None
         self._params: tuple[int, np.ndarray] | None = None  # (version, params) last received with frames
         self._wake_addr = f"inproc://flgraph-agent-wake-{secrets.token_hex(6)}"
+        self._inbound = Reassembly(self.limits)  # the gateway's transfer in progress (part messages)
+        self._peer_part_bytes = 0  # the gateway takes parts of at least this size (accept.part_bytes; 0: none)
+        self._xfer = 0
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -196,17 +199,31 @@ class Agent:
 
     def _send(self, sock: zmq.Socket[Any], msg_type: str, fields: dict[str, Any],
               tensors: list[np.ndarray] | None = None) -> None:
+        """Send one message; large tensors go first in ``part`` messages when the gateway takes them, so that
+        the gateway hears from this agent all along a slow upload (PROTOCOL.md section 5.1)."""
         self._seq += 1
-        frames = encode(msg_type, self._seq, fields, tensors or [], compress=self.compress)
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
-        except zmq.Again:
-            log.warning("flgraph agent %s: the gateway is not reachable; %s not sent", self.name, msg_type)
+        part = min(self.limits.part_bytes, self._peer_part_bytes) if self._peer_part_bytes else 0
+        if tensors and part:
+            self._xfer += 1
+            messages = encode_parts(msg_type, self._seq, fields, tensors, part, xfer=self._xfer,
+                                    compress=self.compress)
+            self._seq += len(messages) - 1
+        else:
+            messages = [encode(msg_type, self._seq, fields, tensors or [], compress=self.compress)]
+        for frames in messages:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+            except zmq.Again:
+                log.warning("flgraph agent %s: the gateway is not reachable; %s not sent", self.name, msg_type)
+                return
 
     def _session(self, sock: zmq.Socket[Any], wake: zmq.Socket[Any]) -> str:
         """One connection: join, then serve. Returns 'done', 'accepted' (then lost) or 'failed'."""
+        self._inbound = Reassembly(self.limits)
+        self._peer_part_bytes = 0
         join: dict[str, Any] = {"agent": f"flgraph-python {self.name}"[:200], "device": self.device,
                                 "caps": {"codecs": "raw,lz4", "threaded": self.threaded, "params_cache": True,
+                                         "parts": self.limits.part_bytes > 0,
                                          "segment": bool(getattr(self.task, "runs_segment", False)),
                                          "allow": ",".join(self.allow),
                                          **{f"set.{k}": v for k, v in self.settings.items()}}}
@@ -259,7 +276,10 @@ class Agent:
 
     def _handle(self, sock: zmq.Socket[Any], frames: list[memoryview]) -> str | None:
         try:
-            msg = decode(frames, self.limits)
+            msg = decode(frames, self.limits, self._inbound)
+            if msg.type == "part":
+                self._inbound.add(msg)
+                return None
         except ProtocolError as e:
             # Logged, never answered: an error answered with an error could ping-pong forever.
             log.warning("flgraph agent %s: rejected a message from the gateway: %s", self.name, e.message)
@@ -269,6 +289,7 @@ class Agent:
             self.assigned = msg.fields["client"]
             self.heartbeat_s = max(0.05, msg.fields["heartbeat_s"])
             self.liveness = max(1, msg.fields["liveness"])
+            self._peer_part_bytes = int(msg.fields.get("part_bytes", 0))
             self.joins += 1
             log.info("flgraph agent %s: joined as client %d", self.name, self.assigned)
             return "accepted"

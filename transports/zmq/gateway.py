@@ -50,7 +50,7 @@ from .jobs import EncodedParams, Frames, JobRouting, RoundEvent, _Round, _Task
 from .keys import allowed_keys, load_secret
 from .sessions import AgentInfo, AgentSessions, _AllowList
 from .sockets import readable
-from .wire import PROTOCOL_VERSION, Limits, ProtocolError, decode, encode, tensor_frames
+from .wire import PROTOCOL_VERSION, Limits, ProtocolError, decode, encode, needs_parts, part_messages, tensor_frames
 
 __all__ = ["AgentInfo", "EncodedParams", "Gateway", "RoundEvent"]
 
@@ -115,6 +115,7 @@ class Gateway(AgentSessions, JobRouting):
         self._open_jobs: dict[int, _Round] = {}  # asynchronous jobs posted and not ended (driver thread)
         self._busy: set[int] = set()  # clients whose agent has a task outstanding (guarded by _lock)
         self._seq = 0
+        self._xfer = 0  # the id of the gateway's last transfer in parts
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -332,6 +333,19 @@ class Gateway(AgentSessions, JobRouting):
         if tensor_frames is None:
             frames = list(encode(msg_type, self._seq, fields))
         else:  # the round's params, encoded once, travel with each agent's own envelope
+            info = self.agents.get(rid)
+            if info is not None and info.caps.get("parts") is True and needs_parts(tensor_frames,
+                                                                                   self.limits.part_bytes):
+                # in parts: the agent hears from the gateway all along a slow download (PROTOCOL.md 5.1)
+                self._xfer += 1
+                for part in part_messages(self._seq, self._xfer, tensor_frames, self.limits.part_bytes):
+                    try:
+                        sock.send_multipart([rid, *part], zmq.NOBLOCK, copy=False)
+                    except zmq.ZMQError as e:
+                        log.debug("flgraph gateway: cannot send a part to an agent: %s", e)
+                        return
+                    self._seq += 1
+                fields, tensor_frames = {**fields, "xfer": self._xfer}, []
             env = {"v": PROTOCOL_VERSION, "t": msg_type, "seq": self._seq, **fields, "tensors": descs}
             frames = [msgpack.packb(env, use_bin_type=True), *tensor_frames]
         try:
@@ -351,7 +365,7 @@ class Gateway(AgentSessions, JobRouting):
         info = self.agents.get(rid)
         who = f"client {info.client}" if info else f"connection {rid.hex()[:10]}"
         try:
-            msg = decode([f.buffer for f in frames[1:]], self.limits)
+            msg = decode([f.buffer for f in frames[1:]], self.limits, info.inbound if info else None)
         except ProtocolError as e:
             self._reject(sock, rid, e, who)
             return
@@ -371,6 +385,12 @@ class Gateway(AgentSessions, JobRouting):
         info.last_seq = msg.seq
         info.last_seen = now
         if msg.type == "heartbeat":
+            return
+        if msg.type == "part":  # a slow upload goes on: it counted as a sign of life above
+            try:
+                info.inbound.add(msg)
+            except ProtocolError as e:
+                self._reject(sock, rid, e, who)
             return
         if msg.type == "result":
             self._result(sock, info, msg)
