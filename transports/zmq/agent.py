@@ -58,6 +58,9 @@ from .wire import Limits, Message, ProtocolError, Reassembly, decode, encode, en
 
 __all__ = ["OWN_SETTINGS", "Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
 
+#: Error codes that answer a ``join`` it refused: the agent backs off and joins again (PROTOCOL.md 4.1).
+JOIN_REFUSALS = frozenset({"bad-field", "duplicate-client", "version", "too-large", "malformed"})
+
 #: The client settings a device's owner may set for their device (``flgraph edge --set NAME=VALUE``).
 OWN_SETTINGS = frozenset({"epochs", "steps", "batch_size", "lr", "samples"})
 
@@ -139,6 +142,7 @@ class Agent:
         self._inbound = Reassembly(self.limits)  # the gateway's transfer in progress (part messages)
         self._peer_part_bytes = 0  # the gateway takes parts of at least this size (accept.part_bytes; 0: none)
         self._xfer = 0
+        self._joined = False  # this connection's join was accepted
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -221,6 +225,7 @@ class Agent:
         """One connection: join, then serve. Returns 'done', 'accepted' (then lost) or 'failed'."""
         self._inbound = Reassembly(self.limits)
         self._peer_part_bytes = 0
+        self._joined = False
         join: dict[str, Any] = {"agent": f"flgraph-python {self.name}"[:200], "device": self.device,
                                 "caps": {"codecs": "raw,lz4", "threaded": self.threaded, "params_cache": True,
                                          "parts": self.limits.part_bytes > 0,
@@ -285,6 +290,7 @@ class Agent:
             log.warning("flgraph agent %s: rejected a message from the gateway: %s", self.name, e.message)
             return None
         if msg.type == "accept":
+            self._joined = True
             self.session = msg.fields["session"]
             self.assigned = msg.fields["client"]
             self.heartbeat_s = max(0.05, msg.fields["heartbeat_s"])
@@ -310,7 +316,11 @@ class Agent:
             code, text = msg.fields["code"], msg.fields["text"]
             self.errors = [*self.errors[-31:], (code, text)]
             log.warning("flgraph agent %s: the gateway says %s: %s", self.name, code, text[:300])
-            return "rejoin" if code == "unknown-session" else None
+            if code == "unknown-session":
+                return "rejoin"
+            if not self._joined and code in JOIN_REFUSALS:  # refused: back off now, not after a silence
+                return "refused"
+            return None
         if msg.type == "reconnect-later":
             wait = min(msg.fields["retry_s"], 60.0)
             log.info("flgraph agent %s: the gateway asks to reconnect in %.1f s (%s)", self.name, wait,

@@ -50,7 +50,17 @@ from .jobs import EncodedParams, Frames, JobRouting, RoundEvent, _Round, _Task
 from .keys import allowed_keys, load_secret
 from .sessions import AgentInfo, AgentSessions, _AllowList
 from .sockets import readable
-from .wire import PROTOCOL_VERSION, Limits, ProtocolError, decode, encode, needs_parts, part_messages, tensor_frames
+from .wire import (
+    PROTOCOL_VERSION,
+    Limits,
+    ProtocolError,
+    decode,
+    encode,
+    needs_parts,
+    part_messages,
+    readable_ref,
+    tensor_frames,
+)
 
 __all__ = ["AgentInfo", "EncodedParams", "Gateway", "RoundEvent"]
 
@@ -96,7 +106,8 @@ class Gateway(AgentSessions, JobRouting):
         self.endpoint = ""
         self.agents: dict[bytes, AgentInfo] = {}  # touched only by the gateway thread; read a copy
         self.by_client: dict[int, bytes] = {}
-        self.counters: dict[str, int] = {"received": 0, "sent": 0, "rejected": 0, "joins": 0, "lost": 0,
+        self.counters: dict[str, int] = {"received": 0, "sent": 0, "rejected": 0, "joins": 0, "joins_refused": 0,
+                                        "lost": 0,
                                          "params_sent": 0, "params_reused": 0}
         self._ctx: zmq.Context[Any] | None = None
         self._auth: ThreadAuthenticator | None = None
@@ -246,7 +257,8 @@ class Gateway(AgentSessions, JobRouting):
              exclusive: bool, stages: list[Any] | None = None, needs_segment: Sequence[str] = ()) -> _Round:
         if self._thread is None:
             raise ConfigError("the gateway is not started", fix="call start() first")
-        tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
+        # random ids below 2**53: exact in every implementation, also one whose numbers are doubles (JavaScript)
+        tasks = {cid: _Task(pos, cid, secrets.randbits(53), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
         frame = params.frames[0]
         descs = [[spec.carrier, [spec.size], "raw" if len(frame) == spec.nbytes else "lz4", len(frame)]]
         spec_wire = [[e.name, list(e.shape), e.dtype] for e in spec.entries]
@@ -357,7 +369,8 @@ class Gateway(AgentSessions, JobRouting):
     def _reject(self, sock: zmq.Socket[Any], rid: bytes, err: ProtocolError, who: str, **ref: Any) -> None:
         self.counters["rejected"] += 1
         log.warning("flgraph gateway: rejected a message from %s: %s", who, err.message)
-        self._send(sock, rid, "error", {"code": err.code, "text": err.message[: self.limits.max_text], **ref})
+        ids: dict[str, Any] = {k: ref[k] for k in ("round", "task") if k in ref}
+        self._send(sock, rid, "error", {"code": err.code, "text": err.message[: self.limits.max_text], **ids})
 
     def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         self.counters["received"] += 1
@@ -367,7 +380,13 @@ class Gateway(AgentSessions, JobRouting):
         try:
             msg = decode([f.buffer for f in frames[1:]], self.limits, info.inbound if info else None)
         except ProtocolError as e:
-            self._reject(sock, rid, e, who)
+            ref = readable_ref(frames[1].buffer) if len(frames) > 1 else {}
+            self._reject(sock, rid, e, who, **ref)
+            if info is not None and ref.get("t") == "result":  # a refused answer closes the task's slot
+                self._answered(info, ref.get("task"))
+                hit = self._task_of(info, ref.get("round"), ref.get("task"))
+                if hit is not None:
+                    self._fail(*hit, f"its result was refused: {e.message}")
             return
         now = time.monotonic()
         if msg.type == "join":

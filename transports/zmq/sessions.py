@@ -138,7 +138,8 @@ class AgentSessions:
             self._mark(info)
 
     def _join(self, sock: zmq.Socket[Any], rid: bytes, msg: Message, key: str, now: float) -> None:
-        self.counters["joins"] += 1
+        """Admit an agent (``counters["joins"]``: accepted joins; ``"joins_refused"``: refused or deferred)."""
+        self.counters["joins_refused"] += 1  # until accepted below
         old = self.agents.pop(rid, None)
         if old is not None:
             self.by_client.pop(old.client, None)
@@ -174,6 +175,8 @@ class AgentSessions:
         info = AgentInfo(rid, secrets.token_hex(8), int(want), key, device, msg.fields.get("caps", {}), now, now,
                          msg.seq)
         info.inbound = Reassembly(self.limits)
+        self.counters["joins_refused"] -= 1
+        self.counters["joins"] += 1
         self.agents[rid] = info
         self.by_client[info.client] = rid
         self._publish()

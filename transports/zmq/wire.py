@@ -35,7 +35,7 @@ import numpy as np
 from flgraph.errors import FlgraphError
 
 __all__ = ["DTYPES", "PROTOCOL_VERSION", "SCHEMAS", "Limits", "Message", "ProtocolError", "Reassembly", "decode",
-           "encode", "encode_parts", "needs_parts", "part_messages", "split_parts", "tensor_frames"]
+           "encode", "encode_parts", "needs_parts", "part_messages", "readable_ref", "split_parts", "tensor_frames"]
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a peer with another version is refused (code ``version``)."""
@@ -47,6 +47,7 @@ CODECS = ("raw", "lz4")
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # wire name -> little-endian dtype
 _WIRE_NAMES = {dt: name for name, dt in _WIRE_DTYPES.items()}  # the reverse (native little-endian too)
 MAX_INT = 2**63 - 1
+MAX_EXACT = 2**53  # the largest whole number every double holds exactly (and the task ids' bound)
 
 
 class ProtocolError(FlgraphError):
@@ -215,9 +216,11 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits, parts: Reassemb
     if len(head) > limits.max_envelope_bytes:
         raise ProtocolError("too-large", f"the envelope has {len(head)} bytes (limit {limits.max_envelope_bytes})")
     try:
+        # msgpack's own bounds only guard memory (the envelope is at most max_envelope_bytes): a map, an array
+        # or a string beyond a Limits bound is reported by the schema checks below as too-large
         env = msgpack.unpackb(bytes(head), raw=False, strict_map_key=True, use_list=True,
-                              max_str_len=limits.max_text,
-                              max_bin_len=0, max_array_len=limits.max_spec_entries, max_map_len=limits.max_map,
+                              max_str_len=limits.max_envelope_bytes, max_bin_len=0,
+                              max_array_len=limits.max_envelope_bytes, max_map_len=limits.max_envelope_bytes,
                               max_ext_len=0, ext_hook=_reject_ext, timestamp=0)
     except ProtocolError:
         raise
@@ -380,6 +383,34 @@ def part_messages(seq: int, xfer: int, frames: Sequence[Any], part_bytes: int) -
     return out
 
 
+def readable_ref(head: bytes | memoryview) -> dict[str, Any]:
+    """The type, ``round`` and ``task`` of an envelope that failed its checks but is readable msgpack (the
+    error answered to it names them); {} when it is not.
+
+    Example:
+        >>> import msgpack
+        >>> readable_ref(msgpack.packb({"v": 1, "t": "result", "seq": 1, "round": 3, "task": 9, "num_samples": -1}))
+        {'t': 'result', 'round': 3, 'task': 9}
+    """
+    try:
+        env = msgpack.unpackb(bytes(head), raw=False, strict_map_key=False, max_bin_len=0, max_ext_len=0,
+                              ext_hook=_reject_ext, timestamp=0)
+    except Exception:  # not readable: nothing to name
+        return {}
+    if not isinstance(env, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(env.get("t"), str) and len(env["t"]) <= 64:
+        out["t"] = env["t"]
+    for k in ("round", "task"):
+        v = env.get(k)
+        if type(v) is float and v.is_integer():
+            v = int(v)
+        if type(v) is int and 0 <= v <= MAX_INT:
+            out[k] = v
+    return out
+
+
 def _short(v: Any) -> str:
     r = repr(v)
     return r if len(r) <= 40 else r[:37] + "..."
@@ -388,6 +419,8 @@ def _short(v: Any) -> str:
 def _check(msg_type: str, name: str, kind: str, v: Any, limits: Limits) -> Any:
     where = f"{msg_type}.{name}"
     if kind == "int":
+        if type(v) is float and v.is_integer() and 0 <= v <= MAX_EXACT:
+            return int(v)  # a whole number sent as a float (a JavaScript agent's numbers are doubles)
         if type(v) is not int or not 0 <= v <= MAX_INT:
             raise ProtocolError("bad-field", f"{where} must be an int in 0..2**63-1, got {_short(v)}")
         return v
@@ -397,25 +430,34 @@ def _check(msg_type: str, name: str, kind: str, v: Any, limits: Limits) -> Any:
         return float(v)
     if kind in ("str", "text"):
         top = limits.max_str if kind == "str" else limits.max_text
-        if not isinstance(v, str) or len(v) > top:
+        if not isinstance(v, str):
             raise ProtocolError("bad-field", f"{where} must be a string of at most {top} characters")
+        if len(v) > top:
+            raise ProtocolError("too-large", f"{where}: a string of {len(v)} characters (limit {top})")
         return v
     if kind in ("scalars", "floats"):
-        if not isinstance(v, dict) or len(v) > limits.max_map:
+        if not isinstance(v, dict):
             raise ProtocolError("bad-field", f"{where} must be a map of at most {limits.max_map} entries")
+        if len(v) > limits.max_map:
+            raise ProtocolError("too-large", f"{where}: a map of {len(v)} entries (limit {limits.max_map})")
         for k, x in v.items():
-            if not isinstance(k, str) or len(k) > limits.max_str:
-                raise ProtocolError("bad-field", f"{where} has a key that is not a short string")
+            if not isinstance(k, str):
+                raise ProtocolError("bad-field", f"{where} has a key that is not a string")
+            if len(k) > limits.max_str:
+                raise ProtocolError("too-large", f"{where} has a key longer than {limits.max_str} characters")
             if kind == "floats":
                 if type(x) not in (int, float) or not math.isfinite(x):
                     raise ProtocolError("bad-field", f"{where}[{k[:40]!r}] must be a finite number, got {_short(x)}")
-            elif type(x) not in (int, float, str, bool) or (isinstance(x, str) and len(x) > limits.max_str) or (
-                    type(x) is float and not math.isfinite(x)):
+            elif isinstance(x, str) and len(x) > limits.max_str:
+                raise ProtocolError("too-large", f"{where}[{k[:40]!r}]: a string longer than {limits.max_str}")
+            elif type(x) not in (int, float, str, bool) or (type(x) is float and not math.isfinite(x)):
                 raise ProtocolError("bad-field", f"{where}[{k[:40]!r}] must be a finite number, a bool or a short "
                                                  f"string, got {_short(x)}")
         return {k: (float(x) if kind == "floats" else x) for k, x in v.items()}
     if kind == "spec":
-        if not isinstance(v, list) or not 0 < len(v) <= limits.max_spec_entries:
+        if isinstance(v, list) and len(v) > limits.max_spec_entries:
+            raise ProtocolError("too-large", f"{where}: {len(v)} tensors (limit {limits.max_spec_entries})")
+        if not isinstance(v, list) or not v:
             raise ProtocolError("bad-field", f"{where} must list 1..{limits.max_spec_entries} tensors")
         out = []
         for e in v:
@@ -426,7 +468,9 @@ def _check(msg_type: str, name: str, kind: str, v: Any, limits: Limits) -> Any:
             out.append((e[0], _shape(where, e[1], limits), e[2]))
         return out
     if kind == "stages":
-        if not isinstance(v, list) or len(v) > MAX_STAGES or not all(isinstance(e, dict) for e in v):
+        if isinstance(v, list) and len(v) > MAX_STAGES:
+            raise ProtocolError("too-large", f"{where}: {len(v)} stages (limit {MAX_STAGES})")
+        if not isinstance(v, list) or not all(isinstance(e, dict) for e in v):
             raise ProtocolError("bad-field", f"{where} must be a list of at most {MAX_STAGES} maps")
         _plain(where, v, limits, 0)
         return v
@@ -448,17 +492,19 @@ def _plain(where: str, v: Any, limits: Limits, depth: int) -> None:
         return
     if isinstance(v, str):
         if len(v) > limits.max_str:
-            raise ProtocolError("bad-field", f"{where}: a string longer than {limits.max_str} characters")
+            raise ProtocolError("too-large", f"{where}: a string longer than {limits.max_str} characters")
         return
     if depth >= MAX_DEPTH:
-        raise ProtocolError("bad-field", f"{where}: nested deeper than {MAX_DEPTH}")
+        raise ProtocolError("too-large", f"{where}: nested deeper than {MAX_DEPTH}")
     if isinstance(v, list):
         if len(v) > limits.max_map:
-            raise ProtocolError("bad-field", f"{where}: an array of more than {limits.max_map} entries")
+            raise ProtocolError("too-large", f"{where}: an array of more than {limits.max_map} entries")
         for i, x in enumerate(v):
             _plain(f"{where}[{i}]", x, limits, depth + 1)
         return
     if isinstance(v, dict):
+        if len(v) > limits.max_map:
+            raise ProtocolError("too-large", f"{where}: a map of more than {limits.max_map} entries")
         for k, x in v.items():
             if not isinstance(k, str) or len(k) > limits.max_str:
                 raise ProtocolError("bad-field", f"{where} has a key that is not a short string")
@@ -468,8 +514,9 @@ def _plain(where: str, v: Any, limits: Limits, depth: int) -> None:
 
 
 def _shape(where: str, shape: Any, limits: Limits) -> tuple[int, ...]:
-    if (not isinstance(shape, list) or len(shape) > limits.max_ndim
-            or any(type(s) is not int or not 0 <= s < 2**31 for s in shape)):
+    if isinstance(shape, list) and len(shape) > limits.max_ndim:
+        raise ProtocolError("too-large", f"{where}: a shape of {len(shape)} dims (limit {limits.max_ndim})")
+    if not isinstance(shape, list) or any(type(s) is not int or not 0 <= s < 2**31 for s in shape):
         raise ProtocolError("bad-tensor", f"{where}: a shape must list at most {limits.max_ndim} ints in 0..2**31-1")
     return tuple(shape)
 
