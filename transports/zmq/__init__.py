@@ -5,7 +5,9 @@
 * :mod:`.agent` -- the DEALER side: join, heartbeat, run the task function, reconnect with back-off;
 * :mod:`.transport` -- ``ZmqTransport`` (``fg.Run(..., transport=...)``, both engines), :mod:`.edge_async` -- its
   handles for the asynchronous engine, :mod:`.mixed` -- ``MixedTransport`` (Dask and edge clients in one round);
-* :mod:`.keys` -- CURVE key pairs and allow-lists; :mod:`.tasks` -- ready-made task functions.
+* :mod:`.keys` -- CURVE key pairs and allow-lists; :mod:`.tasks` -- ready-made task functions;
+* :mod:`.segment` -- the round's client stages as plain data, rebuilt on the device from its allow-list;
+  :mod:`.capabilities` -- what an agent that runs no segment would leave out.
 
 The protocol is specified in ``transports/PROTOCOL.md``.
 
