@@ -22,6 +22,6 @@ def signed_step(model, data, ctx):
             for p in model.parameters():
                 if p.grad is not None:
                     p.add_(torch.sign(p.grad), alpha=-ctx.lr)
-        total += float(loss)
+        total += float(loss.detach())
         steps += 1
     return {"loss": total / max(steps, 1), "steps": float(steps)}

@@ -31,7 +31,7 @@ def data():
 
 def edge_transport(keys, **kw):
     return ZmqTransport("tcp://127.0.0.1:0", secret_key=keys / "gateway.key_secret", allow=keys / "allow",
-                        heartbeat_s=HB, liveness=4, deadline_s=kw.pop("deadline_s", 30), config=CONFIG, **kw)
+                        heartbeat_s=HB, liveness=10, deadline_s=kw.pop("deadline_s", 30), config=CONFIG, **kw)
 
 
 @contextlib.contextmanager

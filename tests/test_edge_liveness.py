@@ -1,8 +1,8 @@
 """A transfer in progress counts as liveness: a model near the size limit over a slow link.
 
 A TCP proxy on 127.0.0.1, written here, forwards each direction at a fixed rate (a slow link). The gateway
-sends a 40 MiB model (limit 64 MiB) through it to an agent and gets a 40 MiB update back, with heartbeats
-every 0.25 s and 4 missed beats counting as lost (1 s), while each transfer takes about 2.5 s. In parts
+sends a 32 MiB model (limit 64 MiB) through it to an agent and gets a 32 MiB update back, with heartbeats
+every 0.25 s and 4 missed beats counting as lost (1 s), while each transfer takes about 2 s. In parts
 (PROTOCOL.md section 5.1) the round completes with the agent's exact update; sent whole, as before parts,
 the agent declares the gateway lost mid-download, joins again, starts over, and the client fails.
 """
@@ -21,7 +21,7 @@ from flgraph.transports.zmq.agent import EdgeResult
 from flgraph.params import ParamSpec
 
 RATE = 16 << 20  # bytes per second, each direction
-SIZE = 10 << 20  # float32 values: 40 MiB
+SIZE = 8 << 20  # float32 values: 32 MiB
 
 
 class Throttle:
@@ -116,7 +116,7 @@ def test_a_model_near_the_limit_crosses_a_slow_link_in_parts(keys):
 
 def test_sent_whole_the_same_transfer_loses_the_peer(keys):
     """The behaviour before parts, kept as the check that the link above is slow enough to matter."""
-    ev, _, counters = one_round(keys, part_bytes=0, deadline_s=7.0)
+    ev, _, counters = one_round(keys, part_bytes=0, deadline_s=5.0)
     assert ev.kind == "failed" and "deadline" in ev.reason
     # the agent heard nothing while the model was in transit, declared the gateway lost and joined again,
     # and each join started the download over

@@ -41,8 +41,9 @@ CASES = {
 
 
 def edge_transport(keys, bind="tcp://127.0.0.1:0", **kw):
+    # liveness 10 (5 s): these tests are about what agents run, not about silences on a loaded machine
     return ZmqTransport(bind, secret_key=keys / "gateway.key_secret", allow=keys / "allow", heartbeat_s=HB,
-                        liveness=4, deadline_s=kw.pop("deadline_s", 30), config=kw.pop("config", CONFIG), **kw)
+                        liveness=10, deadline_s=kw.pop("deadline_s", 30), config=kw.pop("config", CONFIG), **kw)
 
 
 def data():
@@ -67,12 +68,12 @@ def test_client_stages_on_agent_processes_equal_dask(keys, tmp_path, client1):
             with fg.Run(_chain(make()), model=model(), data=data(), seed=3, transport=t, progress=False,
                         evaluate="never") as run:
                 t.gateway.wait_for(clients=range(3), timeout=40)
-                history = run.fit(rounds=2)
+                history = run.fit(rounds=1)
                 got[name] = run.state.params.flat.copy()
-            assert [r["clients_done"] for r in history] == [3, 3], name
+            assert [r["clients_done"] for r in history] == [3], name
             with fg.Run(_chain(make()), model=model(), data=data(), seed=3, cluster=client1, progress=False,
                         evaluate="never") as ref:
-                ref.fit(rounds=2)
+                ref.fit(rounds=1)
                 want[name] = ref.state.params.flat.copy()
     finally:
         agents.stop()
