@@ -1,9 +1,12 @@
-"""Ready-made task functions for edge agents: flgraph's own ``LocalTrain`` run on the device.
+"""Ready-made task functions for edge agents: the round's client stages run on the device.
 
-:class:`LocalTrainTask` wraps a torch module and a function loading this device's data; it trains with
-the round's config (``epochs``, ``steps``, ``batch_size``, ``lr``, ``tag``: the gateway sends the run's
-``LocalTrain`` settings) and the run's seed streams, so an agent computes exactly the update a Dask worker
-would compute for the same client and data. :func:`synthetic` is a complete task for demos and tests: its
+:class:`LocalTrainTask` wraps a torch module and a function loading this device's data; it rebuilds the
+task's client segment (``LocalTrain``, ``Compress``: :mod:`.segment`, code only from the device's
+allow-list), applies the per-client settings (the config's, then the device owner's own) and runs the
+stages with the run's seed streams, so an agent computes exactly the update a Dask worker would compute
+for the same client and data; it answers evaluate tasks (``FederatedEvaluate``, ``PersonalizedEvaluate``)
+too. Without a segment in the task (an older gateway) it runs ``LocalTrain`` with the config's settings.
+:func:`synthetic` is a complete task for demos and tests: its
 data is :func:`flgraph.data.synthetic_classification`, its model :func:`flgraph.models.mlp`, both
 described by the round's config.
 
