@@ -192,8 +192,8 @@ def _edge(args: argparse.Namespace) -> int:
     own: dict[str, float] = {}
     for item in args.own:
         name, _, value = item.partition("=")
-        try:
-            own[name] = float(value) if name == "lr" else int(value)
+        try:  # ints stay ints (epochs=2); the agent refuses names it does not know
+            own[name] = float(value) if name == "lr" or not value.strip().lstrip("-").isdigit() else int(value)
         except ValueError:
             print(f"flgraph edge: --set {item!r} is not NAME=NUMBER (e.g. --set epochs=2 --set lr=0.05)",
                   file=sys.stderr)

@@ -120,3 +120,14 @@ def test_an_agent_refused_at_join_backs_off_at_once(keys):
         for th in threads:
             th.join(10)
         gw.stop()
+
+
+def test_flgraph_edge_refuses_a_setting_that_is_not_a_number(capsys):
+    from flgraph.cli import main
+
+    code = main(["edge", "--connect", "tcp://127.0.0.1:1", "--task", "flgraph.transports.zmq.tasks:synthetic",
+                 "--set", "epochs=two"])
+    assert code == 2 and "--set 'epochs=two' is not NAME=NUMBER" in capsys.readouterr().err
+    code = main(["edge", "--connect", "tcp://127.0.0.1:1", "--task", "flgraph.transports.zmq.tasks:synthetic",
+                 "--set", "momentum=0.9"])
+    assert code == 2 and "a device sets only" in capsys.readouterr().err

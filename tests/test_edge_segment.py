@@ -157,3 +157,7 @@ def test_an_agent_refuses_allow_patterns_that_cannot_travel():
         Agent("tcp://127.0.0.1:1", synthetic, allow=["a,b"])
     with pytest.raises(fg.ConfigError, match="a device sets only"):
         Agent("tcp://127.0.0.1:1", synthetic, settings={"momentum": 0.9})
+    with pytest.raises(fg.ConfigError, match=r"epochs=2\.5: a whole number"):
+        Agent("tcp://127.0.0.1:1", synthetic, settings={"epochs": 2.5})
+    with pytest.raises(fg.ConfigError, match=r"lr=-0\.1: a positive learning rate"):
+        Agent("tcp://127.0.0.1:1", synthetic, settings={"lr": -0.1})

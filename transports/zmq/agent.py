@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import random
@@ -123,6 +124,13 @@ class Agent:
         if bad:
             raise ConfigError(f"settings={bad}: a device sets only {sorted(OWN_SETTINGS)}",
                               fix="e.g. flgraph edge --set epochs=2 --set lr=0.05")
+        for k, v in self.settings.items():
+            ok = (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                  and (k == "lr" or float(v).is_integer()))
+            if not ok:
+                raise ConfigError(f"settings {k}={v!r}: " + ("a positive learning rate" if k == "lr" else
+                                                             "a whole number >= 1") + " is needed",
+                                  fix="e.g. flgraph edge --set epochs=2 --set lr=0.05")
         self._ctx = context
         self._own_ctx = context is None
         self.session = ""

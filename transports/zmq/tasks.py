@@ -100,7 +100,7 @@ class LocalTrainTask:
                 used = _endpoint_settings(stage, cfg)
                 stage.device = self.device  # the device's own accelerator, not the driver's
             stage.prepare(None, self.adapter)
-        samples = int(cfg["samples"]) if "samples" in cfg else None
+        samples = whole("samples", cfg["samples"]) if "samples" in cfg else None
         if samples is not None and samples < 1:
             raise ConfigError(f"samples={samples}: train on at least one sample")
         work = ClientWork(task.round, task.client, 0, task.seed, task.params,
@@ -129,17 +129,29 @@ class LocalTrainTask:
         return EdgeValues(tuple(float(v) for v in stage.client(work)))
 
 
+def whole(name: str, value: Any) -> int:
+    """``value`` as an int when it is a whole number (``2`` or ``2.0``); a ConfigError naming ``name`` otherwise.
+
+    Example:
+        >>> whole("epochs", 2.0)
+        2
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise ConfigError(f"{name}={value!r}: a whole number is needed", fix=f"e.g. --set {name}=2")
+    return int(value)
+
+
 def _endpoint_settings(stage: Any, cfg: dict[str, Any]) -> dict[str, float]:
     """Set ``stage``'s epochs, steps, batch size and lr from ``cfg`` (the run's per-client settings, the
     operator's config, the device owner's settings); the values it will train with, as metrics."""
     from flgraph.stages.train import SGD
 
     if "epochs" in cfg:
-        stage.epochs = int(cfg["epochs"])
+        stage.epochs = whole("epochs", cfg["epochs"])
     if "steps" in cfg:
-        stage.steps = int(cfg["steps"])
+        stage.steps = whole("steps", cfg["steps"])
     if "batch_size" in cfg:
-        stage.batch_size = int(cfg["batch_size"])
+        stage.batch_size = whole("batch_size", cfg["batch_size"])
     if "lr" in cfg and float(cfg["lr"]) != stage.lr:
         if stage.optimizer is not None and not isinstance(stage.optimizer, SGD):
             raise ConfigError(f"lr={cfg['lr']} is set for this client, but LocalTrain's optimizer "
