@@ -131,3 +131,39 @@ def test_flgraph_edge_refuses_a_setting_that_is_not_a_number(capsys):
     code = main(["edge", "--connect", "tcp://127.0.0.1:1", "--task", "flgraph.transports.zmq.tasks:synthetic",
                  "--set", "momentum=0.9"])
     assert code == 2 and "a device sets only" in capsys.readouterr().err
+
+
+def test_encoded_results_are_checked_against_the_rounds_codec():
+    from flgraph.stages.compress import Int8, TopK
+    from flgraph.transports.zmq.encoded import pack, unpack
+
+    spec = ParamSpec.from_arrays({"a": np.zeros(10, np.float32), "b": np.zeros(6, np.float32)})
+    gw = Gateway("tcp://127.0.0.1:0", heartbeat_s=0.5)
+    gw.start()
+    a = RawAgent(gw.endpoint)
+    try:
+        a.send(encode("join", 1, {"client": 3}))
+        a.recv("accept")
+        events = gw.begin_round(1, np.zeros(16, np.float32), spec, 0, {3: {}}, 10.0, encode="int8")
+        task = a.recv("task")
+        assert task.fields["encode"] == "int8"
+        a.send(encode("result", 2, {"round": 1, "task": task.fields["task"], "num_samples": 4, "kind": "encoded",
+                                    "codec": "topk", "metrics": {}}, [np.zeros(24, np.uint8)]))
+        err = a.recv("error")
+        assert err.fields["code"] == "refused-update" and "'topk'" in err.fields["text"]
+        assert events.get(timeout=5).kind == "failed"
+        gw.end_round()
+    finally:
+        a.close()
+        gw.stop()
+    # the payload's layout is checked where the driver unpacks it
+    x = np.linspace(-1, 1, 16, dtype=np.float32)
+    int8 = Int8(stochastic=False).for_client(spec, None)
+    frame = pack("int8", int8.encode(x))
+    assert frame.size == 16 + 4 * 2  # one scale per tensor
+    np.testing.assert_array_equal(int8.decode(unpack(Int8(), frame, spec), spec), int8.decode(int8.encode(x), spec))
+    with pytest.raises(ValueError, match="an update encoded with int8 of 23 bytes; the model's needs 24"):
+        unpack(Int8(), frame[:-1], spec)
+    idx = np.array([5, 2], np.int32).view(np.uint8)
+    with pytest.raises(ValueError, match="not ascending"):
+        unpack(TopK(0.1), np.concatenate([idx, np.ones(2, np.float32).view(np.uint8)]), spec)

@@ -52,7 +52,7 @@ import zmq
 from flgraph.errors import ConfigError
 from flgraph.params import Params, ParamSpec
 
-from .edge_task import EdgeResult, EdgeTask, EdgeValues, TaskFn, load_task, result_of
+from .edge_task import EdgeEncoded, EdgeResult, EdgeTask, EdgeValues, TaskFn, load_task, result_of
 from .keys import load_public, load_secret
 from .sockets import readable
 from .wire import Limits, Message, ProtocolError, Reassembly, decode, encode, encode_parts
@@ -370,16 +370,23 @@ class Agent:
             spec = self._spec_of(f["spec"])
             flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
             task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"],
-                            f.get("stages"), self.allow, dict(self.settings), f.get("mode", "train"))
+                            f.get("stages"), self.allow, dict(self.settings), f.get("mode", "train"),
+                            f.get("encode"))
             answer = self.task(task)
             if task.mode == "evaluate" or isinstance(answer, EdgeValues):
                 if not isinstance(answer, EdgeValues) or task.mode != "evaluate":
                     raise ConfigError(f"a {task.mode} task answered with {type(answer).__name__}",
                                       fix="answer train tasks with EdgeResult, evaluate tasks with EdgeValues")
                 values = np.array([float(v) for v in answer.values], np.float64)
-                out = (values, max(0, int(values[0])) if values.size else 0, {}, "values")
+                out = (values, max(0, int(values[0])) if values.size else 0, {}, {"kind": "values"})
+            elif isinstance(answer, EdgeEncoded):
+                if answer.codec != task.encode:
+                    raise ConfigError(f"the task answered in codec {answer.codec!r}; the gateway takes "
+                                      f"{task.encode!r}", fix="answer with the codec the task names in encode")
+                out = (np.ascontiguousarray(answer.frame, np.uint8).reshape(-1), int(answer.num_samples),
+                       {k: float(v) for k, v in answer.metrics.items()}, {"kind": "encoded", "codec": answer.codec})
             else:
-                out = (*result_of(answer, task), "delta")
+                out = (*result_of(answer, task), {"kind": "delta"})
         except BaseException as e:  # reported to the gateway as this client's failure
             err = e
         with self._done_lock:
@@ -410,7 +417,7 @@ class Agent:
             self._send(sock, "error", {"code": "task-failed", "text": text[:4000], **ref})
         else:
             delta, n, metrics, kind = out
-            self._send(sock, "result", {**ref, "num_samples": n, "kind": kind,
+            self._send(sock, "result", {**ref, "num_samples": n, **kind,
                                         "metrics": dict(list(metrics.items())[: self.limits.max_map])}, [delta])
         self.tasks_done += 1
         queued, self._queued = self._queued, None

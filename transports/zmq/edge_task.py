@@ -22,7 +22,7 @@ import numpy as np
 from flgraph.errors import ConfigError
 from flgraph.params import Params
 
-__all__ = ["EdgeResult", "EdgeTask", "EdgeValues", "TaskFn", "load_task", "result_of"]
+__all__ = ["EdgeEncoded", "EdgeResult", "EdgeTask", "EdgeValues", "TaskFn", "load_task", "result_of"]
 
 
 @dataclass
@@ -45,6 +45,7 @@ class EdgeTask:
     allow: tuple[str, ...] = ()
     own: dict[str, Any] = field(default_factory=dict)
     mode: str = "train"
+    encode: str | None = None  # the codec whose payload the gateway takes as it is (PROTOCOL.md section 3.5)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The global weights as name -> array in each tensor's own dtype (``torch.from_numpy`` ready)."""
@@ -80,6 +81,17 @@ class EdgeValues:
     is its held-out sample count)."""
 
     values: tuple[float, ...]
+
+
+@dataclass
+class EdgeEncoded:
+    """A device's update as a codec's payload, packed by :func:`flgraph.transports.zmq.encoded.pack`
+    (only for the codec the task names in ``encode``)."""
+
+    num_samples: int
+    codec: str
+    frame: np.ndarray
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 TaskFn = Callable[[EdgeTask], Any]

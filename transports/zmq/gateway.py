@@ -209,14 +209,16 @@ class Gateway(AgentSessions, JobRouting):
 
     def begin_round(self, rnd: int, flat: np.ndarray, spec: ParamSpec, seed: int,
                     configs: dict[int, dict[str, Any]], deadline_s: float, stages: list[Any] | None = None,
-                    needs_segment: Sequence[str] = ()) -> queue.SimpleQueue[RoundEvent]:
+                    needs_segment: Sequence[str] = (), encode: str | None = None) -> queue.SimpleQueue[RoundEvent]:
         """Post synchronous round ``rnd`` (client id -> task config, in position order); returns the event
         queue. A round is exclusive: it closes every job still open (their clients fail).
 
         ``stages``: the client segment each task carries (:mod:`.segment`); ``needs_segment``: what an agent
-        that runs no segment (no ``caps.segment``) would leave out; non-empty, such an agent's client fails."""
+        that runs no segment (no ``caps.segment``) would leave out; non-empty, such an agent's client fails.
+        ``encode``: the codec whose payload the tasks' results may carry as it is (:mod:`.encoded`)."""
         job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.SimpleQueue(), True,
                         stages, needs_segment)
+        job.encode = encode
         self._posted = job
         self._command("job", job)
         return job.events
@@ -232,7 +234,7 @@ class Gateway(AgentSessions, JobRouting):
     def begin_job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
                   configs: dict[int, dict[str, Any]], deadline_s: float,
                   events: queue.SimpleQueue[RoundEvent], stages: list[Any] | None = None,
-                  needs_segment: Sequence[str] = (), mode: str = "train") -> int:
+                  needs_segment: Sequence[str] = (), mode: str = "train", encode: str | None = None) -> int:
         """Post a job beside the running ones (the asynchronous engine: one client per job) and return its id.
 
         ``params``: from :meth:`encode_params` (one encoding per params version, shared by its
@@ -241,7 +243,7 @@ class Gateway(AgentSessions, JobRouting):
         :meth:`begin_round`; ``mode="evaluate"``: each client runs the one evaluation stage of ``stages`` and
         answers its numbers (a ``values`` result, PROTOCOL.md section 4.4)."""
         job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False, stages, needs_segment)
-        job.mode = mode
+        job.mode, job.encode = mode, encode
         self._open_jobs[job.job] = job
         self._command("job", job)
         return job.job

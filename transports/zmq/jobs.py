@@ -89,6 +89,7 @@ class _Round:
     stages: list[Any] | None = None  # the client segment every task carries
     needs_segment: tuple[str, ...] = ()  # what an agent without caps.segment would leave out
     mode: str = "train"  # "evaluate": its tasks answer a values result (an evaluation stage's numbers)
+    encode: str | None = None  # the codec whose payload results may carry as it is (encoded.py)
 
 
 class JobRouting:
@@ -168,7 +169,7 @@ class JobRouting:
         remaining = max(0.0, job.deadline - time.monotonic())
         env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
                "seed": job.seed, "config": task.config, "spec": job.spec_wire, "stages": job.stages,
-               "mode": None if job.mode == "train" else job.mode}
+               "mode": None if job.mode == "train" else job.mode, "encode": job.encode}
         if info.caches_params:
             env["params"] = job.params.version
             if info.params_held == job.params.version:  # the agent holds these params: the envelope only
@@ -219,7 +220,8 @@ class JobRouting:
             self._reject(sock, info.routing_id, ProtocolError("duplicate", f"round {rnd} already counts this "
                                                               "client"), f"client {info.client}", **ref)
             return
-        problem = _check_values(msg) if job.mode == "evaluate" else _check_update(msg, job.spec, self.limits)
+        problem = (_check_values(msg) if job.mode == "evaluate" else _check_encoded(msg, job.encode, self.limits)
+                   if msg.fields["kind"] == "encoded" else _check_update(msg, job.spec, self.limits))
         if problem is not None:
             self._reject(sock, info.routing_id, ProtocolError("refused-update", problem,
                                                               fix="send a finite flat update of the model's size"),
@@ -258,6 +260,19 @@ def _check_values(msg: Message) -> str | None:
 
 
 MAX_VALUES = 64
+
+
+def _check_encoded(msg: Message, encode: str | None, limits: Limits) -> str | None:
+    """Why an encoded result cannot be used (its payload is checked in full where the driver unpacks it)."""
+    if encode is None or msg.fields.get("codec") != encode:
+        return (f"an update encoded with {msg.fields.get('codec')!r}; this round takes "
+                + (f"{encode!r} or " if encode else "") + "plain deltas")
+    t = msg.tensors[0]
+    if t.ndim != 1 or t.dtype != np.uint8:
+        return f"an encoded update of shape {t.shape} and dtype {t.dtype} (one uint8 frame expected)"
+    if msg.fields["num_samples"] > limits.max_num_samples:
+        return f"num_samples {msg.fields['num_samples']} is beyond {limits.max_num_samples}"
+    return None
 
 
 def _check_update(msg: Message, spec: ParamSpec, limits: Limits) -> str | None:

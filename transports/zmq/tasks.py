@@ -38,9 +38,9 @@ from flgraph.context import ClientSet, ClientWork
 from flgraph.errors import ConfigError
 from flgraph.rng import stage_tag
 
-from . import segment
+from . import encoded, segment
 from .agent import EdgeResult, EdgeTask
-from .edge_task import EdgeValues
+from .edge_task import EdgeEncoded, EdgeValues
 
 __all__ = ["LocalTrainTask", "synthetic"]
 
@@ -78,7 +78,7 @@ class LocalTrainTask:
         self.load_data = load_data
         self.device = device
 
-    def __call__(self, task: EdgeTask) -> EdgeResult | EdgeValues:
+    def __call__(self, task: EdgeTask) -> EdgeResult | EdgeValues | EdgeEncoded:
         mine, theirs = self.adapter.spec, task.params.spec
         if [(e.name, e.shape) for e in mine.entries] != [(e.name, e.shape) for e in theirs.entries]:
             raise ConfigError(f"the gateway's model ({theirs.describe()}) is not this device's "
@@ -112,8 +112,11 @@ class LocalTrainTask:
         update = work.update
         if update is None:
             raise ConfigError("no client stage produced an update", fix="put LocalTrain in the pipeline")
+        metrics = {**update.metrics, **used}
+        if task.encode is not None and update.codec is not None and update.codec.name == task.encode:
+            return EdgeEncoded(update.num_samples, task.encode, encoded.pack(task.encode, update.payload), metrics)
         delta = np.array(update.decoded(task.params.spec), copy=True)
-        return EdgeResult(num_samples=update.num_samples, delta=delta, metrics={**update.metrics, **used})
+        return EdgeResult(num_samples=update.num_samples, delta=delta, metrics=metrics)
 
 
     def _evaluate(self, task: EdgeTask) -> EdgeValues:
@@ -171,7 +174,7 @@ _cache: dict[tuple[Any, ...], LocalTrainTask] = {}
 _cache_lock = threading.Lock()
 
 
-def synthetic(task: EdgeTask) -> EdgeResult | EdgeValues:
+def synthetic(task: EdgeTask) -> EdgeResult | EdgeValues | EdgeEncoded:
     """Train an MLP on this client's part of ``synthetic_classification``, both described by the config.
 
     Config keys (defaults): ``data_seed`` (0), ``num_clients`` (1000), ``samples_per_client`` (64),

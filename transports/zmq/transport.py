@@ -54,7 +54,7 @@ from flgraph.context import ClientSet, Update
 from flgraph.engine.clients import Bundle, Partial, combine_partials, reducer_leaf
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
-from . import segment
+from . import encoded, segment
 from .capabilities import unsupported
 from .edge_async import EdgeCompletion, EdgeFuture, EdgeVersion
 from .gateway import Gateway, RoundEvent
@@ -136,6 +136,10 @@ class ZmqTransport:
         self._base = _stage_config(bundle)
         self._segment = segment.describe(bundle.stages)
         self._legacy = unsupported(bundle.stages)  # what an agent without caps.segment would leave out
+        last = bundle.stages[-1] if bundle.stages else None
+        codec = getattr(last, "codec", None) if type(last).__name__ == "Compress" else None
+        # a segment that ends encoding the update: its payload may travel as it is (encoded.py)
+        self._codec = codec if getattr(codec, "name", None) in encoded.WIRE_CODECS else None
         self.gateway.start()
         return time.perf_counter() - t0
 
@@ -168,10 +172,13 @@ class ZmqTransport:
             raise ClusterError("the transport was not started", fix="use it through fg.Run(..., transport=...)")
         self._check_agents(clients)
         events = self.gateway.begin_round(rnd, flat, self._bundle.spec, self._bundle.seed, self.configs(clients),
-                                          self.deadline_s, self._segment, self._legacy)
+                                          self.deadline_s, self._segment, self._legacy, self._encode())
         present = self.gateway.connected().keys()
         self._places = sum(1 for c in clients.ids.tolist() if c in present)
         return _Pending(rnd, flat, clients, events, time.monotonic() + self.deadline_s + self._grace())
+
+    def _encode(self) -> str | None:
+        return None if self._codec is None else str(self._codec.name)
 
     def _check_agents(self, clients: ClientSet) -> None:
         """Refuse, before any task goes out, a round that a connected agent of its clients would not run as
@@ -251,12 +258,18 @@ class ZmqTransport:
         assert self._bundle is not None and ev.message is not None
         msg = ev.message
         wire = np.asarray(msg.tensors[0])
-        delta = wire - flat if msg.fields["kind"] == "weights" else np.array(wire, copy=True)
         n = int(msg.fields["num_samples"])
         metrics = msg.fields["metrics"]
-        update = Update(ev.client, n, rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
-        sums = {"clients_done": 1.0, "samples": float(n), "bytes_up": float(msg.wire_nbytes),
-                "bytes_up_raw": float(delta.nbytes)}
+        spec = self._bundle.spec
+        if msg.fields["kind"] == "encoded":  # the codec's payload as the agent encoded it: counted as on Dask
+            update = Update(ev.client, n, rnd - 1, None, dict(metrics), payload=encoded.unpack(self._codec, wire, spec),
+                            codec=self._codec, raw_nbytes=int(spec.size * np.dtype(spec.carrier).itemsize))
+            sent = float(update.upload_nbytes)
+        else:
+            delta = wire - flat if msg.fields["kind"] == "weights" else np.array(wire, copy=True)
+            update = Update(ev.client, n, rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
+            sent = float(msg.wire_nbytes)
+        sums = {"clients_done": 1.0, "samples": float(n), "bytes_up": sent, "bytes_up_raw": float(update.raw_nbytes)}
         value = reducer_leaf(self._bundle, update, clients, ev.position)  # per group too, with tiers
         for k, v in metrics.items():
             sums[f"wsum_{k}"] = float(v) * n
@@ -297,7 +310,7 @@ class ZmqTransport:
         self._check_agents(clients)
         job = self.gateway.begin_job(rnd, params.encoded, self._bundle.spec, self._bundle.seed,
                                      self.configs(clients), self.deadline_s, self._events, self._segment,
-                                     self._legacy)
+                                     self._legacy, encode=self._encode())
         return EdgeFuture(job, rnd, int(clients.ids[0]), params, on_error, started,
                           started + self.deadline_s + self._grace())
 
