@@ -1,6 +1,8 @@
 """Edge devices over ZeroMQ: a gateway next to the driver, agents on the devices (``flgraph edge``).
 
 * :mod:`.wire` -- the message format (msgpack envelope + raw/lz4 tensor frames), limits, ``ProtocolError``;
+  :mod:`.parts` -- large messages in ``part`` messages (liveness during slow transfers); :mod:`.encoded` --
+  a codec's payload as an upload;
 * :mod:`.gateway` -- the ROUTER side: registry, heartbeats, liveness, tasks, deadlines, checks;
 * :mod:`.agent` -- the DEALER side: join, heartbeat, run the task function, reconnect with back-off;
 * :mod:`.transport` -- ``ZmqTransport`` (``fg.Run(..., transport=...)``, both engines), :mod:`.edge_async` -- its

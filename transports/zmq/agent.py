@@ -54,8 +54,9 @@ from flgraph.params import Params, ParamSpec
 
 from .edge_task import EdgeEncoded, EdgeResult, EdgeTask, EdgeValues, TaskFn, load_task, result_of
 from .keys import load_public, load_secret
+from .parts import Reassembly, encode_parts
 from .sockets import readable
-from .wire import Limits, Message, ProtocolError, Reassembly, decode, encode, encode_parts
+from .wire import Limits, Message, ProtocolError, decode, encode
 
 __all__ = ["OWN_SETTINGS", "Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
 

@@ -48,19 +48,10 @@ from flgraph.params import ParamSpec
 
 from .jobs import EncodedParams, Frames, JobRouting, RoundEvent, _Round, _Task
 from .keys import allowed_keys, load_secret
+from .parts import needs_parts, part_messages
 from .sessions import AgentInfo, AgentSessions, _AllowList
 from .sockets import readable
-from .wire import (
-    PROTOCOL_VERSION,
-    Limits,
-    ProtocolError,
-    decode,
-    encode,
-    needs_parts,
-    part_messages,
-    readable_ref,
-    tensor_frames,
-)
+from .wire import PROTOCOL_VERSION, Limits, ProtocolError, decode, encode, readable_ref, tensor_frames
 
 __all__ = ["AgentInfo", "EncodedParams", "Gateway", "RoundEvent"]
 

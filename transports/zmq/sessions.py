@@ -27,7 +27,8 @@ import zmq
 
 from flgraph.errors import ConfigError
 
-from .wire import Limits, Message, ProtocolError, Reassembly
+from .parts import Reassembly
+from .wire import Limits, Message, ProtocolError
 
 if TYPE_CHECKING:
     from .jobs import Frames, _Round, _Task
