@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flgraph.errors import ConfigError
 from flgraph.spec import describe as describe_spec
 from flgraph.spec import rebuild_value
 
-__all__ = ["AGENT_STAGES", "BUILTIN", "EVAL_STAGES", "allowed", "build", "code_paths", "describe", "disallowed",
-           "refusals"]
+__all__ = ["AGENT_STAGES", "BUILTIN", "EVAL_STAGES", "allowed", "build", "check_agents", "code_paths", "describe",
+           "disallowed", "refusals"]
 
 #: The client stages an agent runs as a Dask worker does (by class path).
 AGENT_STAGES = frozenset({"flgraph.stages.train:LocalTrain", "flgraph.stages.compress:Compress"})
@@ -174,3 +174,29 @@ def build(entries: Sequence[Any], allow: Iterable[str], kinds: frozenset[str] = 
         stage.tag = int(entry.get("tag", 0))
         stages.append(stage)
     return stages
+
+
+def check_agents(agents: Mapping[int, Any], ids: Iterable[int], entries: Any, legacy: Sequence[str]) -> None:
+    """Refuse, before any task goes out, a round that a connected agent (``agents``: client id -> the
+    gateway's AgentInfo) of the clients ``ids`` would not run as a Dask worker does: it runs no client
+    segment and the segment holds more than LocalTrain's plain settings (``legacy``: what it would leave
+    out), or the segment names code its owner does not allow (announced at join as ``caps.allow``)."""
+    for cid in ids:
+        info = agents.get(int(cid))
+        if info is None:
+            continue
+        if not info.caps.get("segment"):
+            if legacy:
+                raise ConfigError(f"client {cid}'s agent does not run client segments (it did not announce "
+                                  "caps.segment), so it would leave out " + "; ".join(legacy),
+                                  fix="run flgraph's LocalTrainTask on the device (or a task function that "
+                                      "runs task.stages and sets runs_segment = True)")
+            continue
+        patterns = [p for p in str(info.caps.get("allow", "")).split(",") if p]
+        bad = disallowed(entries, patterns)
+        if bad:
+            raise ConfigError(f"the pipeline's client stages name code {bad[0]!r}, which client {cid}'s agent "
+                              f"does not allow (it allows {patterns or 'no code beyond the built-in stages'})",
+                              fix=f"its owner restarts it with --allow-code for that path (e.g. "
+                                  f"{bad[0].split(':')[0].split('.')[0]}.*) after checking the code, or the "
+                                  "pipeline drops it")

@@ -54,7 +54,7 @@ from flgraph.context import ClientSet, Update
 from flgraph.engine.clients import Bundle, Partial, combine_partials, reducer_leaf
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
-from . import encoded, segment
+from . import encoded, evaluate, segment
 from .capabilities import unsupported
 from .edge_async import EdgeCompletion, EdgeFuture, EdgeVersion
 from .gateway import Gateway, RoundEvent
@@ -181,30 +181,8 @@ class ZmqTransport:
         return None if self._codec is None else str(self._codec.name)
 
     def _check_agents(self, clients: ClientSet) -> None:
-        """Refuse, before any task goes out, a round that a connected agent of its clients would not run as
-        a Dask worker does: it runs no client segment (and the segment holds more than LocalTrain's plain
-        settings), or the segment names code its owner does not allow (announced at join)."""
-        agents = self.gateway.connected()
-        for cid in clients.ids.tolist():
-            info = agents.get(int(cid))
-            if info is None:
-                continue
-            if not info.caps.get("segment"):
-                if self._legacy:
-                    raise ConfigError(f"client {cid}'s agent does not run client "
-                                      "segments (it did not announce caps.segment), so it would leave out "
-                                      + "; ".join(self._legacy),
-                                      fix="run flgraph's LocalTrainTask on the device (or a task function that "
-                                          "runs task.stages and sets runs_segment = True)")
-                continue
-            patterns = [p for p in str(info.caps.get("allow", "")).split(",") if p]
-            bad = segment.disallowed(self._segment, patterns)
-            if bad:
-                raise ConfigError(f"the pipeline's client stages name code {bad[0]!r}, which client {cid}'s agent "
-                                  f"does not allow (it allows {patterns or 'no code beyond the built-in stages'})",
-                                  fix=f"its owner restarts it with --allow-code for that path (e.g. "
-                                      f"{bad[0].split(':')[0].split('.')[0]}.*) after checking the code, or the "
-                                      "pipeline drops it")
+        """Refuse a round that a connected agent of its clients would not run as a Dask worker does."""
+        segment.check_agents(self.gateway.connected(), clients.ids.tolist(), self._segment, self._legacy)
 
     def _grace(self) -> float:
         """How long after a deadline the driver waits for the gateway to report it."""
@@ -388,46 +366,8 @@ class ZmqTransport:
         fut._value = part
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
-        """An evaluation stage's client work (``FederatedEvaluate.client``, ``PersonalizedEvaluate.client``)
-        on the agents of ``ids``: the stage travels as plain data, as the client segment does, each agent
-        answers its numbers; in the order of ``ids``. Other client work cannot run there (no code travels).
-
-        A client whose agent is away, fails or misses the deadline raises a ClientError (as a failing Dask
-        worker does): an evaluation over clients that are not there would be over other clients."""
-        stage = getattr(fn, "__self__", None)
-        entries = segment.describe([stage]) if stage is not None and getattr(fn, "__name__", "") == "client" else []
-        if not entries or entries[0].get("class") not in segment.EVAL_STAGES or segment.code_paths(entries):
-            raise ConfigError(f"{getattr(fn, '__qualname__', 'client work')} cannot run on edge agents (no code "
-                              "travels to them; they run FederatedEvaluate and PersonalizedEvaluate)",
-                              fix="evaluate on the driver's test split (st.Evaluate), or run this stage's clients "
-                                  "on Dask with MixedTransport")
-        if self._bundle is None:
-            raise ClusterError("the transport was not started", fix="use it through fg.Run(..., transport=...)")
-        name = type(stage).__name__
-        clients = ClientSet(np.asarray(ids, np.int64))
-        self._check_agents(clients)
-        events: queue.SimpleQueue[RoundEvent] = queue.SimpleQueue()
-        job = self.gateway.begin_job(rnd, self.gateway.encode_params(np.array(flat, copy=True)), self._bundle.spec,
-                                     self._bundle.seed, self.configs(clients), self.deadline_s, events, entries,
-                                     (f"{name} (evaluation)",), mode="evaluate")
-        out: list[Any] = [None] * len(clients)
-        end = time.monotonic() + self.deadline_s + self._grace()
-        try:
-            for _ in range(len(clients)):
-                left = end - time.monotonic()
-                try:
-                    ev = events.get(timeout=max(left, 0.0)) if left > 0 else events.get_nowait()
-                except queue.Empty:
-                    raise ClusterError(f"round {rnd}: the gateway did not report {name}'s clients after the "
-                                       "deadline", fix="check the gateway's log") from None
-                if ev.kind != "result" or ev.message is None:
-                    raise ClientError(f"edge: {ev.reason}", client=ev.client, stage=name, round=rnd,
-                                      fix="start the client's agent (flgraph edge ...) or evaluate fewer clients "
-                                          f"({name}(clients=N) samples N of them)")
-                out[ev.position] = tuple(float(v) for v in ev.message.tensors[0])
-        finally:
-            self.gateway.end_job(job)
-        return out
+        """An evaluation stage's client work on the agents of ``ids`` (:func:`.evaluate.on_agents`)."""
+        return evaluate.on_agents(self, rnd, flat, ids, fn)
 
     def places(self) -> int:
         """Agents that received the last round's params."""
