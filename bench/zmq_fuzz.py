@@ -38,6 +38,13 @@ def seeds() -> list[list[bytes]]:
         encode("error", 4, {"code": "x", "text": "y", "round": 1}),
         encode("heartbeat", 5, {}),
         encode("reconnect-later", 6, {"retry_s": 1.0, "reason": "full"}),
+        encode("task", 7, {"round": 1, "task": 9, "client": 3, "deadline_s": 5.0, "seed": 0, "config": {},
+                           "spec": spec, "mode": "evaluate", "stages": [
+                               {"class": "flgraph.stages.train:LocalTrain", "tag": 5,
+                                "settings": {"lr": 0.1, "freeze": ["head"], "optimizer": {
+                                    "class": "flgraph.stages.train:SGD", "settings": {"lr": 0.1, "momentum": 0.9}}}}]},
+               [x], compress="raw"),
+        encode("part", 8, {"xfer": 1, "index": 0, "count": 2, "total": 512}, [np.zeros(256, np.uint8)]),
     ]
     return [[bytes(f) for f in m] for m in out]
 

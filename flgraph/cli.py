@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
                       help="a field this device announces when it joins, e.g. site=lab-3 (tiers group by it: "
                            "Aggregate(..., by='site')); repeat for more")
+    edge.add_argument("--allow-code", action="append", default=[], metavar="PATTERN",
+                      help="code a task may name for this device to import (train_fn, optimizer, loss), as an "
+                           "import-path pattern, e.g. my_pkg.* (repeatable; default: only flgraph's own stages)")
+    edge.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="own",
+                      help="this device's own client setting, winning over the run's: epochs, steps, batch_size, "
+                           "lr or samples (repeatable)")
     edge.add_argument("--verbose", action="store_true", help="log joins, reconnects and tasks")
 
     keys = sub.add_parser("keys", help="make a CURVE key pair for a gateway or an agent",
@@ -183,9 +189,19 @@ def _edge(args: argparse.Namespace) -> int:
             print(f"flgraph edge: --device {bad[0]!r} is not KEY=VALUE (e.g. --device site=lab-3)", file=sys.stderr)
             return 2
         device = {"host": platform.node()[:64], **dict(d.split("=", 1) for d in args.device)}
+    own: dict[str, float] = {}
+    for item in args.own:
+        name, _, value = item.partition("=")
+        try:  # ints stay ints (epochs=2); the agent refuses names it does not know
+            own[name] = float(value) if name == "lr" or not value.strip().lstrip("-").isdigit() else int(value)
+        except ValueError:
+            print(f"flgraph edge: --set {item!r} is not NAME=NUMBER (e.g. --set epochs=2 --set lr=0.05)",
+                  file=sys.stderr)
+            return 2
     agent = Agent(args.connect, args.task, client_id=args.client_id, secret_key=args.key,
                   server_key=args.server_key, heartbeat_s=args.heartbeat, max_backoff_s=args.max_backoff,
-                  give_up_s=args.give_up_after, max_tasks=args.max_tasks, device=device)
+                  give_up_s=args.give_up_after, max_tasks=args.max_tasks, device=device, allow=args.allow_code,
+                  settings=own)
     print(f"flgraph edge: connecting to {args.connect} as "
           f"{'client ' + str(args.client_id) if args.client_id is not None else 'any client'}", file=sys.stderr,
           flush=True)

@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["describe", "differences", "import_path", "load_path", "rebuild", "unimportable"]
+__all__ = ["describe", "differences", "import_path", "load_path", "rebuild", "rebuild_value", "unimportable"]
 
 JSON = Any
 
@@ -164,6 +164,16 @@ def _build(v: JSON) -> Any:
                                       "resume with pipeline=...") from e
         return {k: _build(x) for k, x in v.items()}
     return v
+
+
+def rebuild_value(entry: JSON) -> Any:
+    """The object (a stage, a codec, a callable) that one entry of a spec describes, imported and built.
+
+    Example:
+        >>> rebuild_value({"class": "flgraph.stages.train:SGD", "settings": {"lr": 0.1, "momentum": 0.9}})
+        SGD(lr=0.1, momentum=0.9)
+    """
+    return _build(entry)
 
 
 def rebuild(spec: list[JSON]) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flgraph.transports.zmq import Agent, MixedTransport, ZmqTransport, make_keypair
+from flgraph.transports.zmq import Agent, MixedTransport, ZmqTransport
 from flgraph.transports.zmq.agent import EdgeResult, EdgeTask
 from flgraph.transports.zmq.tasks import synthetic
 
@@ -69,19 +69,6 @@ class LocalTransport:
 
     def close(self):
         pass
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    allow = d / "allow"
-    allow.mkdir()
-    make_keypair(d, "gateway")
-    for i in range(6):
-        public, _ = make_keypair(d, f"agent-{i}")
-        (allow / public.name).write_bytes(public.read_bytes())
-    make_keypair(d, "rogue")
-    return d
 
 
 class Agents:

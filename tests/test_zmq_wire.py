@@ -60,7 +60,7 @@ def test_tensor_rejections():
         ({"tensors": [["float32", [15], "raw", 64]]}, frame, "bad-tensor"),
         ({"tensors": [["float32", [16], "lz4", 64]]}, frame, "bad-tensor"),
         ({"tensors": [["float32", [16], "zip", 64]]}, frame, "bad-tensor"),
-        ({"tensors": [["float32", [16] * 9, "raw", 64]]}, frame, "bad-tensor"),
+        ({"tensors": [["float32", [16] * 9, "raw", 64]]}, frame, "too-large"),
         ({"tensors": []}, frame, "bad-tensor"),
     ]
     for patch, f, code in cases:
@@ -89,7 +89,7 @@ def test_fuzz_mutated_valid_messages(pos, byte, which):
         frames[which][pos % len(frames[which])] = byte
     try:
         msg = decode([bytes(f) for f in frames], LIMITS)
-        assert msg.type in ("result", "join", "accept", "task", "error", "heartbeat", "disconnect",
+        assert msg.type in ("result", "join", "accept", "task", "error", "heartbeat", "disconnect", "part",
                             "reconnect-later")
     except ProtocolError as e:
         assert e.code in CODES

@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import random
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,12 +52,19 @@ import zmq
 from flgraph.errors import ConfigError
 from flgraph.params import Params, ParamSpec
 
-from .edge_task import EdgeResult, EdgeTask, TaskFn, load_task, result_of
+from .edge_task import EdgeEncoded, EdgeResult, EdgeTask, EdgeValues, TaskFn, load_task, result_of
 from .keys import load_public, load_secret
+from .parts import Reassembly, encode_parts
 from .sockets import readable
 from .wire import Limits, Message, ProtocolError, decode, encode
 
-__all__ = ["Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
+__all__ = ["OWN_SETTINGS", "Agent", "EdgeResult", "EdgeTask", "TaskFn", "load_task"]
+
+#: Error codes that answer a ``join`` it refused: the agent backs off and joins again (PROTOCOL.md 4.1).
+JOIN_REFUSALS = frozenset({"bad-field", "duplicate-client", "version", "too-large", "malformed"})
+
+#: The client settings a device's owner may set for their device (``flgraph edge --set NAME=VALUE``).
+OWN_SETTINGS = frozenset({"epochs", "steps", "batch_size", "lr", "samples"})
 
 log = logging.getLogger("flgraph")
 
@@ -76,6 +84,11 @@ class Agent:
         max_tasks: stop after this many tasks (``None``: never).
         threaded: run tasks in a background thread (heartbeats continue); ``False`` runs them inline.
         context: a ``zmq.Context`` to share (many agents in one process); default: a private one.
+        allow: the code (import-path patterns such as ``"my_pkg.*"``) that tasks may name for the task
+            function to import on this device: a ``train_fn``, an optimizer factory, a loss
+            (:mod:`.segment`). Announced at ``join`` (``caps.allow``) so that the driver refuses up front.
+        settings: the device owner's own client settings (``epochs``, ``steps``, ``batch_size``, ``lr``,
+            ``samples``), which win over the run's (announced at ``join`` as ``caps.set.NAME``).
     """
 
     def __init__(self, connect: str, task: TaskFn | str, *, client_id: int | None = None,
@@ -83,7 +96,8 @@ class Agent:
                  heartbeat_s: float = 1.0, liveness: int = 3, limits: Limits | None = None,
                  max_backoff_s: float = 5.0, give_up_s: float | None = None, max_tasks: int | None = None,
                  threaded: bool = True, compress: str = "auto", device: Mapping[str, Any] | None = None,
-                 context: zmq.Context[Any] | None = None, name: str = "") -> None:
+                 context: zmq.Context[Any] | None = None, name: str = "", allow: Sequence[str] = (),
+                 settings: Mapping[str, Any] | None = None) -> None:
         if (secret_key is None) != (server_key is None):
             raise ConfigError("CURVE needs both the agent's secret key and the gateway's public key",
                               fix="pass --key AGENT.key_secret and --server-key GATEWAY.key (or neither)")
@@ -102,6 +116,22 @@ class Agent:
         self.device = dict(device) if device is not None else {
             "host": platform.node()[:64], "os": platform.system(), "cpus": os.cpu_count() or 1}
         self.name = name or f"flgraph-agent-{secrets.token_hex(3)}"
+        self.allow = tuple(str(p) for p in allow)
+        if len(",".join(self.allow)) > self.limits.max_str or any("," in p for p in self.allow):
+            raise ConfigError(f"allow={list(self.allow)}: the patterns travel as one comma-separated string of at "
+                              f"most {self.limits.max_str} characters", fix="use fewer, broader patterns (my_pkg.*)")
+        self.settings = dict(settings or {})
+        bad = sorted(set(self.settings) - OWN_SETTINGS)
+        if bad:
+            raise ConfigError(f"settings={bad}: a device sets only {sorted(OWN_SETTINGS)}",
+                              fix="e.g. flgraph edge --set epochs=2 --set lr=0.05")
+        for k, v in self.settings.items():
+            ok = (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                  and (k == "lr" or float(v).is_integer()))
+            if not ok:
+                raise ConfigError(f"settings {k}={v!r}: " + ("a positive learning rate" if k == "lr" else
+                                                             "a whole number >= 1") + " is needed",
+                                  fix="e.g. flgraph edge --set epochs=2 --set lr=0.05")
         self._ctx = context
         self._own_ctx = context is None
         self.session = ""
@@ -118,6 +148,10 @@ class Agent:
         self._queued: Message | None = None
         self._params: tuple[int, np.ndarray] | None = None  # (version, params) last received with frames
         self._wake_addr = f"inproc://flgraph-agent-wake-{secrets.token_hex(6)}"
+        self._inbound = Reassembly(self.limits)  # the gateway's transfer in progress (part messages)
+        self._peer_part_bytes = 0  # the gateway takes parts of at least this size (accept.part_bytes; 0: none)
+        self._xfer = 0
+        self._joined = False  # this connection's join was accepted
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -178,17 +212,35 @@ class Agent:
 
     def _send(self, sock: zmq.Socket[Any], msg_type: str, fields: dict[str, Any],
               tensors: list[np.ndarray] | None = None) -> None:
+        """Send one message; large tensors go first in ``part`` messages when the gateway takes them, so that
+        the gateway hears from this agent all along a slow upload (PROTOCOL.md section 5.1)."""
         self._seq += 1
-        frames = encode(msg_type, self._seq, fields, tensors or [], compress=self.compress)
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
-        except zmq.Again:
-            log.warning("flgraph agent %s: the gateway is not reachable; %s not sent", self.name, msg_type)
+        part = min(self.limits.part_bytes, self._peer_part_bytes) if self._peer_part_bytes else 0
+        if tensors and part:
+            self._xfer += 1
+            messages = encode_parts(msg_type, self._seq, fields, tensors, part, xfer=self._xfer,
+                                    compress=self.compress)
+            self._seq += len(messages) - 1
+        else:
+            messages = [encode(msg_type, self._seq, fields, tensors or [], compress=self.compress)]
+        for frames in messages:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+            except zmq.Again:
+                log.warning("flgraph agent %s: the gateway is not reachable; %s not sent", self.name, msg_type)
+                return
 
     def _session(self, sock: zmq.Socket[Any], wake: zmq.Socket[Any]) -> str:
         """One connection: join, then serve. Returns 'done', 'accepted' (then lost) or 'failed'."""
+        self._inbound = Reassembly(self.limits)
+        self._peer_part_bytes = 0
+        self._joined = False
         join: dict[str, Any] = {"agent": f"flgraph-python {self.name}"[:200], "device": self.device,
-                                "caps": {"codecs": "raw,lz4", "threaded": self.threaded, "params_cache": True}}
+                                "caps": {"codecs": "raw,lz4", "threaded": self.threaded, "params_cache": True,
+                                         "parts": self.limits.part_bytes > 0,
+                                         "segment": bool(getattr(self.task, "runs_segment", False)),
+                                         "allow": ",".join(self.allow),
+                                         **{f"set.{k}": v for k, v in self.settings.items()}}}
         if self.client_id is not None:
             join["client"] = int(self.client_id)
         self._send(sock, "join", join)
@@ -238,16 +290,21 @@ class Agent:
 
     def _handle(self, sock: zmq.Socket[Any], frames: list[memoryview]) -> str | None:
         try:
-            msg = decode(frames, self.limits)
+            msg = decode(frames, self.limits, self._inbound)
+            if msg.type == "part":
+                self._inbound.add(msg)
+                return None
         except ProtocolError as e:
             # Logged, never answered: an error answered with an error could ping-pong forever.
             log.warning("flgraph agent %s: rejected a message from the gateway: %s", self.name, e.message)
             return None
         if msg.type == "accept":
+            self._joined = True
             self.session = msg.fields["session"]
             self.assigned = msg.fields["client"]
             self.heartbeat_s = max(0.05, msg.fields["heartbeat_s"])
             self.liveness = max(1, msg.fields["liveness"])
+            self._peer_part_bytes = int(msg.fields.get("part_bytes", 0))
             self.joins += 1
             log.info("flgraph agent %s: joined as client %d", self.name, self.assigned)
             return "accepted"
@@ -268,7 +325,11 @@ class Agent:
             code, text = msg.fields["code"], msg.fields["text"]
             self.errors = [*self.errors[-31:], (code, text)]
             log.warning("flgraph agent %s: the gateway says %s: %s", self.name, code, text[:300])
-            return "rejoin" if code == "unknown-session" else None
+            if code == "unknown-session":
+                return "rejoin"
+            if not self._joined and code in JOIN_REFUSALS:  # refused: back off now, not after a silence
+                return "refused"
+            return None
         if msg.type == "reconnect-later":
             wait = min(msg.fields["retry_s"], 60.0)
             log.info("flgraph agent %s: the gateway asks to reconnect in %.1f s (%s)", self.name, wait,
@@ -309,8 +370,24 @@ class Agent:
             f = msg.fields
             spec = self._spec_of(f["spec"])
             flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
-            task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"])
-            out = result_of(self.task(task), task)
+            task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"],
+                            f.get("stages"), self.allow, dict(self.settings), f.get("mode", "train"),
+                            f.get("encode"))
+            answer = self.task(task)
+            if task.mode == "evaluate" or isinstance(answer, EdgeValues):
+                if not isinstance(answer, EdgeValues) or task.mode != "evaluate":
+                    raise ConfigError(f"a {task.mode} task answered with {type(answer).__name__}",
+                                      fix="answer train tasks with EdgeResult, evaluate tasks with EdgeValues")
+                values = np.array([float(v) for v in answer.values], np.float64)
+                out = (values, max(0, int(values[0])) if values.size else 0, {}, {"kind": "values"})
+            elif isinstance(answer, EdgeEncoded):
+                if answer.codec != task.encode:
+                    raise ConfigError(f"the task answered in codec {answer.codec!r}; the gateway takes "
+                                      f"{task.encode!r}", fix="answer with the codec the task names in encode")
+                out = (np.ascontiguousarray(answer.frame, np.uint8).reshape(-1), int(answer.num_samples),
+                       {k: float(v) for k, v in answer.metrics.items()}, {"kind": "encoded", "codec": answer.codec})
+            else:
+                out = (*result_of(answer, task), {"kind": "delta"})
         except BaseException as e:  # reported to the gateway as this client's failure
             err = e
         with self._done_lock:
@@ -340,8 +417,8 @@ class Agent:
             log.warning("flgraph agent %s: the task failed in round %d: %s", self.name, ref["round"], text[:300])
             self._send(sock, "error", {"code": "task-failed", "text": text[:4000], **ref})
         else:
-            delta, n, metrics = out
-            self._send(sock, "result", {**ref, "num_samples": n, "kind": "delta",
+            delta, n, metrics, kind = out
+            self._send(sock, "result", {**ref, "num_samples": n, **kind,
                                         "metrics": dict(list(metrics.items())[: self.limits.max_map])}, [delta])
         self.tasks_done += 1
         queued, self._queued = self._queued, None

@@ -1,11 +1,11 @@
-"""What an edge agent runs of a round's client stages, and the refusal of the rest before a run starts.
+"""What an edge agent that runs no client segment (no ``caps.segment``) would leave out of a round's stages.
 
-An agent receives the run's ``LocalTrain`` settings (``epochs``, ``steps``, ``batch_size``, ``lr``, ``mu``,
-``holdout``) and runs flgraph's own ``LocalTrain`` on its data (:mod:`flgraph.transports.zmq.tasks`), so
-that its update equals a Dask worker's. A client stage or setting the wire does not carry (a custom
-optimizer or loss, a ``train_fn``, ``freeze``, SCAFFOLD's correction, a lossy ``Compress`` codec,
-``Byzantine``, any other client stage) would be silently left out on the device: such a pipeline is
-refused when the transport starts, naming the stage and the setting.
+Such an agent (an older one, or a task function of the device's own) reads only the ``LocalTrain``
+settings the round's config carries (``epochs``, ``steps``, ``batch_size``, ``lr``, ``mu``, ``holdout``).
+A client stage or setting the config does not carry (a custom optimizer or loss, a ``train_fn``,
+``freeze``, SCAFFOLD's correction, a lossy ``Compress`` codec, ``Byzantine``, any other client stage)
+would be silently left out on it: the transport refuses such a round for it (:mod:`.segment` says what
+agents that run the segment can run).
 
 Example:
     >>> from flgraph import stages as st

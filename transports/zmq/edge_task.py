@@ -22,12 +22,18 @@ import numpy as np
 from flgraph.errors import ConfigError
 from flgraph.params import Params
 
-__all__ = ["EdgeResult", "EdgeTask", "TaskFn", "load_task", "result_of"]
+__all__ = ["EdgeEncoded", "EdgeResult", "EdgeTask", "EdgeValues", "TaskFn", "load_task", "result_of"]
 
 
 @dataclass
 class EdgeTask:
-    """One round's work for this device: the global params (read-only: copy before writing) and the config."""
+    """One round's work for this device: the global params (read-only: copy before writing) and the config.
+
+    ``stages``: the round's client segment as plain data (``transports/PROTOCOL.md`` section 3.1), ``None``
+    from a gateway that sends none; ``allow``: the code patterns the device's owner allows
+    (``--allow-code``); ``own``: the owner's own settings (``--set``), which win over the config;
+    ``mode``: ``"train"`` (run the segment, answer an update) or ``"evaluate"`` (run the one evaluation
+    stage's client work, answer :class:`EdgeValues`)."""
 
     round: int
     client: int
@@ -35,6 +41,11 @@ class EdgeTask:
     deadline_s: float
     params: Params
     config: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict[str, Any]] | None = None
+    allow: tuple[str, ...] = ()
+    own: dict[str, Any] = field(default_factory=dict)
+    mode: str = "train"
+    encode: str | None = None  # the codec whose payload the gateway takes as it is (PROTOCOL.md section 3.5)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The global weights as name -> array in each tensor's own dtype (``torch.from_numpy`` ready)."""
@@ -62,6 +73,25 @@ class EdgeResult:
             raise ConfigError(f"the task returned {flat.size} values; the model has {spec.size}",
                               fix="return the whole model (every tensor of task.params)")
         return flat - task.params.flat if self.weights is not None else flat
+
+
+@dataclass
+class EdgeValues:
+    """A device's answer to an ``evaluate`` task: the evaluation stage's numbers for this client (the first
+    is its held-out sample count)."""
+
+    values: tuple[float, ...]
+
+
+@dataclass
+class EdgeEncoded:
+    """A device's update as a codec's payload, packed by :func:`flgraph.transports.zmq.encoded.pack`
+    (only for the codec the task names in ``encode``)."""
+
+    num_samples: int
+    codec: str
+    frame: np.ndarray
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 TaskFn = Callable[[EdgeTask], Any]

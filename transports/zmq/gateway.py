@@ -35,7 +35,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgpack
@@ -48,9 +48,10 @@ from flgraph.params import ParamSpec
 
 from .jobs import EncodedParams, Frames, JobRouting, RoundEvent, _Round, _Task
 from .keys import allowed_keys, load_secret
+from .parts import needs_parts, part_messages
 from .sessions import AgentInfo, AgentSessions, _AllowList
 from .sockets import readable
-from .wire import PROTOCOL_VERSION, Limits, ProtocolError, decode, encode, tensor_frames
+from .wire import PROTOCOL_VERSION, Limits, ProtocolError, decode, encode, readable_ref, tensor_frames
 
 __all__ = ["AgentInfo", "EncodedParams", "Gateway", "RoundEvent"]
 
@@ -96,7 +97,8 @@ class Gateway(AgentSessions, JobRouting):
         self.endpoint = ""
         self.agents: dict[bytes, AgentInfo] = {}  # touched only by the gateway thread; read a copy
         self.by_client: dict[int, bytes] = {}
-        self.counters: dict[str, int] = {"received": 0, "sent": 0, "rejected": 0, "joins": 0, "lost": 0,
+        self.counters: dict[str, int] = {"received": 0, "sent": 0, "rejected": 0, "joins": 0, "joins_refused": 0,
+                                        "lost": 0,
                                          "params_sent": 0, "params_reused": 0}
         self._ctx: zmq.Context[Any] | None = None
         self._auth: ThreadAuthenticator | None = None
@@ -115,6 +117,7 @@ class Gateway(AgentSessions, JobRouting):
         self._open_jobs: dict[int, _Round] = {}  # asynchronous jobs posted and not ended (driver thread)
         self._busy: set[int] = set()  # clients whose agent has a task outstanding (guarded by _lock)
         self._seq = 0
+        self._xfer = 0  # the id of the gateway's last transfer in parts
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -196,10 +199,17 @@ class Gateway(AgentSessions, JobRouting):
         return EncodedParams(frames, next(self._param_versions))
 
     def begin_round(self, rnd: int, flat: np.ndarray, spec: ParamSpec, seed: int,
-                    configs: dict[int, dict[str, Any]], deadline_s: float) -> queue.SimpleQueue[RoundEvent]:
+                    configs: dict[int, dict[str, Any]], deadline_s: float, stages: list[Any] | None = None,
+                    needs_segment: Sequence[str] = (), encode: str | None = None) -> queue.SimpleQueue[RoundEvent]:
         """Post synchronous round ``rnd`` (client id -> task config, in position order); returns the event
-        queue. A round is exclusive: it closes every job still open (their clients fail)."""
-        job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.SimpleQueue(), True)
+        queue. A round is exclusive: it closes every job still open (their clients fail).
+
+        ``stages``: the client segment each task carries (:mod:`.segment`); ``needs_segment``: what an agent
+        that runs no segment (no ``caps.segment``) would leave out; non-empty, such an agent's client fails.
+        ``encode``: the codec whose payload the tasks' results may carry as it is (:mod:`.encoded`)."""
+        job = self._job(rnd, self.encode_params(flat), spec, seed, configs, deadline_s, queue.SimpleQueue(), True,
+                        stages, needs_segment)
+        job.encode = encode
         self._posted = job
         self._command("job", job)
         return job.events
@@ -214,13 +224,17 @@ class Gateway(AgentSessions, JobRouting):
 
     def begin_job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
                   configs: dict[int, dict[str, Any]], deadline_s: float,
-                  events: queue.SimpleQueue[RoundEvent]) -> int:
+                  events: queue.SimpleQueue[RoundEvent], stages: list[Any] | None = None,
+                  needs_segment: Sequence[str] = (), mode: str = "train", encode: str | None = None) -> int:
         """Post a job beside the running ones (the asynchronous engine: one client per job) and return its id.
 
         ``params``: from :meth:`encode_params` (one encoding per params version, shared by its
         jobs); ``rnd`` travels as the task's ``round``; events go to ``events`` with ``job`` set. Close it
-        with :meth:`end_job` once its event came (or to give up on it)."""
-        job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False)
+        with :meth:`end_job` once its event came (or to give up on it). ``stages``, ``needs_segment``: as in
+        :meth:`begin_round`; ``mode="evaluate"``: each client runs the one evaluation stage of ``stages`` and
+        answers its numbers (a ``values`` result, PROTOCOL.md section 4.4)."""
+        job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False, stages, needs_segment)
+        job.mode, job.encode = mode, encode
         self._open_jobs[job.job] = job
         self._command("job", job)
         return job.job
@@ -233,15 +247,17 @@ class Gateway(AgentSessions, JobRouting):
 
     def _job(self, rnd: int, params: EncodedParams, spec: ParamSpec, seed: int,
              configs: dict[int, dict[str, Any]], deadline_s: float, events: queue.SimpleQueue[RoundEvent],
-             exclusive: bool) -> _Round:
+             exclusive: bool, stages: list[Any] | None = None, needs_segment: Sequence[str] = ()) -> _Round:
         if self._thread is None:
             raise ConfigError("the gateway is not started", fix="call start() first")
-        tasks = {cid: _Task(pos, cid, secrets.randbits(62), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
+        # random ids below 2**53: exact in every implementation, also one whose numbers are doubles (JavaScript)
+        tasks = {cid: _Task(pos, cid, secrets.randbits(53), cfg) for pos, (cid, cfg) in enumerate(configs.items())}
         frame = params.frames[0]
         descs = [[spec.carrier, [spec.size], "raw" if len(frame) == spec.nbytes else "lz4", len(frame)]]
         spec_wire = [[e.name, list(e.shape), e.dtype] for e in spec.entries]
         return _Round(next(self._job_ids), rnd, seed, spec, params, time.monotonic() + deadline_s, deadline_s,
-                      tasks, events, exclusive, spec_wire=spec_wire, descs=descs)
+                      tasks, events, exclusive, spec_wire=spec_wire, descs=descs, stages=stages,
+                      needs_segment=tuple(needs_segment))
 
     # -- the gateway thread ----------------------------------------------------------------------------
 
@@ -322,6 +338,19 @@ class Gateway(AgentSessions, JobRouting):
         if tensor_frames is None:
             frames = list(encode(msg_type, self._seq, fields))
         else:  # the round's params, encoded once, travel with each agent's own envelope
+            info = self.agents.get(rid)
+            if info is not None and info.caps.get("parts") is True and needs_parts(tensor_frames,
+                                                                                   self.limits.part_bytes):
+                # in parts: the agent hears from the gateway all along a slow download (PROTOCOL.md 5.1)
+                self._xfer += 1
+                for part in part_messages(self._seq, self._xfer, tensor_frames, self.limits.part_bytes):
+                    try:
+                        sock.send_multipart([rid, *part], zmq.NOBLOCK, copy=False)
+                    except zmq.ZMQError as e:
+                        log.debug("flgraph gateway: cannot send a part to an agent: %s", e)
+                        return
+                    self._seq += 1
+                fields, tensor_frames = {**fields, "xfer": self._xfer}, []
             env = {"v": PROTOCOL_VERSION, "t": msg_type, "seq": self._seq, **fields, "tensors": descs}
             frames = [msgpack.packb(env, use_bin_type=True), *tensor_frames]
         try:
@@ -333,7 +362,8 @@ class Gateway(AgentSessions, JobRouting):
     def _reject(self, sock: zmq.Socket[Any], rid: bytes, err: ProtocolError, who: str, **ref: Any) -> None:
         self.counters["rejected"] += 1
         log.warning("flgraph gateway: rejected a message from %s: %s", who, err.message)
-        self._send(sock, rid, "error", {"code": err.code, "text": err.message[: self.limits.max_text], **ref})
+        ids: dict[str, Any] = {k: ref[k] for k in ("round", "task") if k in ref}
+        self._send(sock, rid, "error", {"code": err.code, "text": err.message[: self.limits.max_text], **ids})
 
     def _handle(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
         self.counters["received"] += 1
@@ -341,9 +371,15 @@ class Gateway(AgentSessions, JobRouting):
         info = self.agents.get(rid)
         who = f"client {info.client}" if info else f"connection {rid.hex()[:10]}"
         try:
-            msg = decode([f.buffer for f in frames[1:]], self.limits)
+            msg = decode([f.buffer for f in frames[1:]], self.limits, info.inbound if info else None)
         except ProtocolError as e:
-            self._reject(sock, rid, e, who)
+            ref = readable_ref(frames[1].buffer) if len(frames) > 1 else {}
+            self._reject(sock, rid, e, who, **ref)
+            if info is not None and ref.get("t") == "result":  # a refused answer closes the task's slot
+                self._answered(info, ref.get("task"))
+                hit = self._task_of(info, ref.get("round"), ref.get("task"))
+                if hit is not None:
+                    self._fail(*hit, f"its result was refused: {e.message}")
             return
         now = time.monotonic()
         if msg.type == "join":
@@ -361,6 +397,12 @@ class Gateway(AgentSessions, JobRouting):
         info.last_seq = msg.seq
         info.last_seen = now
         if msg.type == "heartbeat":
+            return
+        if msg.type == "part":  # a slow upload goes on: it counted as a sign of life above
+            try:
+                info.inbound.add(msg)
+            except ProtocolError as e:
+                self._reject(sock, rid, e, who)
             return
         if msg.type == "result":
             self._result(sock, info, msg)

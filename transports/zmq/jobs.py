@@ -86,6 +86,10 @@ class _Round:
     open: bool = True  # set to False by the driver (end_round / end_job) or at the deadline
     spec_wire: list[list[Any]] = field(default_factory=list)  # the task envelope's spec, built once per job
     descs: list[list[Any]] = field(default_factory=list)  # the params frame's descriptor, built once per job
+    stages: list[Any] | None = None  # the client segment every task carries
+    needs_segment: tuple[str, ...] = ()  # what an agent without caps.segment would leave out
+    mode: str = "train"  # "evaluate": its tasks answer a values result (an evaluation stage's numbers)
+    encode: str | None = None  # the codec whose payload results may carry as it is (encoded.py)
 
 
 class JobRouting:
@@ -154,13 +158,18 @@ class JobRouting:
         rid = self.by_client.get(task.client)
         if rid is None or task.finished:
             return  # sent when an agent for the client joins, or failed at the deadline
-        task.sent_to = rid
         info = self.agents[rid]
+        if job.needs_segment and not info.caps.get("segment"):
+            self._fail(job, task, "its agent runs no client segment (no caps.segment) and would leave out "
+                       + "; ".join(job.needs_segment))
+            return
+        task.sent_to = rid
         info.working[1:] = [task.task_id]  # the agent runs one task and keeps the newest one queued
         self._mark(info)
         remaining = max(0.0, job.deadline - time.monotonic())
         env = {"round": job.rnd, "task": task.task_id, "client": task.client, "deadline_s": remaining,
-               "seed": job.seed, "config": task.config, "spec": job.spec_wire}
+               "seed": job.seed, "config": task.config, "spec": job.spec_wire, "stages": job.stages,
+               "mode": None if job.mode == "train" else job.mode, "encode": job.encode}
         if info.caches_params:
             env["params"] = job.params.version
             if info.params_held == job.params.version:  # the agent holds these params: the envelope only
@@ -211,7 +220,8 @@ class JobRouting:
             self._reject(sock, info.routing_id, ProtocolError("duplicate", f"round {rnd} already counts this "
                                                               "client"), f"client {info.client}", **ref)
             return
-        problem = _check_update(msg, job.spec, self.limits)
+        problem = (_check_values(msg) if job.mode == "evaluate" else _check_encoded(msg, job.encode, self.limits)
+                   if msg.fields["kind"] == "encoded" else _check_update(msg, job.spec, self.limits))
         if problem is not None:
             self._reject(sock, info.routing_id, ProtocolError("refused-update", problem,
                                                               fix="send a finite flat update of the model's size"),
@@ -235,6 +245,34 @@ class JobRouting:
                 self._fail(job, task, why or (f"no result by the round's deadline ({job.deadline_s:g} s)"
                                          + ("" if task.sent_to else "; no agent for this client was connected")))
         job.open = False
+
+
+def _check_values(msg: Message) -> str | None:
+    """Why an evaluate task's result cannot be used, or None."""
+    if msg.fields["kind"] != "values":
+        return f"kind {msg.fields['kind']!r} for an evaluate task (use 'values')"
+    t = msg.tensors[0]
+    if t.ndim != 1 or not 1 <= t.size <= MAX_VALUES or t.dtype != np.float64:
+        return f"values of shape {t.shape} and dtype {t.dtype}; an evaluate result is 1..{MAX_VALUES} float64"
+    if not np.isfinite(t).all():
+        return "the values hold non-finite numbers"
+    return None
+
+
+MAX_VALUES = 64
+
+
+def _check_encoded(msg: Message, encode: str | None, limits: Limits) -> str | None:
+    """Why an encoded result cannot be used (its payload is checked in full where the driver unpacks it)."""
+    if encode is None or msg.fields.get("codec") != encode:
+        return (f"an update encoded with {msg.fields.get('codec')!r}; this round takes "
+                + (f"{encode!r} or " if encode else "") + "plain deltas")
+    t = msg.tensors[0]
+    if t.ndim != 1 or t.dtype != np.uint8:
+        return f"an encoded update of shape {t.shape} and dtype {t.dtype} (one uint8 frame expected)"
+    if msg.fields["num_samples"] > limits.max_num_samples:
+        return f"num_samples {msg.fields['num_samples']} is beyond {limits.max_num_samples}"
+    return None
 
 
 def _check_update(msg: Message, spec: ParamSpec, limits: Limits) -> str | None:

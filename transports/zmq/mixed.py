@@ -80,11 +80,16 @@ class MixedTransport:
         return combine_partials(self._reducer, left, right)
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
-        """Client work outside the round's segment: possible for the Dask clients only."""
-        _, on_edge = self.split(np.asarray(ids), self._on_edge())
-        if len(on_edge):
-            return self.edge.map_clients(rnd, flat, ids, fn)
-        return list(self.dask.map_clients(rnd, flat, ids, fn))
+        """Client work outside the round's segment: the Dask clients' on Dask, the edge clients' on their
+        agents (evaluation stages only, see :meth:`ZmqTransport.map_clients`), in the order of ``ids``."""
+        ids = np.asarray(ids, np.int64)
+        on_dask, on_edge = self.split(ids, self._on_edge())
+        out: list[Any] = [None] * len(ids)
+        for pos, part in ((on_dask, self.dask.map_clients(rnd, flat, ids[on_dask], fn) if len(on_dask) else []),
+                          (on_edge, self.edge.map_clients(rnd, flat, ids[on_edge], fn) if len(on_edge) else [])):
+            for p, value in zip(pos.tolist(), part):
+                out[p] = value
+        return out
 
     def places(self) -> int:
         return int(self.dask.places()) + self.edge.places()

@@ -27,6 +27,7 @@ import zmq
 
 from flgraph.errors import ConfigError
 
+from .parts import Reassembly
 from .wire import Limits, Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class AgentInfo:
     tasks_done: int = 0
     working: list[int] = field(default_factory=list)  # task ids sent and not answered: running, queued
     params_held: int = 0  # the params version last sent to that agent's session with its frames (0: none)
+    inbound: Any = None  # the agent's transfer in progress (a wire.Reassembly of its part messages)
 
     @property
     def caches_params(self) -> bool:
@@ -137,7 +139,8 @@ class AgentSessions:
             self._mark(info)
 
     def _join(self, sock: zmq.Socket[Any], rid: bytes, msg: Message, key: str, now: float) -> None:
-        self.counters["joins"] += 1
+        """Admit an agent (``counters["joins"]``: accepted joins; ``"joins_refused"``: refused or deferred)."""
+        self.counters["joins_refused"] += 1  # until accepted below
         old = self.agents.pop(rid, None)
         if old is not None:
             self.by_client.pop(old.client, None)
@@ -172,13 +175,17 @@ class AgentSessions:
         device = {k: v for k, v in msg.fields.get("device", {}).items()}
         info = AgentInfo(rid, secrets.token_hex(8), int(want), key, device, msg.fields.get("caps", {}), now, now,
                          msg.seq)
+        info.inbound = Reassembly(self.limits)
+        self.counters["joins_refused"] -= 1
+        self.counters["joins"] += 1
         self.agents[rid] = info
         self.by_client[info.client] = rid
         self._publish()
         log.info("flgraph gateway: client %d joined (%s)", info.client, msg.fields.get("agent", "agent"))
         self._send(sock, rid, "accept", {"session": info.session, "client": info.client,
                                          "heartbeat_s": self.heartbeat_s, "liveness": self.liveness,
-                                         "max_tensor_bytes": self.limits.max_tensor_bytes})
+                                         "max_tensor_bytes": self.limits.max_tensor_bytes,
+                                         "part_bytes": self.limits.part_bytes})
         for job in list(self._jobs.values()):  # the client's open tasks go to its new session
             task = job.tasks.get(info.client)
             if job.open and task is not None and not task.finished:

@@ -1,9 +1,12 @@
-"""Ready-made task functions for edge agents: flgraph's own ``LocalTrain`` run on the device.
+"""Ready-made task functions for edge agents: the round's client stages run on the device.
 
-:class:`LocalTrainTask` wraps a torch module and a function loading this device's data; it trains with
-the round's config (``epochs``, ``steps``, ``batch_size``, ``lr``, ``tag``: the gateway sends the run's
-``LocalTrain`` settings) and the run's seed streams, so an agent computes exactly the update a Dask worker
-would compute for the same client and data. :func:`synthetic` is a complete task for demos and tests: its
+:class:`LocalTrainTask` wraps a torch module and a function loading this device's data; it rebuilds the
+task's client segment (``LocalTrain``, ``Compress``: :mod:`.segment`, code only from the device's
+allow-list), applies the per-client settings (the config's, then the device owner's own) and runs the
+stages with the run's seed streams, so an agent computes exactly the update a Dask worker would compute
+for the same client and data; it answers evaluate tasks (``FederatedEvaluate``, ``PersonalizedEvaluate``)
+too. Without a segment in the task (an older gateway) it runs ``LocalTrain`` with the config's settings.
+:func:`synthetic` is a complete task for demos and tests: its
 data is :func:`flgraph.data.synthetic_classification`, its model :func:`flgraph.models.mlp`, both
 described by the round's config.
 
@@ -35,28 +38,38 @@ from flgraph.context import ClientSet, ClientWork
 from flgraph.errors import ConfigError
 from flgraph.rng import stage_tag
 
+from . import encoded, segment
 from .agent import EdgeResult, EdgeTask
+from .edge_task import EdgeEncoded, EdgeValues
 
 __all__ = ["LocalTrainTask", "synthetic"]
 
 
 class _OneClient:
-    """The minimal dataset a ClientWork needs on a device: this client's data, loaded on first use."""
+    """The minimal dataset a ClientWork needs on a device: this client's data, loaded on first use (its first
+    ``samples`` samples when the device or the operator sets ``samples``)."""
 
-    def __init__(self, client: int, load: Callable[[int], Any]) -> None:
+    def __init__(self, client: int, load: Callable[[int], Any], samples: int | None = None) -> None:
         self.client = client
         self._load = load
+        self.samples = samples
 
     def load(self, client: int) -> Any:
-        from flgraph.data.dataset import as_client_data
+        from flgraph.data.dataset import ClientData, as_client_data
 
         if client != self.client:
             raise ConfigError(f"this device holds client {self.client}'s data, not client {client}'s")
-        return as_client_data(self._load(client), f"the device's data for client {client}")
+        data = as_client_data(self._load(client), f"the device's data for client {client}")
+        if self.samples is not None:
+            data = ClientData(data.x[: self.samples], data.y[: self.samples])
+        return data
 
 
 class LocalTrainTask:
-    """A task function running flgraph's ``LocalTrain`` on ``model`` with ``load_data(client)``."""
+    """A task function running the round's client segment (flgraph's ``LocalTrain``, ``Compress``) on
+    ``model`` with ``load_data(client)``, as a Dask worker runs it."""
+
+    runs_segment = True  # the agent announces caps.segment: it runs the task's stages, not LocalTrain alone
 
     def __init__(self, model: Any, load_data: Callable[[int], Any], *, device: str = "cpu") -> None:
         from flgraph.models.adapter import ModelAdapter
@@ -65,33 +78,103 @@ class LocalTrainTask:
         self.load_data = load_data
         self.device = device
 
-    def __call__(self, task: EdgeTask) -> EdgeResult:
+    def __call__(self, task: EdgeTask) -> EdgeResult | EdgeValues | EdgeEncoded:
         mine, theirs = self.adapter.spec, task.params.spec
         if [(e.name, e.shape) for e in mine.entries] != [(e.name, e.shape) for e in theirs.entries]:
             raise ConfigError(f"the gateway's model ({theirs.describe()}) is not this device's "
                               f"({mine.describe()})", fix="install the run's model on the device")
-        cfg = task.config
-        accepted = inspect.signature(LocalTrain).parameters
-        kwargs = {k: cfg[k] for k in ("epochs", "steps", "batch_size", "lr", "mu", "holdout")
-                  if k in cfg and k in accepted}
-        stage = LocalTrain(**kwargs, device=self.device)
+        cfg = {**task.config, **task.own}  # the device owner's settings win
+        if task.mode == "evaluate":
+            return self._evaluate(task)
+        if task.stages is None:  # a gateway that sends no segment: LocalTrain with the config's settings
+            accepted = inspect.signature(LocalTrain).parameters
+            stage = LocalTrain(**{k: cfg[k] for k in ("epochs", "steps", "batch_size", "lr", "mu", "holdout")
+                                  if k in cfg and k in accepted})
+            stage.tag = int(cfg.get("tag", stage_tag("LocalTrain", 0)))
+            stages: list[Any] = [stage]
+        else:
+            stages = segment.build(task.stages, task.allow)
+        used: dict[str, float] = {}
+        for stage in stages:
+            if isinstance(stage, LocalTrain):
+                used = _endpoint_settings(stage, cfg)
+                stage.device = self.device  # the device's own accelerator, not the driver's
+            stage.prepare(None, self.adapter)
+        samples = whole("samples", cfg["samples"]) if "samples" in cfg else None
+        if samples is not None and samples < 1:
+            raise ConfigError(f"samples={samples}: train on at least one sample")
+        work = ClientWork(task.round, task.client, 0, task.seed, task.params,
+                          _OneClient(task.client, self.load_data, samples),  # type: ignore[arg-type]
+                          ClientSet(np.array([task.client])), self.adapter)
+        for stage in stages:  # as flgraph.engine.clients.client_leaf runs them
+            work.tag = stage.tag
+            stage.run(work)
+        update = work.update
+        if update is None:
+            raise ConfigError("no client stage produced an update", fix="put LocalTrain in the pipeline")
+        metrics = {**update.metrics, **used}
+        if task.encode is not None and update.codec is not None and update.codec.name == task.encode:
+            return EdgeEncoded(update.num_samples, task.encode, encoded.pack(task.encode, update.payload), metrics)
+        delta = np.array(update.decoded(task.params.spec), copy=True)
+        return EdgeResult(num_samples=update.num_samples, delta=delta, metrics=metrics)
+
+
+    def _evaluate(self, task: EdgeTask) -> EdgeValues:
+        """An evaluation stage's client work (``FederatedEvaluate.client``) on all of this device's data."""
+        if not task.stages or len(task.stages) != 1:
+            raise ConfigError("an evaluate task names exactly one evaluation stage")
+        (stage,) = segment.build(task.stages, task.allow, segment.EVAL_STAGES)
         stage.prepare(None, self.adapter)
         work = ClientWork(task.round, task.client, 0, task.seed, task.params,
                           _OneClient(task.client, self.load_data),  # type: ignore[arg-type]
                           ClientSet(np.array([task.client])), self.adapter)
-        stage.tag = work.tag = int(cfg.get("tag", stage_tag("LocalTrain", 0)))
-        stage.run(work)
-        update = work.update
-        assert update is not None and update.delta is not None
-        return EdgeResult(num_samples=update.num_samples, delta=np.array(update.delta, copy=True),
-                          metrics=dict(update.metrics))
+        work.tag = stage.tag
+        return EdgeValues(tuple(float(v) for v in stage.client(work)))
+
+
+def whole(name: str, value: Any) -> int:
+    """``value`` as an int when it is a whole number (``2`` or ``2.0``); a ConfigError naming ``name`` otherwise.
+
+    Example:
+        >>> whole("epochs", 2.0)
+        2
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise ConfigError(f"{name}={value!r}: a whole number is needed", fix=f"e.g. --set {name}=2")
+    return int(value)
+
+
+def _endpoint_settings(stage: Any, cfg: dict[str, Any]) -> dict[str, float]:
+    """Set ``stage``'s epochs, steps, batch size and lr from ``cfg`` (the run's per-client settings, the
+    operator's config, the device owner's settings); the values it will train with, as metrics."""
+    from flgraph.stages.train import SGD
+
+    if "epochs" in cfg:
+        stage.epochs = whole("epochs", cfg["epochs"])
+    if "steps" in cfg:
+        stage.steps = whole("steps", cfg["steps"])
+    if "batch_size" in cfg:
+        stage.batch_size = whole("batch_size", cfg["batch_size"])
+    if "lr" in cfg and float(cfg["lr"]) != stage.lr:
+        if stage.optimizer is not None and not isinstance(stage.optimizer, SGD):
+            raise ConfigError(f"lr={cfg['lr']} is set for this client, but LocalTrain's optimizer "
+                              f"{stage.optimizer!r} sets its own learning rate",
+                              fix="set lr only for runs with LocalTrain's SGD (optimizer=SGD(lr, momentum))")
+        stage.lr = float(cfg["lr"])
+        if stage.optimizer is not None:
+            stage.optimizer = SGD(stage.lr, momentum=stage.optimizer.momentum)
+    if stage.epochs < 1 or (stage.steps is not None and stage.steps < 1) or stage.batch_size < 1:
+        raise ConfigError(f"epochs={stage.epochs}, steps={stage.steps}, batch_size={stage.batch_size}: each must "
+                          "be >= 1", fix="check the device's --set and the operator's client settings")
+    out = {"epochs": float(stage.epochs), "batch_size": float(stage.batch_size), "lr": float(stage.lr)}
+    return out
 
 
 _cache: dict[tuple[Any, ...], LocalTrainTask] = {}
 _cache_lock = threading.Lock()
 
 
-def synthetic(task: EdgeTask) -> EdgeResult:
+def synthetic(task: EdgeTask) -> EdgeResult | EdgeValues | EdgeEncoded:
     """Train an MLP on this client's part of ``synthetic_classification``, both described by the config.
 
     Config keys (defaults): ``data_seed`` (0), ``num_clients`` (1000), ``samples_per_client`` (64),
@@ -117,3 +200,6 @@ def synthetic(task: EdgeTask) -> EdgeResult:
             _cache.clear()
             _cache[key] = fn
     return fn(task)
+
+
+synthetic.runs_segment = True  # type: ignore[attr-defined]

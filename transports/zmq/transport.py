@@ -43,7 +43,7 @@ import logging
 import os
 import queue
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ from flgraph.context import ClientSet, Update
 from flgraph.engine.clients import Bundle, Partial, combine_partials, reducer_leaf
 from flgraph.errors import ClientError, ClusterError, ConfigError
 
+from . import encoded, evaluate, segment
 from .capabilities import unsupported
 from .edge_async import EdgeCompletion, EdgeFuture, EdgeVersion
 from .gateway import Gateway, RoundEvent
@@ -80,6 +81,8 @@ class ZmqTransport:
         bind: the gateway's endpoint (``"tcp://127.0.0.1:0"``: any free port; see ``endpoint``).
         deadline_s: seconds a round waits for its clients; the missing ones are failures.
         config: extra per-round config for the agents' task functions (numbers, bools, short strings).
+        client_config: the operator's settings per client id, over ``config`` (e.g. ``{7: {"epochs": 2,
+            "lr": 0.05, "batch_size": 16, "samples": 500}}``); a device's own ``--set`` wins over both.
         secret_key, allow, heartbeat_s, liveness, limits, max_agents, client_ids, compress: the
             :class:`~flgraph.transports.zmq.gateway.Gateway`'s.
 
@@ -96,11 +99,13 @@ class ZmqTransport:
                  config: dict[str, Any] | None = None, secret_key: str | os.PathLike[str] | None = None,
                  allow: str | os.PathLike[str] | Iterable[bytes] | None = None, heartbeat_s: float = 1.0,
                  liveness: int = 3, limits: Limits | None = None, max_agents: int = 10_000,
-                 client_ids: Iterable[int] | None = None, compress: str = "auto") -> None:
+                 client_ids: Iterable[int] | None = None, compress: str = "auto",
+                 client_config: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         if deadline_s <= 0:
             raise ConfigError(f"deadline_s={deadline_s}", fix="give rounds a positive deadline in seconds")
         self.deadline_s = float(deadline_s)
         self.config = dict(config or {})
+        self.client_config = {int(c): dict(v) for c, v in (client_config or {}).items()}
         self.gateway = Gateway(bind, secret_key=secret_key, allow=allow, heartbeat_s=heartbeat_s, liveness=liveness,
                                limits=limits, max_agents=max_agents, client_ids=client_ids, compress=compress)
         self._bundle: Bundle | None = None
@@ -122,12 +127,19 @@ class ZmqTransport:
                               "devices cannot reach",
                               fix="keep such state on the device, inside the agent's task function (e.g. the "
                                   "error-feedback residual), and drop it from the pipeline's client stages")
-        refused = unsupported(bundle.stages)
+        refused = segment.refusals(bundle.stages)
         if refused:
-            raise ConfigError("edge agents would not run " + "; ".join(refused) + " as a Dask worker does",
+            raise ConfigError("edge agents cannot run the pipeline's client stages as a Dask worker does: "
+                              + "; ".join(refused),
                               fix="drop these from the pipeline's client stages for an edge run (or run it on Dask)")
         self._bundle = bundle
         self._base = _stage_config(bundle)
+        self._segment = segment.describe(bundle.stages)
+        self._legacy = unsupported(bundle.stages)  # what an agent without caps.segment would leave out
+        last = bundle.stages[-1] if bundle.stages else None
+        codec = getattr(last, "codec", None) if type(last).__name__ == "Compress" else None
+        # a segment that ends encoding the update: its payload may travel as it is (encoded.py)
+        self._codec = codec if getattr(codec, "name", None) in encoded.WIRE_CODECS else None
         self.gateway.start()
         return time.perf_counter() - t0
 
@@ -140,7 +152,8 @@ class ZmqTransport:
         return self.gateway.start()
 
     def configs(self, clients: ClientSet) -> dict[int, dict[str, Any]]:
-        """Each client's task config: the run's client-stage settings, its ClientSet settings, ``config``."""
+        """Each client's task config: the run's client-stage settings, its ClientSet settings, ``config``, then
+        its ``client_config``."""
         out = {}
         for pos, cid in enumerate(clients.ids.tolist()):
             cfg = dict(self._base)
@@ -149,6 +162,7 @@ class ZmqTransport:
                 if isinstance(v, (int, float, bool, str)):
                     cfg[name] = v
             cfg.update(self.config)
+            cfg.update(self.client_config.get(int(cid), {}))
             out[int(cid)] = cfg
         return out
 
@@ -156,11 +170,19 @@ class ZmqTransport:
         """Post round ``rnd``'s tasks; collect with :meth:`collect`."""
         if self._bundle is None:
             raise ClusterError("the transport was not started", fix="use it through fg.Run(..., transport=...)")
+        self._check_agents(clients)
         events = self.gateway.begin_round(rnd, flat, self._bundle.spec, self._bundle.seed, self.configs(clients),
-                                          self.deadline_s)
+                                          self.deadline_s, self._segment, self._legacy, self._encode())
         present = self.gateway.connected().keys()
         self._places = sum(1 for c in clients.ids.tolist() if c in present)
         return _Pending(rnd, flat, clients, events, time.monotonic() + self.deadline_s + self._grace())
+
+    def _encode(self) -> str | None:
+        return None if self._codec is None else str(self._codec.name)
+
+    def _check_agents(self, clients: ClientSet) -> None:
+        """Refuse a round that a connected agent of its clients would not run as a Dask worker does."""
+        segment.check_agents(self.gateway.connected(), clients.ids.tolist(), self._segment, self._legacy)
 
     def _grace(self) -> float:
         """How long after a deadline the driver waits for the gateway to report it."""
@@ -214,12 +236,18 @@ class ZmqTransport:
         assert self._bundle is not None and ev.message is not None
         msg = ev.message
         wire = np.asarray(msg.tensors[0])
-        delta = wire - flat if msg.fields["kind"] == "weights" else np.array(wire, copy=True)
         n = int(msg.fields["num_samples"])
         metrics = msg.fields["metrics"]
-        update = Update(ev.client, n, rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
-        sums = {"clients_done": 1.0, "samples": float(n), "bytes_up": float(msg.wire_nbytes),
-                "bytes_up_raw": float(delta.nbytes)}
+        spec = self._bundle.spec
+        if msg.fields["kind"] == "encoded":  # the codec's payload as the agent encoded it: counted as on Dask
+            update = Update(ev.client, n, rnd - 1, None, dict(metrics), payload=encoded.unpack(self._codec, wire, spec),
+                            codec=self._codec, raw_nbytes=int(spec.size * np.dtype(spec.carrier).itemsize))
+            sent = float(update.upload_nbytes)
+        else:
+            delta = wire - flat if msg.fields["kind"] == "weights" else np.array(wire, copy=True)
+            update = Update(ev.client, n, rnd - 1, delta, dict(metrics), raw_nbytes=int(delta.nbytes))
+            sent = float(msg.wire_nbytes)
+        sums = {"clients_done": 1.0, "samples": float(n), "bytes_up": sent, "bytes_up_raw": float(update.raw_nbytes)}
         value = reducer_leaf(self._bundle, update, clients, ev.position)  # per group too, with tiers
         for k, v in metrics.items():
             sums[f"wsum_{k}"] = float(v) * n
@@ -257,8 +285,10 @@ class ZmqTransport:
         if len(clients) != 1:
             raise ConfigError(f"submit_client got {len(clients)} clients", fix="submit one client per call")
         started = time.monotonic()
+        self._check_agents(clients)
         job = self.gateway.begin_job(rnd, params.encoded, self._bundle.spec, self._bundle.seed,
-                                     self.configs(clients), self.deadline_s, self._events)
+                                     self.configs(clients), self.deadline_s, self._events, self._segment,
+                                     self._legacy, encode=self._encode())
         return EdgeFuture(job, rnd, int(clients.ids[0]), params, on_error, started,
                           started + self.deadline_s + self._grace())
 
@@ -336,10 +366,8 @@ class ZmqTransport:
         fut._value = part
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
-        """Not possible on edge agents: no code travels over the wire."""
-        raise ConfigError(f"{getattr(fn, '__qualname__', 'client work')} cannot run on edge agents (no code "
-                          "travels to them)", fix="evaluate on the driver's test split (st.Evaluate), or run this "
-                                                  "stage's clients on Dask with MixedTransport")
+        """An evaluation stage's client work on the agents of ``ids`` (:func:`.evaluate.on_agents`)."""
+        return evaluate.on_agents(self, rnd, flat, ids, fn)
 
     def places(self) -> int:
         """Agents that received the last round's params."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lz4.block
 import msgpack
@@ -34,8 +34,11 @@ import numpy as np
 
 from flgraph.errors import FlgraphError
 
+if TYPE_CHECKING:
+    from .parts import Reassembly
+
 __all__ = ["DTYPES", "PROTOCOL_VERSION", "SCHEMAS", "Limits", "Message", "ProtocolError", "decode", "encode",
-           "tensor_frames"]
+           "readable_ref", "tensor_frames"]
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a peer with another version is refused (code ``version``)."""
@@ -47,6 +50,7 @@ CODECS = ("raw", "lz4")
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # wire name -> little-endian dtype
 _WIRE_NAMES = {dt: name for name, dt in _WIRE_DTYPES.items()}  # the reverse (native little-endian too)
 MAX_INT = 2**63 - 1
+MAX_EXACT = 2**53  # the largest whole number every double holds exactly (and the task ids' bound)
 
 
 class ProtocolError(FlgraphError):
@@ -83,6 +87,7 @@ class Limits:
     max_map: int = 64
     max_spec_entries: int = 4096
     max_num_samples: int = 2**40
+    part_bytes: int = 1 << 20  # a sender splits tensor bytes above this into `part` messages (0: never)
 
     @property
     def max_frames(self) -> int:
@@ -102,17 +107,21 @@ class Message:
 
 # -- schemas ----------------------------------------------------------------------------------------
 # field -> (kind, required). Kinds: int (0..2**63-1), float (finite), str, text, bool, scalars (a map of
-# str -> int/float/str/bool), floats (a map of str -> finite float), spec ([[name, shape, dtype], ...]).
+# str -> int/float/str/bool), floats (a map of str -> finite float), spec ([[name, shape, dtype], ...]),
+# stages (the client segment: a list of maps of plain data, see _plain).
 SCHEMAS: dict[str, tuple[dict[str, tuple[str, bool]], int]] = {
     "join": ({"client": ("int", False), "agent": ("str", False), "caps": ("scalars", False),
               "device": ("scalars", False)}, 0),
     "accept": ({"session": ("str", True), "client": ("int", True), "heartbeat_s": ("float", True),
-                "liveness": ("int", True), "max_tensor_bytes": ("int", True)}, 0),
+                "liveness": ("int", True), "max_tensor_bytes": ("int", True), "part_bytes": ("int", False)}, 0),
     "task": ({"round": ("int", True), "task": ("int", True), "client": ("int", True),
               "deadline_s": ("float", True), "seed": ("int", True), "config": ("scalars", True),
-              "spec": ("spec", True), "params": ("int", False)}, 1),
+              "spec": ("spec", True), "params": ("int", False), "stages": ("stages", False),
+              "mode": ("str", False), "xfer": ("int", False), "encode": ("str", False)}, 1),
     "result": ({"round": ("int", True), "task": ("int", True), "num_samples": ("int", True),
-                "kind": ("str", True), "metrics": ("floats", True)}, 1),
+                "kind": ("str", True), "metrics": ("floats", True), "xfer": ("int", False),
+                "codec": ("str", False)}, 1),
+    "part": ({"xfer": ("int", True), "index": ("int", True), "count": ("int", True), "total": ("int", True)}, 1),
     "error": ({"code": ("str", True), "text": ("text", True), "round": ("int", False),
                "task": ("int", False)}, 0),
     "heartbeat": ({}, 0),
@@ -198,8 +207,11 @@ def _compressible(raw: memoryview) -> bool:
     return len(lz4.block.compress(sample, store_size=False)) < 0.9 * len(sample)
 
 
-def decode(frames: Sequence[bytes | memoryview], limits: Limits) -> Message:
-    """Check and decode one message (the frames after the routing id); raises :class:`ProtocolError`."""
+def decode(frames: Sequence[bytes | memoryview], limits: Limits, parts: Reassembly | None = None) -> Message:
+    """Check and decode one message (the frames after the routing id); raises :class:`ProtocolError`.
+
+    A message whose tensor bytes came before it in ``part`` messages (its field ``xfer``) takes them from
+    ``parts``, where the receiver collected them."""
     if not frames:
         raise ProtocolError("malformed", "an empty message (no envelope frame)")
     if len(frames) > limits.max_frames:
@@ -208,9 +220,11 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits) -> Message:
     if len(head) > limits.max_envelope_bytes:
         raise ProtocolError("too-large", f"the envelope has {len(head)} bytes (limit {limits.max_envelope_bytes})")
     try:
+        # msgpack's own bounds only guard memory (the envelope is at most max_envelope_bytes): a map, an array
+        # or a string beyond a Limits bound is reported by the schema checks below as too-large
         env = msgpack.unpackb(bytes(head), raw=False, strict_map_key=True, use_list=True,
-                              max_str_len=limits.max_text,
-                              max_bin_len=0, max_array_len=limits.max_spec_entries, max_map_len=limits.max_map,
+                              max_str_len=limits.max_envelope_bytes, max_bin_len=0,
+                              max_array_len=limits.max_envelope_bytes, max_map_len=limits.max_envelope_bytes,
                               max_ext_len=0, ext_hook=_reject_ext, timestamp=0)
     except ProtocolError:
         raise
@@ -242,12 +256,61 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits) -> Message:
         raise ProtocolError("bad-tensor", f"{msg_type}: 'tensors' must be a list")
     if len(descs) == 0 and len(frames) == 1 and msg_type == "task" and "params" in out:
         n_tensors = 0  # the params of the version it names, which the agent already holds
+    if "xfer" in out and len(frames) == 1 and n_tensors:
+        frames = [frames[0], *_assembled(msg_type, out["xfer"], descs, parts)]
     if len(descs) != n_tensors or len(frames) != 1 + n_tensors:
         raise ProtocolError("bad-tensor", f"{msg_type}: carries {n_tensors} tensor frame(s); the envelope describes "
                                           f"{len(descs)} and {len(frames) - 1} followed")
     tensors = [_tensor(msg_type, d, frames[1 + i], limits) for i, d in enumerate(descs)]
     nbytes = sum(len(f) for f in frames)
     return Message(msg_type, seq, out, tensors, nbytes)
+
+
+def _assembled(msg_type: str, xfer: int, descs: Any, parts: Reassembly | None) -> list[memoryview]:
+    """The tensor frames of a message whose bytes came in ``part`` messages, cut by its descriptors."""
+    if parts is None:
+        raise ProtocolError("bad-tensor", f"{msg_type}: names transfer {xfer}, but this side takes no parts")
+    buf = parts.take(xfer)
+    if buf is None:
+        raise ProtocolError("bad-tensor", f"{msg_type}: transfer {xfer} did not arrive whole before the message")
+    sizes = [d[3] if isinstance(d, list) and len(d) == 4 and type(d[3]) is int and d[3] >= 0 else -1
+             for d in (descs if isinstance(descs, list) else [])]
+    if -1 in sizes or sum(sizes) != len(buf):
+        raise ProtocolError("bad-tensor", f"{msg_type}: its descriptors' nbytes do not add up to the {len(buf)} "
+                                          f"bytes of transfer {xfer}")
+    out, at = [], 0
+    for n in sizes:
+        out.append(buf[at : at + n])
+        at += n
+    return out
+
+
+def readable_ref(head: bytes | memoryview) -> dict[str, Any]:
+    """The type, ``round`` and ``task`` of an envelope that failed its checks but is readable msgpack (the
+    error answered to it names them); {} when it is not.
+
+    Example:
+        >>> import msgpack
+        >>> readable_ref(msgpack.packb({"v": 1, "t": "result", "seq": 1, "round": 3, "task": 9, "num_samples": -1}))
+        {'t': 'result', 'round': 3, 'task': 9}
+    """
+    try:
+        env = msgpack.unpackb(bytes(head), raw=False, strict_map_key=False, max_bin_len=0, max_ext_len=0,
+                              ext_hook=_reject_ext, timestamp=0)
+    except Exception:  # not readable: nothing to name
+        return {}
+    if not isinstance(env, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(env.get("t"), str) and len(env["t"]) <= 64:
+        out["t"] = env["t"]
+    for k in ("round", "task"):
+        v = env.get(k)
+        if type(v) is float and v.is_integer():
+            v = int(v)
+        if type(v) is int and 0 <= v <= MAX_INT:
+            out[k] = v
+    return out
 
 
 def _short(v: Any) -> str:
@@ -258,6 +321,8 @@ def _short(v: Any) -> str:
 def _check(msg_type: str, name: str, kind: str, v: Any, limits: Limits) -> Any:
     where = f"{msg_type}.{name}"
     if kind == "int":
+        if type(v) is float and v.is_integer() and 0 <= v <= MAX_EXACT:
+            return int(v)  # a whole number sent as a float (a JavaScript agent's numbers are doubles)
         if type(v) is not int or not 0 <= v <= MAX_INT:
             raise ProtocolError("bad-field", f"{where} must be an int in 0..2**63-1, got {_short(v)}")
         return v
@@ -267,25 +332,34 @@ def _check(msg_type: str, name: str, kind: str, v: Any, limits: Limits) -> Any:
         return float(v)
     if kind in ("str", "text"):
         top = limits.max_str if kind == "str" else limits.max_text
-        if not isinstance(v, str) or len(v) > top:
+        if not isinstance(v, str):
             raise ProtocolError("bad-field", f"{where} must be a string of at most {top} characters")
+        if len(v) > top:
+            raise ProtocolError("too-large", f"{where}: a string of {len(v)} characters (limit {top})")
         return v
     if kind in ("scalars", "floats"):
-        if not isinstance(v, dict) or len(v) > limits.max_map:
+        if not isinstance(v, dict):
             raise ProtocolError("bad-field", f"{where} must be a map of at most {limits.max_map} entries")
+        if len(v) > limits.max_map:
+            raise ProtocolError("too-large", f"{where}: a map of {len(v)} entries (limit {limits.max_map})")
         for k, x in v.items():
-            if not isinstance(k, str) or len(k) > limits.max_str:
-                raise ProtocolError("bad-field", f"{where} has a key that is not a short string")
+            if not isinstance(k, str):
+                raise ProtocolError("bad-field", f"{where} has a key that is not a string")
+            if len(k) > limits.max_str:
+                raise ProtocolError("too-large", f"{where} has a key longer than {limits.max_str} characters")
             if kind == "floats":
                 if type(x) not in (int, float) or not math.isfinite(x):
                     raise ProtocolError("bad-field", f"{where}[{k[:40]!r}] must be a finite number, got {_short(x)}")
-            elif type(x) not in (int, float, str, bool) or (isinstance(x, str) and len(x) > limits.max_str) or (
-                    type(x) is float and not math.isfinite(x)):
+            elif isinstance(x, str) and len(x) > limits.max_str:
+                raise ProtocolError("too-large", f"{where}[{k[:40]!r}]: a string longer than {limits.max_str}")
+            elif type(x) not in (int, float, str, bool) or (type(x) is float and not math.isfinite(x)):
                 raise ProtocolError("bad-field", f"{where}[{k[:40]!r}] must be a finite number, a bool or a short "
                                                  f"string, got {_short(x)}")
         return {k: (float(x) if kind == "floats" else x) for k, x in v.items()}
     if kind == "spec":
-        if not isinstance(v, list) or not 0 < len(v) <= limits.max_spec_entries:
+        if isinstance(v, list) and len(v) > limits.max_spec_entries:
+            raise ProtocolError("too-large", f"{where}: {len(v)} tensors (limit {limits.max_spec_entries})")
+        if not isinstance(v, list) or not v:
             raise ProtocolError("bad-field", f"{where} must list 1..{limits.max_spec_entries} tensors")
         out = []
         for e in v:
@@ -295,12 +369,56 @@ def _check(msg_type: str, name: str, kind: str, v: Any, limits: Limits) -> Any:
                 raise ProtocolError("bad-field", f"{where} entries must be [name, shape, dtype]")
             out.append((e[0], _shape(where, e[1], limits), e[2]))
         return out
+    if kind == "stages":
+        if isinstance(v, list) and len(v) > MAX_STAGES:
+            raise ProtocolError("too-large", f"{where}: {len(v)} stages (limit {MAX_STAGES})")
+        if not isinstance(v, list) or not all(isinstance(e, dict) for e in v):
+            raise ProtocolError("bad-field", f"{where} must be a list of at most {MAX_STAGES} maps")
+        _plain(where, v, limits, 0)
+        return v
     raise AssertionError(kind)
 
 
+MAX_STAGES = 16
+MAX_DEPTH = 8
+
+
+def _plain(where: str, v: Any, limits: Limits, depth: int) -> None:
+    """Plain data only: nil, bools, ints, finite floats, short strings, and arrays / string-keyed maps of at
+    most ``max_map`` entries of those, nested at most MAX_DEPTH deep."""
+    if v is None or isinstance(v, bool | int):
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ProtocolError("bad-field", f"{where}: a non-finite number")
+        return
+    if isinstance(v, str):
+        if len(v) > limits.max_str:
+            raise ProtocolError("too-large", f"{where}: a string longer than {limits.max_str} characters")
+        return
+    if depth >= MAX_DEPTH:
+        raise ProtocolError("too-large", f"{where}: nested deeper than {MAX_DEPTH}")
+    if isinstance(v, list):
+        if len(v) > limits.max_map:
+            raise ProtocolError("too-large", f"{where}: an array of more than {limits.max_map} entries")
+        for i, x in enumerate(v):
+            _plain(f"{where}[{i}]", x, limits, depth + 1)
+        return
+    if isinstance(v, dict):
+        if len(v) > limits.max_map:
+            raise ProtocolError("too-large", f"{where}: a map of more than {limits.max_map} entries")
+        for k, x in v.items():
+            if not isinstance(k, str) or len(k) > limits.max_str:
+                raise ProtocolError("bad-field", f"{where} has a key that is not a short string")
+            _plain(f"{where}.{k[:40]}", x, limits, depth + 1)
+        return
+    raise ProtocolError("bad-field", f"{where}: {type(v).__name__} is not plain data")
+
+
 def _shape(where: str, shape: Any, limits: Limits) -> tuple[int, ...]:
-    if (not isinstance(shape, list) or len(shape) > limits.max_ndim
-            or any(type(s) is not int or not 0 <= s < 2**31 for s in shape)):
+    if isinstance(shape, list) and len(shape) > limits.max_ndim:
+        raise ProtocolError("too-large", f"{where}: a shape of {len(shape)} dims (limit {limits.max_ndim})")
+    if not isinstance(shape, list) or any(type(s) is not int or not 0 <= s < 2**31 for s in shape):
         raise ProtocolError("bad-tensor", f"{where}: a shape must list at most {limits.max_ndim} ints in 0..2**31-1")
     return tuple(shape)
 
