@@ -74,8 +74,10 @@ def test_driver_killed_before_its_first_snapshot_leaves_a_resumable_directory(tm
 
 
 # -- a lost scheduler: the `dask scheduler` process of a cluster reached by address, killed ---------------
-@pytest.mark.parametrize(("phase", "count", "saved"), [("round-submitted", 3, "round 3 is saved in"),
-                                                        ("warm-up", 1, "no round was saved yet in")])
+# which round is committed when the driver sees the loss depends on timing (2 or 3 here); the message must
+# name it, and the command it prints must end the run as if the scheduler had never died (checked below)
+@pytest.mark.parametrize(("phase", "count", "saved"), [("round-submitted", 3, r"round [23] is saved in"),
+                                                        ("warm-up", 1, r"no round was saved yet in")])
 def test_lost_scheduler_is_a_cluster_error_with_the_command_to_continue(phase, count, saved, tmp_path, client1,
                                                                         tmp_path_factory):
     # resuming after a loss in warm-up is the stuck-directory case above; bench/chaos.py runs it too
@@ -84,7 +86,7 @@ def test_lost_scheduler_is_a_cluster_error_with_the_command_to_continue(phase, c
     assert result["fired"] and result["exit"] == 1, result["log"]
     error = result["error"]
     assert re.search(r"ClusterError: the Dask scheduler at tcp://127\.0\.0\.1:\d+ was lost", error), error
-    assert saved in error and f"{result['path']}" in error
+    assert re.search(saved, error) and f"{result['path']}" in error, error
     assert re.search(rf"`flgraph resume {re.escape(str(result['path']))} --scheduler tcp://127\.0\.0\.1:\d+ "
                      r"--workers 1`", error), error
     ended = error[error.index("ClusterError:"):]  # what fit raised (Dask's error is only its cause)
