@@ -20,6 +20,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shlex
 import sys
 import threading
 from dataclasses import dataclass
@@ -212,3 +213,24 @@ def connect(cluster: Any = None, *, workers: int | None = None, timeout: float =
         return handle
     raise ClusterError(f"cannot use {type(cluster).__name__} as a cluster",
                        fix="pass None, a distributed.Client, a cluster object, or a scheduler address")
+
+
+def scheduler_lost(address: str | None, under_way: str, directory: Any, workers: int | None) -> ClusterError:
+    """The error of a run whose scheduler was lost: what was saved in its run directory (``directory``, a
+    :class:`~flgraph.store.checkpoint.RunDirectory` or None) and the exact command that continues it."""
+    address = address or "tcp://HOST:PORT"
+    if directory is None:
+        return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); nothing was saved: the "
+                            "run writes no checkpoints", fix="start the scheduler and its workers again and run "
+                            "again; pass checkpoint=PATH to make a run resumable")
+    rounds = directory.snapshot_rounds()
+    root = getattr(directory.group.store, "root", None)
+    where = str(root) if root is not None else "its run directory"
+    saved = (f"round {rounds[-1]} is saved in {where}" if rounds else
+             f"no round was saved yet in {where}, which holds the run's configuration (resume starts it "
+             "from round 0)")
+    more = f" --workers {workers}" if workers else ""
+    command = f"flgraph resume {shlex.quote(where)} --scheduler {address}{more}"
+    return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); {saved}",
+                        fix=f"start a scheduler and its workers, then continue with `{command}` "
+                            f"(in Python: flgraph.resume({where!r}, cluster={address!r}))")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _chaos
-from .cluster import ClusterHandle, connect
+from .cluster import ClusterHandle, connect, scheduler_lost
 from .engine import PlansAhead, RunState, SyncEngine
 from .engine.clients import Bundle
 from .engine.contracts import refuse_unsupported
@@ -346,25 +345,9 @@ class Run:
     def _scheduler_lost(self) -> ClusterError:
         """The error of a fit whose scheduler was lost: what was saved, and the command that continues."""
         assert self._handle is not None
-        address = self._handle.address or "tcp://HOST:PORT"
         under_way = f"round {self.state.round + 1} was under way" if self._transport is not None else \
             "the run was starting"
-        directory = self.checkpoint_directory
-        if directory is None:
-            return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); nothing was saved: the "
-                                "run writes no checkpoints", fix="start the scheduler and its workers again and run "
-                                "again; pass checkpoint=PATH to make a run resumable")
-        rounds = directory.snapshot_rounds()
-        root = getattr(directory.group.store, "root", None)
-        where = str(root) if root is not None else "its run directory"
-        saved = (f"round {rounds[-1]} is saved in {where}" if rounds else
-                 f"no round was saved yet in {where}, which holds the run's configuration (resume starts it "
-                 "from round 0)")
-        workers = f" --workers {self._workers}" if self._workers else ""
-        command = f"flgraph resume {shlex.quote(where)} --scheduler {address}{workers}"
-        return ClusterError(f"the Dask scheduler at {address} was lost ({under_way}); "
-                            f"{saved}", fix=f"start a scheduler and its workers, then continue with `{command}` "
-                            f"(in Python: flgraph.resume({where!r}, cluster={address!r}))")
+        return scheduler_lost(self._handle.address, under_way, self.checkpoint_directory, self._workers)
 
     def _stop(self, reason: str) -> None:
         """End the run before the next round: the target becomes the last completed round, committed."""

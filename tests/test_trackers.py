@@ -8,6 +8,7 @@ import json
 import struct
 import sys
 
+import numpy as np
 import pytest
 
 import flgraph as fg
@@ -97,16 +98,24 @@ def test_a_run_sends_config_and_metrics_to_tensorboard_wandb_and_mlflow(client2,
     assert sorted((m.step, m.value) for m in history) == [(r, pytest.approx(v)) for r, v in zip([1, 2, 3], losses)]
 
 
-def test_config_redacts_secrets_and_stage_seeds():
+def test_config_redacts_secrets_and_holds_no_dp_key():
     class FakeRun:
         seed = 11
-        pipeline = _pipeline(st.dp_mean(max_norm=1.0, noise_multiplier=0.5, seed=1234))
+        pipeline = fg.recipes.dp_fedavg(clients=5, noise_multiplier=0.5, adaptive=False, sampling="fixed")
 
-    config = run_config(FakeRun())
+    run = fg.Run(FakeRun.pipeline, model=fg.models.mlp(4, [4], 2), seed=11, progress=False, dashboard=False,
+                 metrics_log=None, data=fg.data.synthetic_classification(num_clients=20, samples_per_client=4,
+                                                                         num_features=4, num_classes=2, seed=0))
+    try:
+        config = run_config(run)
+        keys = [np.asarray(v).tobytes().hex() for s in run.state.stage_states.values() for k, v in s.items()
+                if "key" in k]
+    finally:
+        run.close()
     assert config["seed"] == 11
-    reducer = json.loads(config["stage4.Aggregate.reducer"])
-    assert reducer["settings"]["seed"] == "<redacted>" and reducer["settings"]["noise_multiplier"] == 0.5
-    assert "1234" not in json.dumps(config)
+    assert any(k.endswith(".noise_multiplier") and v == 0.5 for k, v in config.items())
+    text = json.dumps(config)
+    assert keys and not any(key in text for key in keys)  # the DP noise keys live in the state, never here
 
     class Keyed(st.Broadcast):
         def settings(self):

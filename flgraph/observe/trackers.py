@@ -9,9 +9,10 @@ tracker only implements :meth:`Tracker.log_config`, :meth:`Tracker.log_metrics` 
 :meth:`Tracker.finish`. The packages are optional extras (``flgraph[tensorboard]``, ``flgraph[wandb]``,
 ``flgraph[mlflow]``); a tracker whose package is missing refuses to be made, naming the extra.
 
-The config never carries secrets: a setting whose name says key, secret, token or password, and every
-stage's own ``seed`` (a DP noise stream is derived from it) are sent as ``"<redacted>"``. The run's seed
-is sent: the run's randomness is public by design, its secrets are not derived from it.
+The config never carries secrets: a setting whose name says key, secret, token or password is sent as
+``"<redacted>"``. Seeds are sent: a run's randomness is public by design, and flgraph derives no secret from
+any seed (DP noise keys and secure-aggregation keys come from the operating system and live in the run's
+state, never in a stage's settings).
 
 Example:
     >>> from flgraph.observe.trackers import Tracker
@@ -43,15 +44,12 @@ _SECRET_WORDS = ("key", "secret", "token", "password")
 REDACTED = "<redacted>"
 
 
-def _redact(value: Any, *, in_stage: bool) -> Any:
+def _redact(value: Any) -> Any:
     if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            secret = any(w in str(k).lower() for w in _SECRET_WORDS) or (in_stage and k == "seed")
-            out[k] = REDACTED if secret else _redact(v, in_stage=in_stage)
-        return out
+        return {k: REDACTED if any(w in str(k).lower() for w in _SECRET_WORDS) else _redact(v)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_redact(v, in_stage=in_stage) for v in value]
+        return [_redact(v) for v in value]
     return value
 
 
@@ -83,7 +81,7 @@ def run_config(run: Any) -> dict[str, Any]:
     config["pipeline"] = " >> ".join(type(s).__name__ for s in stages)
     for i, stage in enumerate(stages, start=1):
         settings = stage.settings() if hasattr(stage, "settings") else {}
-        for k, v in _redact({k: _value(v) for k, v in settings.items()}, in_stage=True).items():
+        for k, v in _redact({k: _value(v) for k, v in settings.items()}).items():
             config[f"stage{i}.{type(stage).__name__}.{k}"] = _flat_value(v)
     adapter = getattr(run, "adapter", None)
     if adapter is not None:
