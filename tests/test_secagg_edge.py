@@ -18,7 +18,7 @@ import pytest
 from flgraph.transports.zmq import ZmqTransport, gateway
 from flgraph.transports.zmq.agent import EdgeResult, EdgeTask
 from flgraph.transports.zmq.tasks import synthetic
-from test_zmq_integration import CONFIG, HB, agent_threads, dataset
+from test_zmq_integration import CONFIG, HB, Agents, agent_threads, dataset
 
 import flgraph as fg
 from flgraph.rng import stream
@@ -46,12 +46,12 @@ class LeavingTransport(ZmqTransport):
     """Stops chosen agents right after a phase: ``leave[phase] = [client, ...]`` (the phase's class name, or
     "masking" for the training round that sends the masked inputs)."""
 
-    agents: list[Any]
+    leave_fn: Any  # client -> None: makes its agent leave
     leave: dict[str, list[int]]
 
     def _stop(self, phase: str) -> None:
         for c in self.leave.get(phase, []):
-            self.agents[c].stop()
+            self.leave_fn(c)
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
         if type(fn).__name__ == "Unmask":
@@ -132,7 +132,7 @@ def test_agents_leaving_after_keys_and_after_masking_leave_the_exact_sum(keys, h
     t.gateway.start()
     with agent_threads(t, recording_task, range(CLIENTS), keys) as agents:
         assert isinstance(t, LeavingTransport)
-        t.agents = agents
+        t.leave_fn = lambda c: agents[c].stop()
         if how == "stopped":
             t.leave, dropouts = {AdvertiseKeys.__name__: [1], "masking": [4]}, None
         else:
@@ -172,3 +172,42 @@ def test_below_threshold_over_agents_fails_cleanly_and_the_run_goes_on(keys):
         run.close()
     assert run.state.round == 2 and len(report.survivors) == CLIENTS
     assert np.array_equal(report.total, plain_sum(2, report.survivors, tag))
+
+
+def test_killed_agent_processes_leave_the_same_sum_as_stopped_agents(keys, tmp_path):
+    """Real `flgraph edge` processes, one killed after advertising keys and one after sending its masked
+    input: the round completes with the same unmasked sum and params as the in-process agents stopped at
+    the same phases (whose sum the test above checks against the devices' own updates)."""
+    leave = {AdvertiseKeys.__name__: [1], "masking": [4]}
+
+    def once(processes: bool) -> tuple[np.ndarray, np.ndarray, Any]:
+        t = transport(keys, LeavingTransport, deadline_s=8)
+        assert isinstance(t, LeavingTransport)
+        t.gateway.start()
+        t.leave = leave
+        procs = Agents(t.endpoint, keys, tmp_path)
+        try:
+            if processes:
+                for c in range(CLIENTS):
+                    procs.start(c)
+                t.leave_fn = procs.kill
+                run, p = run_on(t, neighbours=CLIENTS - 1, transport=t)
+                t.gateway.wait_for(clients=range(CLIENTS), timeout=60)
+                run.fit(rounds=1)
+            else:
+                with agent_threads(t, recording_task, range(CLIENTS), keys) as agents:
+                    t.leave_fn = lambda c: agents[c].stop()
+                    run, p = run_on(t, neighbours=CLIENTS - 1, transport=t)
+                    t.gateway.wait_for(clients=range(CLIENTS), timeout=30)
+                    run.fit(rounds=1)
+            report = p.stages[-1].last_round
+            out = run.params.flat.copy(), report.total.copy(), report.dropped
+            run.close()
+            return out
+        finally:
+            procs.stop()
+            t.close()
+
+    killed, stopped = once(True), once(False)
+    assert killed[2]["after_keys"] == [1] and killed[2]["during_unmasking"] == [4]
+    assert np.array_equal(killed[1], stopped[1]) and np.array_equal(killed[0], stopped[0])

@@ -14,6 +14,10 @@ The driver sees public keys, encrypted shares it routes, sealed state it cannot 
 by the workers' reduction tree, and the shares it asks for. Fewer than ``threshold`` answers for any client
 fails the round with :class:`DropoutError`; the run's state stays that of the last completed round.
 
+On edge agents (a transport with ``clients_keep_secrets``, :mod:`flgraph.transports.zmq.secagg`) there is
+no worker ring: each device keeps its own secrets, the sealed state the driver holds is empty, and a client
+whose device does not answer a phase (``None``) has left the round at that phase.
+
 Example:
     >>> DropoutError("too few", fix="run the round again").fix
     'run the round again'
@@ -104,7 +108,8 @@ def start(ctx: Any, config: SecAggConfig, dropouts: Dropouts | None) -> Session:
     edge = _on_devices(reach)
     if not edge and not isinstance(reach, ReachesWorkers):
         raise ConfigError(f"secure aggregation needs a transport that runs each client's phases on workers; "
-                          f"this round runs on {type(reach).__name__}", fix="run it on Dask (the default)")
+                          f"this round runs on {type(reach).__name__}",
+                          fix="run it on Dask (the default) or on edge agents (ZmqTransport)")
     ids = np.asarray(ctx.clients.ids, np.int64)
     n = len(ids)
     k, t = config.check_round(n)
