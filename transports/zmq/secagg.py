@@ -94,7 +94,10 @@ def run_phase(t: ZmqTransport, rnd: int, ids: Any, fn: Any, s_keys: dict[str, li
     for (cfg, _), answer in zip(inputs, raw):
         out.append(None if answer is None else _decode_answer(phase, answer, cfg["position"]))
         if phase == "advertise" and out[-1] is not None:
-            s_keys.setdefault(fn.ring, [b""] * len(ids))[cfg["position"]] = out[-1][1]
+            if fn.ring not in s_keys:  # one secure round at a time: the last round's keys are done with
+                s_keys.clear()
+                s_keys[fn.ring] = [b""] * len(ids)
+            s_keys[fn.ring][cfg["position"]] = out[-1][1]
     return out
 
 
