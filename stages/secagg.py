@@ -9,8 +9,10 @@ One :class:`~flgraph.secure.SecAggConfig` drives three stages, one at each place
 
 The masked inputs are summed mod ``M`` by the engine's reduction tree (:class:`SecureSum`): modular sums
 do not depend on the order, so the round is bit-identical with 1 or N workers, though every key is fresh
-OS randomness each round. The transport must declare ``"secure aggregation"`` (Dask does; the edge
-transport refuses such a round before it starts). See :mod:`flgraph.secure` for the protocol.
+OS randomness each round. The transport must declare ``"secure aggregation"``: Dask does (simulated
+clients), and so does ``ZmqTransport``, whose agents run their clients' phases on the device
+(``transports/PROTOCOL.md`` section 4.5); ``MixedTransport`` refuses such a round before it starts. See
+:mod:`flgraph.secure` for the protocol.
 
 Example:
     >>> import numpy as np

@@ -324,16 +324,21 @@ def test_fedavg_with_secagg_matches_fedavg_within_quantisation(client2):
     assert np.abs(plain - secure).max() < 10 * step  # stochastic rounding: a mean error well under a step
 
 
-def test_the_edge_transport_refuses_a_secure_round(tmp_path):
-    from flgraph.transports.zmq import ZmqTransport, make_keypair
+def test_the_mixed_transport_refuses_a_secure_round_the_edge_one_takes_it(tmp_path, client1):
+    """Dask and edge clients in one secure round are not supported (each side would run its own protocol):
+    MixedTransport refuses it before the run starts; ZmqTransport alone declares secure aggregation (its
+    rounds are tested in test_secagg_edge.py)."""
+    from flgraph.transports.dask import DaskTransport
+    from flgraph.transports.zmq import MixedTransport, ZmqTransport, make_keypair
 
     allow = tmp_path / "allow"
     allow.mkdir()
     make_keypair(tmp_path, "gateway")
     t = ZmqTransport("tcp://127.0.0.1:0", secret_key=tmp_path / "gateway.key_secret", allow=allow)
     try:
+        assert "secure aggregation" in t.supports
         with pytest.raises(fg.ConfigError, match=r"cannot run this round: it has secure aggregation \(SecureSetup"):
-            fg.Run(fg.recipes.fedavg_secagg(clients=4), model=model(), data=data(), seed=0, transport=t,
-                   progress=False)
+            fg.Run(fg.recipes.fedavg_secagg(clients=4), model=model(), data=data(), seed=0,
+                   transport=MixedTransport(DaskTransport(client1, "secagg-test", "local-train"), t), progress=False)
     finally:
         t.close()

@@ -14,6 +14,10 @@ The driver sees public keys, encrypted shares it routes, sealed state it cannot 
 by the workers' reduction tree, and the shares it asks for. Fewer than ``threshold`` answers for any client
 fails the round with :class:`DropoutError`; the run's state stays that of the last completed round.
 
+On edge agents (a transport with ``clients_keep_secrets``, :mod:`flgraph.transports.zmq.secagg`) there is
+no worker ring: each device keeps its own secrets, the sealed state the driver holds is empty, and a client
+whose device does not answer a phase (``None``) has left the round at that phase.
+
 Example:
     >>> DropoutError("too few", fix="run the round again").fix
     'run the round again'
@@ -21,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,9 +105,11 @@ def start(ctx: Any, config: SecAggConfig, dropouts: Dropouts | None) -> Session:
     from ..engine.contracts import ReachesWorkers
 
     reach = getattr(ctx, "transport", None)
-    if not isinstance(reach, ReachesWorkers):
+    edge = _on_devices(reach)
+    if not edge and not isinstance(reach, ReachesWorkers):
         raise ConfigError(f"secure aggregation needs a transport that runs each client's phases on workers; "
-                          f"this round runs on {type(reach).__name__}", fix="run it on Dask (the default)")
+                          f"this round runs on {type(reach).__name__}",
+                          fix="run it on Dask (the default) or on edge agents (ZmqTransport)")
     ids = np.asarray(ctx.clients.ids, np.int64)
     n = len(ids)
     k, t = config.check_round(n)
@@ -111,19 +118,22 @@ def start(ctx: Any, config: SecAggConfig, dropouts: Dropouts | None) -> Session:
     report = SecureRound(ctx.round, ids.copy(), k, t)
     flat = ctx.params.flat
     t0 = time.perf_counter()
-    ring = rings.establish(reach)
+    # devices keep their own secrets (each under a key of its own): the round only needs a fresh name
+    ring = os.urandom(12).hex() if edge else rings.establish(reach)
     report.seconds["ring"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     advertised = ctx.mapper(AdvertiseKeys(ring, list(range(n))), ids, flat)
-    c_pk = [a[0] for a in advertised]
-    s_pk = [a[1] for a in advertised]
+    # None: the client's device did not answer (it left before advertising keys)
+    c_pk = [b"" if a is None else a[0] for a in advertised]
+    s_pk = [b"" if a is None else a[1] for a in advertised]
     report.seconds["advertise_keys"] = time.perf_counter() - t0
     report.bytes_up["advertise_keys"] = 2 * PUBLIC_KEY * n
 
     t0 = time.perf_counter()
-    active = [u for u in range(n) if u not in gone_keys]
-    inputs = [(advertised[u][2], u, [(int(v), c_pk[v]) for v in graph[u]]) for u in active]
+    active = [u for u in range(n) if u not in gone_keys and advertised[u] is not None]
+    inputs = [(advertised[u][2], u, [(int(v), c_pk[v]) for v in graph[u] if advertised[v] is not None])
+              for u in active]
     report.bytes_down["share_keys"] = sum(2 * PUBLIC_KEY * len(x[2]) for x in inputs)
     answers = ctx.mapper(ShareKeys(ring, t, inputs), ids[active], flat) if active else []
     shared: dict[int, bytes] = {}
@@ -158,7 +168,14 @@ def finish(ctx: Any, session: Session, masked: np.ndarray, contributors: list[in
     try:
         return _unmask(ctx, session, masked, contributors)
     finally:
-        rings.forget(ctx.transport, session.ring)
+        if not _on_devices(ctx.transport):
+            rings.forget(ctx.transport, session.ring)
+
+
+def _on_devices(transport: Any) -> bool:
+    """Whether the clients' own devices run their phases and keep their secrets (edge agents), so that no
+    worker ring is needed and a client that does not answer a phase (None) has left the round."""
+    return bool(getattr(transport, "clients_keep_secrets", False))
 
 
 def _unmask(ctx: Any, s: Session, masked: np.ndarray, contributors: list[int]) -> np.ndarray:
@@ -183,6 +200,9 @@ def _unmask(ctx: Any, s: Session, masked: np.ndarray, contributors: list[int]) -
     shares: dict[tuple[str, int], list[tuple[int, int]]] = {}
     up = 0
     for w, answer in zip(asked, answers):
+        if answer is None:  # its device left before answering
+            s.leave_during_unmasking = s.leave_during_unmasking | {w}
+            continue
         up += sum(len(y) + 5 for _, _, y in answer)
         if w in s.leave_during_unmasking:
             continue  # the answer never arrives

@@ -29,7 +29,7 @@ from typing import Any
 
 from .keys import agree, new_key_pair, open_box, seal_box
 
-__all__ = ["RingError", "drop", "join", "make", "offer", "open_sealed", "seal"]
+__all__ = ["RingError", "drop", "hold", "join", "make", "offer", "open_sealed", "seal"]
 
 KEEP = 16  # rings a worker keeps (32 bytes each): the current rounds of the runs sharing the cluster, and
 # rounds that failed between SecureSetup and Unmasking (a completed round drops its own ring)
@@ -77,6 +77,19 @@ def join(ring: str, wrapped: dict[str, bytes], worker: str) -> None:
     box = wrapped[worker]
     wrap = agree(sk, box[:32], b"flgraph-ring|" + ring.encode())
     _install(ring, open_box(wrap, box[32:], ring.encode() + b"|" + worker.encode()))
+
+
+def hold(ring: str) -> None:
+    """A process that is its own only worker (an edge agent keeping its client's secrets): a fresh key for
+    ring ``ring`` unless it holds one already; the key never leaves the process."""
+    with _lock:
+        if ring in _rings:
+            return
+    key = os.urandom(32)
+    with _lock:
+        _rings.setdefault(ring, key)
+        while len(_rings) > KEEP:
+            _rings.pop(next(iter(_rings)))
 
 
 def _install(ring: str, key: bytes) -> None:

@@ -55,6 +55,7 @@ from flgraph.params import Params, ParamSpec
 from .edge_task import EdgeEncoded, EdgeResult, EdgeTask, EdgeValues, TaskFn, load_task, result_of
 from .keys import load_public, load_secret
 from .parts import Reassembly, encode_parts
+from .secagg import DeviceSecrets
 from .sockets import readable
 from .wire import Limits, Message, ProtocolError, decode, encode
 
@@ -137,6 +138,7 @@ class Agent:
         self.session = ""
         self.assigned: int | None = None
         self.tasks_done = 0
+        self.secure = DeviceSecrets()  # its client's secure-aggregation secrets (they stay here)
         self.joins = 0
         self.errors: list[tuple[str, str]] = []  # (code, text) from the gateway, the newest last (bounded)
         self.stop_event = threading.Event()
@@ -368,26 +370,33 @@ class Agent:
         err: BaseException | None = None
         try:
             f = msg.fields
-            spec = self._spec_of(f["spec"])
-            flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
-            task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"],
-                            f.get("stages"), self.allow, dict(self.settings), f.get("mode", "train"),
-                            f.get("encode"))
-            answer = self.task(task)
-            if task.mode == "evaluate" or isinstance(answer, EdgeValues):
-                if not isinstance(answer, EdgeValues) or task.mode != "evaluate":
-                    raise ConfigError(f"a {task.mode} task answered with {type(answer).__name__}",
-                                      fix="answer train tasks with EdgeResult, evaluate tasks with EdgeValues")
-                values = np.array([float(v) for v in answer.values], np.float64)
-                out = (values, max(0, int(values[0])) if values.size else 0, {}, {"kind": "values"})
-            elif isinstance(answer, EdgeEncoded):
-                if answer.codec != task.encode:
-                    raise ConfigError(f"the task answered in codec {answer.codec!r}; the gateway takes "
-                                      f"{task.encode!r}", fix="answer with the codec the task names in encode")
-                out = (np.ascontiguousarray(answer.frame, np.uint8).reshape(-1), int(answer.num_samples),
-                       {k: float(v) for k, v in answer.metrics.items()}, {"kind": "encoded", "codec": answer.codec})
+            if f.get("mode") == "secagg":  # a phase of secure aggregation: the agent's own work, not the task's
+                out = (self.secure.answer(f["config"], bytes(np.asarray(msg.tensors[0], np.uint8))), 0, {},
+                       {"kind": "secagg"})
             else:
-                out = (*result_of(answer, task), {"kind": "delta"})
+                spec = self._spec_of(f["spec"])
+                flat = np.asarray(msg.tensors[0], dtype=spec.carrier)  # read-only: copy it before writing to it
+                task = EdgeTask(f["round"], f["client"], f["seed"], f["deadline_s"], Params(spec, flat), f["config"],
+                                f.get("stages"), self.allow, dict(self.settings), f.get("mode", "train"),
+                                f.get("encode"))
+                answer = self.task(task)
+                if task.mode == "evaluate" or isinstance(answer, EdgeValues):
+                    if not isinstance(answer, EdgeValues) or task.mode != "evaluate":
+                        raise ConfigError(f"a {task.mode} task answered with {type(answer).__name__}",
+                                          fix="answer train tasks with EdgeResult, evaluate tasks with EdgeValues")
+                    values = np.array([float(v) for v in answer.values], np.float64)
+                    out = (values, max(0, int(values[0])) if values.size else 0, {}, {"kind": "values"})
+                elif isinstance(answer, EdgeEncoded):
+                    if answer.codec != task.encode:
+                        raise ConfigError(f"the task answered in codec {answer.codec!r}; the gateway takes "
+                                          f"{task.encode!r}", fix="answer with the codec the task names in encode")
+                    out = (np.ascontiguousarray(answer.frame, np.uint8).reshape(-1), int(answer.num_samples),
+                           {k: float(v) for k, v in answer.metrics.items()}, {"kind": "encoded", "codec": answer.codec})
+                else:
+                    out = (*result_of(answer, task), {"kind": "delta"})
+                    if "secagg_ring" in task.config:  # SecureMask: the update leaves the device masked
+                        masked = self.secure.mask(task.config, out[0], task.seed, task.round, task.client)
+                        out = (masked, out[1], out[2], {"kind": "masked"})
         except BaseException as e:  # reported to the gateway as this client's failure
             err = e
         with self._done_lock:

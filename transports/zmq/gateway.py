@@ -232,9 +232,14 @@ class Gateway(AgentSessions, JobRouting):
         jobs); ``rnd`` travels as the task's ``round``; events go to ``events`` with ``job`` set. Close it
         with :meth:`end_job` once its event came (or to give up on it). ``stages``, ``needs_segment``: as in
         :meth:`begin_round`; ``mode="evaluate"``: each client runs the one evaluation stage of ``stages`` and
-        answers its numbers (a ``values`` result, PROTOCOL.md section 4.4)."""
+        answers its numbers (a ``values`` result, PROTOCOL.md section 4.4); ``mode="secagg"``: ``params`` holds a
+        secure-aggregation phase's input bytes (``spec``: one uint8 entry of that length), answered by a
+        ``secagg`` result (section 4.5)."""
         job = self._job(rnd, params, spec, seed, configs, deadline_s, events, False, stages, needs_segment)
         job.mode, job.encode = mode, encode
+        if mode == "secagg":  # the frame is the phase's input bytes, not params (PROTOCOL.md section 4.5)
+            frame = params.frames[0]
+            job.descs = [["uint8", [spec.size], "raw" if len(frame) == spec.size else "lz4", len(frame)]]
         self._open_jobs[job.job] = job
         self._command("job", job)
         return job.job

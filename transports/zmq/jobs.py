@@ -88,7 +88,8 @@ class _Round:
     descs: list[list[Any]] = field(default_factory=list)  # the params frame's descriptor, built once per job
     stages: list[Any] | None = None  # the client segment every task carries
     needs_segment: tuple[str, ...] = ()  # what an agent without caps.segment would leave out
-    mode: str = "train"  # "evaluate": its tasks answer a values result (an evaluation stage's numbers)
+    mode: str = "train"  # "evaluate": its tasks answer a values result (an evaluation stage's numbers);
+    # "secagg": a secure-aggregation phase, answered by a secagg result
     encode: str | None = None  # the codec whose payload results may carry as it is (encoded.py)
 
 
@@ -220,7 +221,9 @@ class JobRouting:
             self._reject(sock, info.routing_id, ProtocolError("duplicate", f"round {rnd} already counts this "
                                                               "client"), f"client {info.client}", **ref)
             return
-        problem = (_check_values(msg) if job.mode == "evaluate" else _check_encoded(msg, job.encode, self.limits)
+        problem = (_check_values(msg) if job.mode == "evaluate" else _check_secagg(msg, job.mode, job.spec)
+                   if job.mode == "secagg" or msg.fields["kind"] in ("secagg", "masked")
+                   else _check_encoded(msg, job.encode, self.limits)
                    if msg.fields["kind"] == "encoded" else _check_update(msg, job.spec, self.limits))
         if problem is not None:
             self._reject(sock, info.routing_id, ProtocolError("refused-update", problem,
@@ -245,6 +248,20 @@ class JobRouting:
                 self._fail(job, task, why or (f"no result by the round's deadline ({job.deadline_s:g} s)"
                                          + ("" if task.sent_to else "; no agent for this client was connected")))
         job.open = False
+
+
+def _check_secagg(msg: Message, mode: str, spec: ParamSpec) -> str | None:
+    """Why a secure-aggregation answer (a phase's bytes, or a masked input) cannot be taken, or None."""
+    kind, t = msg.fields["kind"], msg.tensors[0]
+    if mode == "secagg":
+        if kind != "secagg" or t.ndim != 1 or t.dtype != np.uint8 or t.size < 1:
+            return f"a {kind!r} result of dtype {t.dtype} for a secagg task (one uint8 'secagg' frame expected)"
+        return None
+    if kind != "masked" or mode != "train":
+        return f"kind {kind!r} for a {mode} task"
+    if t.shape != (spec.size,) or t.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        return f"a masked input of shape {t.shape} and dtype {t.dtype} (({spec.size},) int32 or int64 expected)"
+    return None
 
 
 def _check_values(msg: Message) -> str | None:

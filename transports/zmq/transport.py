@@ -53,8 +53,10 @@ from flgraph import tree
 from flgraph.context import ClientSet, Update
 from flgraph.engine.clients import Bundle, Partial, combine_partials, reducer_leaf
 from flgraph.errors import ClientError, ClusterError, ConfigError
+from flgraph.secure.client import MaskRecord
+from flgraph.secure.masks import field_dtype
 
-from . import encoded, evaluate, segment
+from . import encoded, evaluate, secagg, segment
 from .capabilities import unsupported
 from .edge_async import EdgeCompletion, EdgeFuture, EdgeVersion
 from .gateway import Gateway, RoundEvent
@@ -93,7 +95,10 @@ class ZmqTransport:
 
     #: Tiers (``Aggregate(..., by=...)``): the agents' updates are reduced per group, as on Dask. Agents return
     #: one update, so fan-outs of several per-client values and parallel branches are refused before a run.
-    supports: frozenset[str] = frozenset({"tiers"})
+    supports: frozenset[str] = frozenset({"tiers", "secure aggregation"})
+
+    #: SecAgg+ (:mod:`.secagg`): each agent runs its client's phases and keeps its secrets on the device.
+    clients_keep_secrets = True
 
     def __init__(self, bind: str = "tcp://127.0.0.1:0", *, deadline_s: float = 60.0,
                  config: dict[str, Any] | None = None, secret_key: str | os.PathLike[str] | None = None,
@@ -112,6 +117,8 @@ class ZmqTransport:
         self._base: dict[str, Any] = {}
         self._places = 0
         self._events: queue.SimpleQueue[RoundEvent] = queue.SimpleQueue()  # the asynchronous jobs' events
+        self._secure: Any = None  # the SecureMask stage of the client segment, if any
+        self._s_keys: dict[str, list[bytes]] = {}  # a secure round's advertised s public keys, by round name
 
     @property
     def endpoint(self) -> str:
@@ -127,16 +134,23 @@ class ZmqTransport:
                               "devices cannot reach",
                               fix="keep such state on the device, inside the agent's task function (e.g. the "
                                   "error-feedback residual), and drop it from the pipeline's client stages")
-        refused = segment.refusals(bundle.stages)
+        stages = list(bundle.stages)
+        # SecureMask runs on the agent after its task (PROTOCOL.md section 4.5), so any task function masks
+        self._secure = stages.pop() if stages and type(stages[-1]).__name__ == "SecureMask" else None
+        masking = [type(s).__name__ for s in stages if type(s).__name__ == "SecureMask"]
+        if masking:
+            raise ConfigError("SecureMask is not the last client stage: edge agents mask the update their task "
+                              "answers", fix="put st.SecureMask(cfg) right before st.SecureAggregate(cfg)")
+        refused = segment.refusals(stages)
         if refused:
             raise ConfigError("edge agents cannot run the pipeline's client stages as a Dask worker does: "
                               + "; ".join(refused),
                               fix="drop these from the pipeline's client stages for an edge run (or run it on Dask)")
         self._bundle = bundle
         self._base = _stage_config(bundle)
-        self._segment = segment.describe(bundle.stages)
-        self._legacy = unsupported(bundle.stages)  # what an agent without caps.segment would leave out
-        last = bundle.stages[-1] if bundle.stages else None
+        self._segment = segment.describe(stages)
+        self._legacy = unsupported(stages)  # what an agent without caps.segment would leave out
+        last = stages[-1] if stages else None
         codec = getattr(last, "codec", None) if type(last).__name__ == "Compress" else None
         # a segment that ends encoding the update: its payload may travel as it is (encoded.py)
         self._codec = codec if getattr(codec, "name", None) in encoded.WIRE_CODECS else None
@@ -161,6 +175,8 @@ class ZmqTransport:
                 v = clients.setting(name, pos)
                 if isinstance(v, (int, float, bool, str)):
                     cfg[name] = v
+                elif isinstance(v, MaskRecord) and self._secure is not None:
+                    cfg.update(secagg.mask_settings(v, self._secure))
             cfg.update(self.config)
             cfg.update(self.client_config.get(int(cid), {}))
             out[int(cid)] = cfg
@@ -239,7 +255,17 @@ class ZmqTransport:
         n = int(msg.fields["num_samples"])
         metrics = msg.fields["metrics"]
         spec = self._bundle.spec
-        if msg.fields["kind"] == "encoded":  # the codec's payload as the agent encoded it: counted as on Dask
+        if msg.fields["kind"] == "masked":  # a masked input (PROTOCOL.md section 4.5): the field's integers
+            assert self._secure is not None
+            dtype = field_dtype(self._secure.config.modulus)
+            if wire.dtype.itemsize != dtype.itemsize or wire.shape != (spec.size,):
+                raise ClientError(f"edge: a masked input of dtype {wire.dtype} and shape {wire.shape}",
+                                  client=ev.client, stage="SecureMask", round=rnd,
+                                  fix="run agent and gateway of the same release")
+            update = Update(ev.client, n, rnd - 1, wire.view(dtype).copy(), dict(metrics),
+                            raw_nbytes=int(spec.size * np.dtype(spec.carrier).itemsize))
+            sent = float(msg.wire_nbytes)
+        elif msg.fields["kind"] == "encoded":  # the codec's payload as the agent encoded it: counted as on Dask
             update = Update(ev.client, n, rnd - 1, None, dict(metrics), payload=encoded.unpack(self._codec, wire, spec),
                             codec=self._codec, raw_nbytes=int(spec.size * np.dtype(spec.carrier).itemsize))
             sent = float(update.upload_nbytes)
@@ -366,7 +392,10 @@ class ZmqTransport:
         fut._value = part
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
-        """An evaluation stage's client work on the agents of ``ids`` (:func:`.evaluate.on_agents`)."""
+        """An evaluation stage's client work on the agents of ``ids`` (:func:`.evaluate.on_agents`), or a
+        secure-aggregation phase (:func:`.secagg.run_phase`)."""
+        if type(fn) in secagg.PHASES:
+            return secagg.run_phase(self, rnd, ids, fn, self._s_keys)
         return evaluate.on_agents(self, rnd, flat, ids, fn)
 
     def places(self) -> int:
