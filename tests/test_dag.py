@@ -260,7 +260,8 @@ def test_transports_and_engines_refuse_graphs_they_cannot_run():
                progress=False, dashboard=False, metrics_log=None)
     from flgraph.transports.zmq import ZmqTransport
 
-    assert ZmqTransport.supports == frozenset({"tiers"})  # one update per agent: no fan-outs, no branches
+    # one update per agent: no fan-outs, no branches; secure aggregation's phases run on the agents
+    assert ZmqTransport.supports == frozenset({"tiers", "secure aggregation"})
     fedbuff_fan = (_head() >> ExtraTrain() >> {"update": st.BufferedAggregate(buffer=2), "h": st.Aggregate()})
     with pytest.raises(PipelineError, match="the asynchronous engine steps the model from one buffered reducer"):
         fg.Run(fedbuff_fan, model=fg.models.mlp(6, [8], 3), data=_data(), progress=False, dashboard=False,
