@@ -59,7 +59,7 @@ def draw_available(ids: np.ndarray, want: int, rng: np.random.Generator,
     n_kept = n_ok = checked = 0
     seen = np.empty(0, np.int64)  # sorted positions already checked
     while n_kept < want:
-        rate = (n_ok + 1) / (checked + 2)  # availability so far (Laplace), sizes the next batch
+        rate = (n_ok + 1) / (checked + 1)  # availability so far (1 before any check), sizes the next batch
         batch = min(n, math.ceil(1.2 * (want - n_kept) / rate) + 16)
         if checked + batch > limit:
             return None

@@ -102,7 +102,7 @@ def test_a_round_draws_available_clients_of_a_million_checking_o_count_profiles(
     elapsed = time.perf_counter() - t0
     checked = len(made)
     assert len(clients) == count and len(np.unique(clients.ids)) == count
-    assert checked < 4 * count, checked  # about count / availability (2/3) * 1.2, not a million
+    assert checked < 2 * count, checked  # about count / availability (2/3), not a million
     assert elapsed < 1.0 * 3, elapsed  # x3 for a loaded machine
     assert all(devices.profile(int(k)).online(at) for k in clients.ids)
     again = select._select(1, 0, data, at, {})
@@ -124,7 +124,7 @@ def test_few_available_clients_of_a_large_population_fall_back_to_the_exact_coun
 
 
 def test_the_rejection_draw_is_uniform_over_the_available_clients(monkeypatch) -> None:
-    import stages.available_draw as available_draw
+    import flgraph.stages.available_draw as available_draw
 
     monkeypatch.setattr(available_draw, "_MAX_CHECKED_SHARE", 100.0)  # never fall back on this small population
     ids = np.arange(100, 160)
