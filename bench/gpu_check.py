@@ -107,6 +107,30 @@ def w1(k: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((64, 784)).astype(np.float32), y.astype(np.int64)
 
 
+def worker_devices() -> dict[str, object]:
+    """What each worker of the embedded cluster sees: one worker per GPU, each with its own device only."""
+    from distributed import Client
+
+    from flgraph.cluster import embedded
+
+    def seen() -> tuple[str | None, int, str]:
+        import os
+
+        import torch as t
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), t.cuda.device_count(), t.cuda.get_device_name(0)
+
+    cluster = embedded()
+    client = Client(cluster, set_as_default=False)
+    try:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        return {"gpus": torch.cuda.device_count(), "workers": sorted(map(list, client.run(seen).values())),
+                "resources": [w["resources"] for w in info.values()]}
+    finally:
+        client.close()
+        cluster.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=2048)
@@ -116,7 +140,7 @@ def main() -> int:
         print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False): nothing measured. "
               "Run it on a machine with a GPU and a CUDA build of torch.")
         return 0
-    out = {"device": torch.cuda.get_device_name(0), "equality": equality("cuda")}
+    out = {"device": torch.cuda.get_device_name(0), "embedded_cluster": worker_devices(), "equality": equality("cuda")}
     torch.manual_seed(0)
     small = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     out["X1"] = timing("cuda", small, x1, a.clients, a.block, 1, 4)

@@ -1,6 +1,7 @@
 """Reach a Dask cluster: an embedded LocalCluster (default), a ``distributed.Client``, or an address.
 
-The embedded cluster starts one single-threaded worker *process* per core. Dask's nanny would start them
+The embedded cluster starts one single-threaded worker *process* per core (per GPU on a CUDA machine: see
+:func:`gpu_workers`). Dask's nanny would start them
 with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's dynamic mmap threshold (every tensor-sized
 allocation is then mmapped and unmapped, and small-model torch training such as W1's runs about 1.7x
 slower); the embedded workers get :mod:`flgraph.local.malloc`'s settings instead (large blocks from the heap,
@@ -17,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -32,7 +34,7 @@ from distributed import Client, LocalCluster
 from .errors import ClusterError
 from .local import malloc
 
-__all__ = ["ClusterHandle", "connect", "embedded", "embedded_client", "worker_threads"]
+__all__ = ["ClusterHandle", "connect", "cuda_devices", "embedded", "embedded_client", "gpu_workers", "worker_threads"]
 
 log = logging.getLogger("flgraph")
 
@@ -128,25 +130,75 @@ training; at distributed's defaults they take 10-15% of the client work of a W1 
 The dashboard keeps every page; the Profile page gets 10 samples a second instead of 100."""
 
 
-def embedded(workers: int | None = None) -> LocalCluster:
-    """Start the embedded cluster: ``workers`` single-threaded worker processes (default: one per core).
+def cuda_devices() -> int:
+    """How many CUDA devices this machine's workers may use: 0 without torch or without CUDA.
 
-    Its dashboard listens on a free port of 127.0.0.1 (``cluster.dashboard_link``); background monitoring
-    runs at the slower rates of :data:`QUIET`. The scheduler listens on 127.0.0.1 (TCP, for the worker
-    processes) and in-process (``inproc://``, for :func:`embedded_client`). Bring your own
-    ``LocalCluster`` for other settings."""
+    Asked through torch only when torch is installed; ``torch.cuda.device_count`` reads the driver and
+    creates no CUDA context, so the worker processes started afterwards are free to use the devices."""
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def gpu_workers(gpus: int, workers: int | None) -> list[dict[str, Any]]:
+    """The embedded workers' Dask options on a machine with ``gpus`` CUDA devices (none without GPUs).
+
+    By default one worker process per GPU, each seeing only its own device (``CUDA_VISIBLE_DEVICES``, so
+    ``LocalTrain(device="cuda")`` trains on it as ``cuda:0``) and offering the Dask worker resource
+    ``{"GPU": 1}``. An explicit ``workers`` count spreads the workers over the devices in turn; two
+    workers then share a device, so none offers a whole GPU as a resource.
+
+    Example:
+        >>> gpu_workers(0, None)
+        []
+        >>> gpu_workers(2, None)
+        [{'env': {'CUDA_VISIBLE_DEVICES': '0'}, 'resources': {'GPU': 1}},
+         {'env': {'CUDA_VISIBLE_DEVICES': '1'}, 'resources': {'GPU': 1}}]
+        >>> [w["env"]["CUDA_VISIBLE_DEVICES"] for w in gpu_workers(2, 3)], gpu_workers(2, 3)[0].get("resources")
+        (['0', '1', '0'], None)
+    """
+    if gpus <= 0:
+        return []
+    n = workers or gpus
+    whole = n <= gpus  # each worker has a device of its own
+    return [{"env": {"CUDA_VISIBLE_DEVICES": str(i % gpus)}, **({"resources": {"GPU": 1}} if whole else {})}
+            for i in range(n)]
+
+
+def embedded(workers: int | None = None, *, gpus: int | None = None) -> LocalCluster:
+    """Start the embedded cluster: ``workers`` single-threaded worker processes (default: one per core, or
+    one per GPU on a machine with CUDA devices: see :func:`gpu_workers`).
+
+    ``gpus`` is the number of CUDA devices (default: :func:`cuda_devices`). Its dashboard listens on a free
+    port of 127.0.0.1 (``cluster.dashboard_link``); background monitoring runs at the slower rates of
+    :data:`QUIET`. The scheduler listens on 127.0.0.1 (TCP, for the worker processes) and in-process
+    (``inproc://``, for :func:`embedded_client`). Bring your own ``LocalCluster`` for other settings."""
     if multiprocessing.parent_process() is not None and sys.modules["__main__"].__name__ == "__mp_main__":
         raise ClusterError(_MAIN_GUARD, fix=_MAIN_GUARD_FIX)
-    n = workers or max(1, min(os.cpu_count() or 1, 8))
+    per_gpu = gpu_workers(cuda_devices() if gpus is None else gpus, workers)
+    n = len(per_gpu) or workers or max(1, min(os.cpu_count() or 1, 8))
     try:
         environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc.child_environ().items()}
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **environ,
                               **QUIET}):
-            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                dashboard_address=":0",
-                                silence_logs=logging.ERROR, host="127.0.0.1",
-                                scheduler_kwargs={"protocol": ["tcp://", "inproc://"], "host": ["127.0.0.1", None],
-                                                  "port": [0, None]})
+            cluster = LocalCluster(n_workers=0 if per_gpu else n, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0",
+                                   silence_logs=logging.ERROR, host="127.0.0.1",
+                                   scheduler_kwargs={"protocol": ["tcp://", "inproc://"],
+                                                     "host": ["127.0.0.1", None], "port": [0, None]})
+            if per_gpu:
+                try:  # each worker its own options (its device), then started as LocalCluster starts them
+                    spec = cluster.new_spec
+                    for i, options in enumerate(per_gpu):
+                        cluster.worker_spec[i] = {"cls": spec["cls"], "options": {**spec["options"], **options}}
+                    cluster.scale(n)
+                    cluster.wait_for_workers(n, timeout=120)
+                except BaseException:
+                    cluster.close()
+                    raise
+            return cluster
     except RuntimeError as e:
         raise ClusterError(f"the embedded Dask cluster's worker processes failed to start ({e})",
                            fix=_MAIN_GUARD_FIX) from e

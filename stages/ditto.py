@@ -34,7 +34,7 @@ from flgraph.errors import ClientError, ConfigError
 from flgraph.graph import ClientStage
 from flgraph.params import ParamSpec
 from flgraph.rng import stream, torch_seed
-from flgraph.store.client_state import _key
+from flgraph.store.client_state import ClientStateTable, _key
 
 from .evaluate_clients import _score
 from .split import check_fraction, heldout
@@ -157,9 +157,8 @@ def personal_models(run: Any) -> dict[int, np.ndarray]:
                           fix="run a Ditto pipeline, e.g. fg.recipes.ditto(...)")
     table, key = run.engine.client_state
     slots = run.state.stage_states[key]
+    have = ClientStateTable.entries(slots)
     out = {}
-    for row, cid in enumerate(table.client_ids):
-        slot, rnd = int(slots["state_slot"][row]), int(slots["state_round"][row])
-        if slot >= 0:
-            out[int(cid)] = table.store.read(_key(stage.tag), FIELD, row=row, slot=slot, rnd=rnd)
+    for row, slot, rnd in zip(have["state_rows"].tolist(), have["state_slot"].tolist(), have["state_round"].tolist()):
+        out[int(table.client_ids[row])] = table.store.read(_key(stage.tag), FIELD, row=row, slot=slot, rnd=rnd)
     return out

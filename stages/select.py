@@ -33,7 +33,14 @@ from flgraph.errors import ClientError, ConfigError, DataError
 from flgraph.graph import ServerStage
 from flgraph.rng import stream
 
+from .available_draw import draw_available
+
 __all__ = ["Sampler", "Select", "is_pure_sampler", "pure_sampler"]
+
+# Up to this many clients, availability is checked for every client each round (an exact
+# ``clients_available``); above it the round draws candidates in seeded random order and keeps the first
+# available ones (stages/available_draw.py), checking O(clients per round) clients.
+EXACT_AVAILABILITY_UP_TO = 100_000
 
 Sampler = Callable[[int, np.ndarray, int, np.random.Generator], "Sequence[int] | np.ndarray | ClientSet"]
 
@@ -99,8 +106,12 @@ class Select(ServerStage):
     :class:`~flgraph.stages.Simulate`), or a function ``available(ids, round=..., time=...)`` returning a
     bool mask over ``ids`` (``time``: the virtual clock in seconds, ``None`` without Simulate). The round
     draws from the available clients only (all of them when fewer are available than asked for) and
-    reports ``clients_available``. With asynchronous rounds each dispatch draws from the clients available
-    at its virtual start time.
+    reports ``clients_available``. Above 100,000 clients (uniform choice, no sampler) the round checks only
+    candidates drawn in seeded random order until enough are available, so it costs O(clients per round),
+    and reports ``clients_available_est`` instead: the population times the share of checked candidates
+    that were available (when few clients are available it checks them all, as below 100,000, and reports
+    the exact ``clients_available``). With asynchronous rounds each dispatch draws from the clients
+    available at its virtual start time.
 
     Example:
         >>> import numpy as np
@@ -338,6 +349,16 @@ class Select(ServerStage):
         population = dataset.client_ids
         count = self.count(len(population))
         p = self.probabilities(dataset) if self.weighting == "samples" and self.sampler is None else None
+        if (self.available is not None and self.sampler is None and p is None
+                and len(population) > EXACT_AVAILABILITY_UP_TO):
+            sparse = draw_available(population, self._drawn(count), stream(seed, self.tag, rnd),
+                                    lambda ids: self.available_mask(ids, rnd, time))
+            if sparse is not None:
+                metrics["clients_available_est"] = sparse.available_estimate
+                clients = ClientSet(sparse.ids)
+                if self.over_select > 1.0 and len(clients) > count:
+                    clients.keep_first = count
+                return clients  # ids of the population, available: no check_ids needed
         if self.available is not None:
             mask = self.available_mask(population, rnd, time)
             population = population[mask]

@@ -78,7 +78,8 @@ def test_table_never_hands_out_a_slot_a_snapshot_needs(tmp_path):
     assert cs.settings["_state_row"].tolist() == [2, 0] and cs.settings["_state_write_slot"].tolist() == [0, 0]
     assert cs.settings["_state_read_slot"].tolist() == [-1, -1]
     t = ClientStateTable.commit(cs, np.array([0]), t, 1)  # only client 30 counted
-    assert t["state_slot"].tolist() == [-1, -1, 0] and t["state_round"].tolist() == [-1, -1, 1]
+    assert t["state_rows"].tolist() == [2] and t["state_slot"].tolist() == [0] and t["state_round"].tolist() == [1]
+    assert [a.tolist() for a in ClientStateTable.lookup(t, np.arange(3))] == [[-1, -1, 0], [-1, -1, 1]]
     table.protect(1, t)  # a snapshot of round 1 points client 30 at slot 0
     cs = table.prepare(ClientSet(np.array([30])), t, 2)
     assert cs.settings["_state_read_slot"].tolist() == [0] and cs.settings["_state_write_slot"].tolist() == [1]
@@ -94,6 +95,45 @@ def test_table_never_hands_out_a_slot_a_snapshot_needs(tmp_path):
         table.prepare(ClientSet(np.array([99])), t, 4)
 
 
+def test_a_million_registered_clients_keep_a_table_and_snapshot_of_those_with_state(tmp_path):
+    from flgraph.store.checkpoint import RunDirectory, Snapshot
+
+    registered, per_round = 1_000_000, 1_000
+    table = ClientStateTable(ClientStateStore(tmp_path / "cs", registered, slots=4), np.arange(registered),
+                             [(1, {"e": ("float32", 2)})])
+    rng = np.random.default_rng(0)
+    t = table.initial()
+    current: dict[int, tuple[int, int]] = {}  # the reference: client -> (slot, round) of its current version
+    for rnd in (1, 2, 3):
+        ids = np.sort(rng.choice(registered, per_round, replace=False))
+        cs = table.prepare(ClientSet(ids), t, rnd)
+        done = np.arange(0, per_round, 2)  # half the clients counted
+        t = ClientStateTable.commit(cs, done, t, rnd)
+        table.protect(rnd, t)
+        for k in done:
+            current[int(ids[k])] = (int(cs.settings["_state_write_slot"][k]), rnd)
+    want = sorted(current)
+    assert t["state_rows"].tolist() == want
+    assert list(zip(*(a.tolist() for a in ClientStateTable.lookup(t, np.array(want))))) == [current[k] for k in want]
+    table_bytes = sum(a.nbytes for a in t.values())
+    assert table_bytes == len(want) * (8 + 1 + 8) and len(want) <= 1_500  # the dense table: 9,000,000 bytes
+    run_dir = RunDirectory.create(str(tmp_path / "run"), meta={}, blobs={})
+    run_dir.write(Snapshot(3, 3, np.zeros(4, np.float32), {"stage": t}, []))
+    assert run_dir.sizes()[3] < 100_000, run_dir.sizes()
+    back = run_dir.read(3).states["stage"]
+    assert all(np.array_equal(back[k], t[k]) and back[k].dtype == t[k].dtype for k in t)
+
+
+def test_a_dense_table_of_older_snapshots_reads_as_the_same_table(tmp_path):
+    table = ClientStateTable(ClientStateStore(tmp_path, 4, slots=4), np.array([3, 5, 8, 9]), [])
+    dense = {"state_slot": np.array([-1, 2, -1, 0], np.int8), "state_round": np.array([-1, 7, -1, 4])}
+    cs = table.prepare(ClientSet(np.array([9, 5, 3])), dense, 8)
+    assert cs.settings["_state_read_slot"].tolist() == [0, 2, -1]
+    assert cs.settings["_state_read_round"].tolist() == [4, 7, -1]
+    t = ClientStateTable.commit(cs, np.array([2]), dense, 8)  # client 3 (row 0) counted
+    assert t["state_rows"].tolist() == [0, 1, 3] and t["state_round"].tolist() == [8, 7, 4]
+
+
 def test_table_refuses_when_every_slot_is_held(tmp_path):
     table = ClientStateTable(ClientStateStore(tmp_path, 1, slots=2), np.array([0]), [(1, {"e": ("float32", 2)})])
     t = table.initial()
@@ -101,7 +141,8 @@ def test_table_refuses_when_every_slot_is_held(tmp_path):
         cs = table.prepare(ClientSet(np.array([0])), t, rnd)
         t = ClientStateTable.commit(cs, np.array([0]), t, rnd)
         table.protect(rnd, t)
-    table._protected[0] = np.array([0], np.int8)  # three versions held, two slots
+    table.protect(0, {"state_rows": np.array([0]), "state_slot": np.array([0], np.int8),
+                      "state_round": np.array([0])})  # three versions held, two slots
     with pytest.raises(CheckpointError, match="keep fewer snapshots"):
         table.prepare(ClientSet(np.array([0])), t, 3)
 
@@ -134,7 +175,7 @@ def test_error_feedback_arithmetic_matches_numpy(tmp_path):
         assert work.update.raw_nbytes == 200 and work.update.upload_nbytes == 5 * 8
         t = ClientStateTable.commit(cs, np.array([0]), t, rnd)
     np.testing.assert_array_equal(table.store.read("stage-00000063", "residual", row=0,
-                                                   slot=int(t["state_slot"][0]), rnd=3), e)
+                                                   slot=int(ClientStateTable.lookup(t, np.array([0]))[0][0]), rnd=3), e)
 
 
 # -- runs on real clusters ---------------------------------------------------------------------------------

@@ -168,3 +168,24 @@ def test_worker_killed_mid_round_counts_every_client_once():
     finally:
         client.close()
         cluster.close()
+
+
+def test_gpu_machines_start_one_worker_per_gpu_each_seeing_its_own_device():
+    # No GPU on this machine: the device count is injected (gpus=2), so this checks the workers' layout
+    # (processes, CUDA_VISIBLE_DEVICES, Dask resources), not training on a GPU; bench/gpu_check.py does that.
+    cluster = embedded(gpus=2)
+    client = Client(cluster, set_as_default=False)
+    try:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["0", "1"]
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        assert [w["resources"] for w in info.values()] == [{"GPU": 1}, {"GPU": 1}]
+        assert set(worker_threads(client).values()) == {1}
+    finally:
+        client.close()
+        cluster.close()
+    from flgraph.cluster import gpu_workers
+
+    assert gpu_workers(0, 3) == [] and len(gpu_workers(4, None)) == 4
+    assert [w["env"]["CUDA_VISIBLE_DEVICES"] for w in gpu_workers(2, 3)] == ["0", "1", "0"]
+    assert all("resources" not in w for w in gpu_workers(2, 3))  # shared devices: no whole GPU to offer

@@ -81,3 +81,61 @@ def test_always_online_devices_answer_without_making_profiles() -> None:
     assert time.perf_counter() - t < 1.0
     with pytest.raises(fg.errors.DataError, match="no device profile"):
         pop.online_mask(np.array([3, POPULATION]), 10.0)
+
+
+def test_a_round_draws_available_clients_of_a_million_checking_o_count_profiles(monkeypatch) -> None:
+    import flgraph.sim.devices as devices_module
+
+    made: list[int] = []
+
+    def counted(k: int, *args: object, **kwargs: object) -> object:
+        made.append(k)
+        return _lognormal_profile(k, *args, **kwargs)  # type: ignore[arg-type]
+
+    data = fg.data.FederatedDataset.from_function(_client, POPULATION)
+    devices = DevicePopulation.lognormal(POPULATION, seed=3, mean_on=3600.0, mean_off=1800.0)
+    monkeypatch.setattr(devices_module, "_lognormal_profile", counted)
+    select, count, at = st.Select(clients=1_000, available=devices), 1_000, 40_000.0
+    metrics: dict[str, object] = {}
+    t0 = time.perf_counter()
+    clients = select._select(1, 0, data, at, metrics)
+    elapsed = time.perf_counter() - t0
+    checked = len(made)
+    assert len(clients) == count and len(np.unique(clients.ids)) == count
+    assert checked < 2 * count, checked  # about count / availability (2/3), not a million
+    assert elapsed < 1.0 * 3, elapsed  # x3 for a loaded machine
+    assert all(devices.profile(int(k)).online(at) for k in clients.ids)
+    again = select._select(1, 0, data, at, {})
+    np.testing.assert_array_equal(clients.ids, again.ids)  # the same seed, the same draw
+    assert "clients_available" not in metrics
+    # the estimate against the exact share online over an independent sample of 20,000 devices
+    sample = np.random.default_rng(9).choice(POPULATION, 20_000, replace=False)
+    share = devices.online_mask(sample, at).mean()
+    assert abs(int(metrics["clients_available_est"]) / POPULATION - share) < 0.06  # type: ignore[call-overload]
+
+
+def test_few_available_clients_of_a_large_population_fall_back_to_the_exact_count() -> None:
+    data = fg.data.FederatedDataset.from_function(_client, 200_000)
+    metrics: dict[str, object] = {}
+    # 20 of 200,000 available: about 100,000 candidates to find 10, more than a quarter of the population
+    clients = st.Select(clients=10, available=lambda ids, round, time: ids < 20)._select(1, 0, data, None, metrics)
+    assert metrics["clients_available"] == 20 and "clients_available_est" not in metrics
+    assert len(clients) == 10 and (clients.ids < 20).all()
+
+
+def test_the_rejection_draw_is_uniform_over_the_available_clients(monkeypatch) -> None:
+    import flgraph.stages.available_draw as available_draw
+
+    monkeypatch.setattr(available_draw, "_MAX_CHECKED_SHARE", 100.0)  # never fall back on this small population
+    ids = np.arange(100, 160)
+    available = ids % 3 != 0  # 40 of 60 online
+    draws, want = 4_000, 5
+    hits = np.zeros(len(ids), np.int64)
+    for s in range(draws):
+        got = available_draw.draw_available(ids, want, np.random.default_rng(s), lambda c: c % 3 != 0)
+        assert got is not None and len(np.unique(got.ids)) == want
+        hits[np.searchsorted(ids, got.ids)] += 1
+    assert hits[~available].sum() == 0
+    expected = draws * want / available.sum()
+    chi2 = float((((hits[available] - expected) ** 2) / expected).sum())
+    assert chi2 < 72.05, chi2  # the 0.999 quantile of chi-square with 39 degrees of freedom

@@ -249,10 +249,22 @@ def stateful_stages(stages: Iterable[Any], spec: Any) -> list[tuple[int, dict[st
 class ClientStateTable:
     """The driver's side: which slot of each client holds its current state, and which slots are free.
 
-    The table (``state_slot``, ``state_round``: one entry per client of the dataset) is kept in the stage
-    state of the run's first stateful client stage under the key given to :meth:`prepare`, so snapshots
-    save it. ``protect(rnd, table)`` records a snapshot's table: its slots are not written while the
-    snapshot is retained (``retained(rounds)`` forgets the others).
+    The table holds the clients that have state only, so it costs O(clients with state), not O(registered
+    clients): ``state_rows`` (their rows in the dataset's ``client_ids``, sorted), and for each of them
+    ``state_slot`` and ``state_round``. It is kept in the stage state of the run's first stateful client
+    stage under the key given to :meth:`prepare`, so snapshots save it (three arrays). A table of the older
+    dense layout (one entry per client, -1 for none) is read as the same table. ``protect(rnd, table)``
+    records a snapshot's table: its slots are not written while the snapshot is retained (``retained(rounds)``
+    forgets the others).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> table = ClientStateTable(ClientStateStore(tempfile.mkdtemp(), 5, slots=3), np.arange(5), [])
+        >>> t = table.initial()
+        >>> cs = table.prepare(ClientSet(np.array([3, 1])), t, 1)
+        >>> t = ClientStateTable.commit(cs, np.array([0]), t, 1)   # only client 3 counted
+        >>> t["state_rows"].tolist(), ClientStateTable.lookup(t, np.arange(5))[0].tolist()
+        ([3], [-1, -1, -1, 0, -1])
     """
 
     def __init__(self, store: ClientStateStore, client_ids: np.ndarray,
@@ -260,19 +272,43 @@ class ClientStateTable:
         self.store = store
         self.client_ids = np.asarray(client_ids, dtype=np.int64)
         self.stages = stages
-        self._protected: dict[int, np.ndarray] = {}
+        self._protected: dict[int, dict[str, np.ndarray]] = {}
         for tag, fields in stages:
             for name, (dtype, size) in fields.items():
                 store.ensure(_key(tag), name, dtype, size)
 
-    def initial(self) -> dict[str, np.ndarray]:
+    @staticmethod
+    def initial() -> dict[str, np.ndarray]:
         """An empty table: no client has state yet."""
-        n = len(self.client_ids)
-        return {"state_slot": np.full(n, -1, np.int8), "state_round": np.full(n, -1, np.int64)}
+        return {"state_rows": np.empty(0, np.int64), "state_slot": np.empty(0, np.int8),
+                "state_round": np.empty(0, np.int64)}
+
+    @staticmethod
+    def entries(table: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The table's rows with state, their slots and rounds (a dense table of older snapshots converted)."""
+        slot = np.asarray(table["state_slot"])
+        if "state_rows" in table:
+            return {"state_rows": np.asarray(table["state_rows"], np.int64), "state_slot": slot,
+                    "state_round": np.asarray(table["state_round"], np.int64)}
+        rows = np.flatnonzero(slot >= 0)
+        return {"state_rows": rows.astype(np.int64), "state_slot": slot[rows],
+                "state_round": np.asarray(table["state_round"], np.int64)[rows]}
+
+    @staticmethod
+    def lookup(table: dict[str, Any], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The slot and round of each of ``rows`` (-1 and -1 for a client without state)."""
+        t = ClientStateTable.entries(table)
+        have = t["state_rows"]
+        rows = np.asarray(rows, np.int64)
+        at = np.minimum(np.searchsorted(have, rows), max(len(have) - 1, 0))
+        found = (have[at] == rows) if len(have) else np.zeros(len(rows), bool)
+        slot = np.where(found, t["state_slot"][at] if len(have) else -1, -1).astype(np.int64)
+        rnd = np.where(found, t["state_round"][at] if len(have) else -1, -1).astype(np.int64)
+        return slot, rnd
 
     def protect(self, rnd: int, table: dict[str, Any]) -> None:
         """A snapshot of round ``rnd`` holds ``table``: keep its slots until :meth:`retained` drops it."""
-        self._protected[int(rnd)] = np.array(table["state_slot"], copy=True)
+        self._protected[int(rnd)] = {k: np.array(v, copy=True) for k, v in self.entries(table).items()}
 
     def retained(self, rounds: Iterable[int]) -> None:
         """Only the snapshots of ``rounds`` (and the newest protected one) still need their slots; of those,
@@ -292,10 +328,9 @@ class ClientStateTable:
             cid = int(clients.ids[np.flatnonzero(unknown)[0]])
             raise ClientError(f"client {cid} is not in the dataset", client=cid, stage="Select", round=rnd,
                               fix="select clients from data.client_ids")
-        slot = table["state_slot"][rows].astype(np.int64)
+        slot, read_round = self.lookup(table, rows)
         used = np.zeros(len(rows), np.int64)
-        for t in (table["state_slot"], *self._protected.values()):
-            s = t[rows].astype(np.int64)
+        for s in (slot, *(self.lookup(t, rows)[0] for t in self._protected.values())):
             used |= np.where(s >= 0, np.left_shift(1, np.maximum(s, 0)), 0)
         free = np.full(len(rows), -1, np.int64)
         for k in reversed(range(self.store.slots)):
@@ -303,19 +338,21 @@ class ClientStateTable:
         if (free < 0).any():
             raise CheckpointError(f"every one of the {self.store.slots} client-state slots of a client is held by "
                                   "a retained snapshot", fix="keep fewer snapshots (keep_last) for this run")
-        return clients.with_settings(**{ROW: rows, READ_SLOT: slot, READ_ROUND: table["state_round"][rows],
-                                        WRITE_SLOT: free})
+        return clients.with_settings(**{ROW: rows, READ_SLOT: slot, READ_ROUND: read_round, WRITE_SLOT: free})
 
     @staticmethod
     def commit(clients: ClientSet, done: np.ndarray, table: dict[str, Any], rnd: int) -> dict[str, Any]:
         """A new table where the clients at positions ``done`` (their updates counted) point at this round's
         versions; the others keep theirs."""
-        slot = np.array(table["state_slot"], copy=True)
-        rounds = np.array(table["state_round"], copy=True)
-        rows = clients.settings[ROW][done]
-        slot[rows] = clients.settings[WRITE_SLOT][done]
-        rounds[rows] = rnd
-        return {**table, "state_slot": slot, "state_round": rounds}
+        old = ClientStateTable.entries(table)
+        rows = np.asarray(clients.settings[ROW][done], np.int64)
+        stay = ~np.isin(old["state_rows"], rows)
+        all_rows = np.concatenate([old["state_rows"][stay], rows])
+        order = np.argsort(all_rows, kind="stable")
+        slot = np.concatenate([old["state_slot"][stay], clients.settings[WRITE_SLOT][done].astype(np.int8)])
+        rounds = np.concatenate([old["state_round"][stay], np.full(len(rows), rnd, np.int64)])
+        return {**table, "state_rows": all_rows[order], "state_slot": slot[order].astype(np.int8),
+                "state_round": rounds[order]}
 
 
 class ClientStateView:
