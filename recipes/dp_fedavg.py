@@ -1,5 +1,5 @@
 """DP-FedAvg (McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
-ICLR 2018) with adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021):
+ICLR 2018) with adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021)::
 
     each round r:  stop if the round would spend more than max_epsilon   -> PrivacyAccountant (first)
                    S <- each client with probability q (Poisson)          -> Select(sampling="poisson")

@@ -1,5 +1,5 @@
 """FedAvg with secure aggregation (SecAgg+: Bell, Bonawitz, Gascón, Lepoint, Raykova, "Secure
-Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020), the server learning only the sum:
+Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020), the server learning only the sum::
 
     each round t:  S_t <- random set of clients                            -> Select
                    neighbour graph; AdvertiseKeys; ShareKeys (on S_t)      -> SecureSetup

@@ -97,7 +97,8 @@ class ZmqTransport:
     #: one update, so fan-outs of several per-client values and parallel branches are refused before a run.
     supports: frozenset[str] = frozenset({"tiers", "secure aggregation"})
 
-    #: SecAgg+ (:mod:`.secagg`): each agent runs its client's phases and keeps its secrets on the device.
+    #: SecAgg+ (:mod:`flgraph.transports.zmq.secagg`): each agent runs its client's phases and keeps its
+    #: secrets on the device.
     clients_keep_secrets = True
 
     def __init__(self, bind: str = "tcp://127.0.0.1:0", *, deadline_s: float = 60.0,
@@ -393,7 +394,7 @@ class ZmqTransport:
 
     def map_clients(self, rnd: int, flat: np.ndarray, ids: np.ndarray, fn: Any) -> list[Any]:
         """An evaluation stage's client work on the agents of ``ids`` (:func:`.evaluate.on_agents`), or a
-        secure-aggregation phase (:func:`.secagg.run_phase`)."""
+        secure-aggregation phase (:func:`flgraph.transports.zmq.secagg.run_phase`)."""
         if type(fn) in secagg.PHASES:
             return secagg.run_phase(self, rnd, ids, fn, self._s_keys)
         return evaluate.on_agents(self, rnd, flat, ids, fn)
