@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,5 +124,6 @@ class PartitionedRows(FederatedDataset):
     def load(self, client: int) -> ClientData:
         return self._rows(self.partition.indices[self._position(client)])
 
+    @abc.abstractmethod
     def _rows(self, indices: np.ndarray) -> ClientData:
-        raise NotImplementedError
+        """The samples at ``indices`` of the wrapped data set, as one client's arrays."""
