@@ -29,6 +29,9 @@ from flgraph import stages as st
 from flgraph.graph import Pipeline
 from flgraph.secure import Dropouts, SecAggConfig
 
+from .compose import insert_after, swap
+from .fedavg import fedavg
+
 __all__ = ["fedavg_secagg"]
 
 
@@ -52,10 +55,9 @@ def fedavg_secagg(
     """The FedAvg round with SecAgg+ (see the module docstring for the settings); extra keywords go to
     :class:`~flgraph.stages.LocalTrain`, ``dropouts`` (:class:`~flgraph.secure.Dropouts`) simulates clients
     leaving at chosen phases."""
-    if clients is None and fraction is None:
-        fraction = 0.1
     cfg = SecAggConfig(neighbours=neighbours, threshold=threshold, clip=clip, levels=levels, modulus=modulus)
-    p = (st.Select(clients, fraction=fraction) >> st.Broadcast() >> st.SecureSetup(cfg, dropouts=dropouts)
-         >> st.LocalTrain(epochs, batch_size=batch_size, lr=lr, **train) >> st.SecureMask(cfg)
-         >> st.SecureAggregate(cfg, server_lr=server_lr))
-    return p >> st.Evaluate(every=evaluate_every) if evaluate_every else p
+    p = fedavg(clients, fraction=fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+               evaluate_every=evaluate_every, **train)
+    p = insert_after(p, st.Broadcast, st.SecureSetup(cfg, dropouts=dropouts))
+    p = swap(p, st.Aggregate, st.SecureAggregate(cfg, server_lr=server_lr))
+    return insert_after(p, st.LocalTrain, st.SecureMask(cfg))
