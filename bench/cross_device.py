@@ -12,7 +12,8 @@ weighs on both sides alike; ratios are the medians of the per-set ratios:
    vectorising stops paying.
 4. **The sequential path** (``clients_at_once=1``) at ``--clients`` a round against its floor: the same clients
    split over the same number of plain processes, each running the plain loop (no framework, nothing
-   aggregated).
+   aggregated). Twice: with LocalTrain's default step, and with ``optimizer=SGD(lr)`` (a torch.optim.SGD per
+   client, as the plain loop makes), which isolates the framework's own cost from the lean default step.
 
 The plain loop is timed on the round's first ``--loop-clients`` clients (its cost is linear in clients) and
 compared per client. Not a timed test: it prints figures and one ``RESULT {json}`` line.
@@ -62,11 +63,13 @@ def w1_client(k: int) -> tuple[np.ndarray, np.ndarray]:
     return w1common.client_data(int(k))
 
 
-def x1_run(workload: str, clients: int, population: int, at_once: int, workers: int) -> fg.Run:
+def x1_run(workload: str, clients: int, population: int, at_once: int, workers: int,
+           torch_optimizer: bool = False) -> fg.Run:
     wl = x1_loop.WORKLOADS[workload]
     data = fg.data.FederatedDataset.from_function(X1Clients(wl["samples"]), population)
+    opt = {"optimizer": st.SGD(x1_loop.LR)} if torch_optimizer else {}  # torch.optim.SGD, as the plain loop
     pipe = (st.Select(clients=clients) >> st.Broadcast()
-            >> st.LocalTrain(wl["epochs"], batch_size=wl["batch"], lr=x1_loop.LR, clients_at_once=at_once)
+            >> st.LocalTrain(wl["epochs"], batch_size=wl["batch"], lr=x1_loop.LR, clients_at_once=at_once, **opt)
             >> st.Aggregate(st.WeightedMean()))
     return fg.Run(pipe, model=x1_loop.initial_model(), data=data, seed=0, workers=workers, progress=False,
                   evaluate="never")
@@ -183,18 +186,24 @@ def floor_measure(a: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t
 
     try:
-        with x1_run("X1", a.clients, a.population, 1, a.workers) as run:
-            flgraph_round(run), floor_round()
+        with x1_run("X1", a.clients, a.population, 1, a.workers) as run, \
+                x1_run("X1", a.clients, a.population, 1, a.workers, torch_optimizer=True) as run_t:
+            flgraph_round(run), flgraph_round(run_t), floor_round()
             fs, fl = paired(lambda: flgraph_round(run), floor_round, a.sets)
+            ft, fl2 = paired(lambda: flgraph_round(run_t), floor_round, a.sets)
     finally:
         for conn in pipes:
             conn.send(None)
         for p in procs:
             p.join(10)
     out = {"sequential_round_s": round(statistics.median(fs), 3), "floor_round_s": round(statistics.median(fl), 3),
-           "sequential_over_floor": ratio(fs, fl)}
+           "sequential_over_floor": ratio(fs, fl),
+           "torch_optimizer_round_s": round(statistics.median(ft), 3),
+           "torch_optimizer_over_floor": ratio(ft, fl2)}
     print(f"sequential flgraph at {a.clients} clients/round: {out['sequential_round_s']} s, floor "
-          f"{out['floor_round_s']} s, ratio {out['sequential_over_floor']}", flush=True)
+          f"{out['floor_round_s']} s, ratio {out['sequential_over_floor']}; with LocalTrain(optimizer=SGD(lr)) "
+          f"(torch.optim.SGD, as the floor's loop) {out['torch_optimizer_round_s']} s, ratio "
+          f"{out['torch_optimizer_over_floor']}", flush=True)
     return out
 
 

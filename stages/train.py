@@ -242,7 +242,7 @@ class LocalTrain(ClientStage):
                 self._check_loss(metrics.get("loss", 0.0), work, "the training step")
                 metrics.setdefault("samples_processed", float(epochs * n))
             else:
-                metrics = self._train(model, data, ctx, work, control.corrections if control else ())
+                metrics = self._train(model, data, ctx, work, control.corrections if control else (), bm.params)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -274,12 +274,13 @@ class LocalTrain(ClientStage):
         return delta
 
     def _train(self, model: torch.nn.Module, data: Any, ctx: TrainContext, work: ClientWork,
-               corrections: Sequence[torch.Tensor] = ()) -> dict[str, float]:
-        x = torch.as_tensor(data.x, device=ctx.device)
-        y = torch.as_tensor(data.y, device=ctx.device)
+               corrections: Sequence[torch.Tensor] = (),
+               params: Sequence[torch.nn.Parameter] | None = None) -> dict[str, float]:
+        x, y = _tensor(data.x, ctx.device), _tensor(data.y, ctx.device)
         n = len(y)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = (self.optimizer or SGD(self.lr))(trainable)
+        trainable = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        opt: Any = (self.optimizer(trainable) if self.optimizer is not None
+                    else _PlainSGD(trainable, self.lr) if ctx.device.type == "cpu" else SGD(self.lr)(trainable))
         loss_fn = self.loss or F.cross_entropy
         anchors = [p.detach().clone() for p in trainable] if self.mu > 0 else []
         total, done, processed = 0.0, 0, 0
@@ -292,7 +293,8 @@ class LocalTrain(ClientStage):
                 if done >= limit:
                     break
                 idx = perm[i : i + ctx.batch_size]
-                if processed + len(idx) > budget:
+                size = min(ctx.batch_size, n - i)
+                if processed + size > budget:
                     limit = done
                     break
                 opt.zero_grad(set_to_none=True)
@@ -326,7 +328,7 @@ class LocalTrain(ClientStage):
                 self._check_loss(lv, work, f"step {done + 1}")
                 total += lv
                 done += 1
-                processed += len(idx)
+                processed += size
             epoch += 1
         return {"loss": total / max(done, 1), "steps": float(done), "samples_processed": float(processed)}
 
@@ -362,6 +364,39 @@ def frozen_names(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     """
     return [n for n in names
             if any(n == p or n.startswith(p + ".") or fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _tensor(a: Any, device: torch.device) -> torch.Tensor:
+    """``torch.as_tensor(a, device=device)``; a numpy array on cpu is shared through ``from_numpy``, which
+    skips as_tensor's argument parsing (a client's data is wrapped at every round)."""
+    if device.type == "cpu" and type(a) is np.ndarray and a.flags.writeable:
+        return torch.from_numpy(a)
+    return torch.as_tensor(a, device=device)
+
+
+class _PlainSGD:
+    """``torch.optim.SGD(params, lr=lr)`` (no momentum, no weight decay) for LocalTrain's default on cpu.
+
+    On cpu torch's SGD takes its single-tensor path, ``param.add_(grad, alpha=-lr)`` for each parameter with
+    a gradient, and so does this step, so the result is bit-identical; what it leaves out is the optimizer
+    object's per-call machinery (hooks, profiler records, parameter groups, state), which costs more than
+    the arithmetic of a small model's step, where cross-device clients spend their time.
+    """
+
+    __slots__ = ("lr", "params")
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
+        self.params, self.lr = params, lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
 
 
 def _seed_torch(device: torch.device, seed: int) -> None:

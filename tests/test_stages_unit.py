@@ -714,6 +714,22 @@ def test_local_train_matches_a_hand_written_torch_loop(kw, bn):
         assert upd.delta[nbt.offset] == len(losses)
 
 
+@pytest.mark.parametrize("kw", [{"epochs": 3, "batch_size": 4}, {"steps": 5, "batch_size": 2, "mu": 0.1},
+                                {"epochs": 2, "batch_size": 4, "freeze": ("0",)}])
+def test_default_step_is_torch_sgd_bit_for_bit(kw):
+    """LocalTrain's default step on cpu skips torch.optim.SGD's machinery: same bits as that optimizer."""
+    ds = FederatedDataset.from_function(_client_data, num_clients=8)
+    module = _net(seed=3, bn=True)
+    gp = _perturbed_global(ModelAdapter.from_module(module), seed=4)
+    lean = _run_local_train(st.LocalTrain(lr=0.2, **kw), module, ds, gp, rnd=2, client=5, seed=9)
+    torch_opt = st.LocalTrain(lr=0.2, optimizer=st.SGD(0.2), **kw)  # a factory: torch.optim.SGD itself
+    full = _run_local_train(torch_opt, module, ds, gp, rnd=2, client=5, seed=9)
+    assert lean.update is not None and full.update is not None
+    assert np.any(lean.update.delta != 0)
+    assert np.array_equal(lean.update.delta, full.update.delta)
+    assert lean.update.metrics == full.update.metrics
+
+
 def test_local_train_seed_changes_the_update():
     ds = FederatedDataset.from_function(_client_data, num_clients=8)
     module = _net(seed=1)

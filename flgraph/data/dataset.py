@@ -201,7 +201,7 @@ class FederatedDataset(abc.ABC):
                 fix="pass an id from dataset.client_ids",
             )
         ids = self.client_ids
-        pos = int(np.searchsorted(ids, client))
+        pos = int(ids.searchsorted(client))  # the method: no dispatch through numpy's Python wrapper
         if pos >= len(ids) or int(ids[pos]) != int(client):
             raise DataError(
                 f"client {int(client)} is not in this dataset ({_describe_ids(ids)})",

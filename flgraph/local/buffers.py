@@ -9,8 +9,8 @@ Example:
     >>> import numpy as np
     >>> from flgraph.local.buffers import BufferPool
     >>> pool = BufferPool()
-    >>> a = pool.take(4, np.float32); pool.give(a)
-    >>> pool.take(4, np.float32) is a
+    >>> a = pool.take(100_000, np.float32); pool.give(a)
+    >>> pool.take(100_000, np.float32) is a
     True
 """
 
@@ -23,6 +23,10 @@ import numpy as np
 
 __all__ = ["POOL", "BufferPool"]
 
+# Below this size malloc serves a buffer from its own free lists without touching the kernel, faster than
+# the pool's lock and lookup: a cross-device client's delta (a few thousand values) is simply allocated.
+_SMALL_BYTES = 1 << 16
+
 
 class BufferPool:
     """Free lists of 1-D buffers by (size, dtype); at most ``per_key`` buffers are kept for each."""
@@ -34,7 +38,10 @@ class BufferPool:
 
     def take(self, size: int, dtype: Any) -> np.ndarray:
         """An uninitialised 1-D buffer of ``size`` elements (a reused one when available)."""
-        key = (int(size), np.dtype(dtype).str)
+        dt = np.dtype(dtype)
+        if size * dt.itemsize < _SMALL_BYTES:
+            return np.empty(size, dtype=dt)
+        key = (int(size), dt.str)
         with self._lock:
             free = self._free.get(key)
             if free:
@@ -43,7 +50,8 @@ class BufferPool:
 
     def give(self, arr: np.ndarray) -> None:
         """Return a buffer nobody uses any more (only whole, writable, 1-D arrays are kept)."""
-        if arr.ndim != 1 or arr.base is not None or not arr.flags.writeable or not arr.flags.c_contiguous:
+        if (arr.nbytes < _SMALL_BYTES or arr.ndim != 1 or arr.base is not None or not arr.flags.writeable
+                or not arr.flags.c_contiguous):
             return
         key = (arr.size, arr.dtype.str)
         with self._lock:

@@ -136,6 +136,7 @@ class BoundModel:
     def __init__(self, module: torch.nn.Module, spec: ParamSpec, device: torch.device) -> None:
         self.module = module.to(device)
         self.modules = list(self.module.modules())  # to check train/eval mode without walking the tree
+        self.params = list(self.module.parameters())  # for each client's optimizer, without walking it either
         self.spec = spec
         self.device = device
         carrier = getattr(torch, spec.carrier)
