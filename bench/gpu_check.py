@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+import flgraph as fg
 from flgraph import stages as st
 from flgraph.context import ClientSet, ClientWork
 from flgraph.data import FederatedDataset
@@ -124,8 +125,17 @@ def worker_devices() -> dict[str, object]:
     client = Client(cluster, set_as_default=False)
     try:
         info = client.scheduler_info(n_workers=-1)["workers"]
+        # LocalTrain's default device="auto" on these workers: settled to cuda for the run, and trains there
+        torch.manual_seed(0)
+        train = st.LocalTrain(batch_size=4, lr=0.1)
+        pipe = st.Select(clients=64) >> st.Broadcast() >> train >> st.Aggregate(st.WeightedMean())
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        data = fg.data.FederatedDataset.from_function(x1, 10_000)
+        with fg.Run(pipe, model=model, data=data, seed=0, cluster=client, progress=False, evaluate="never") as r:
+            r.fit(rounds=2)
+            auto = {"settled": train.train_device(), "loss": r.history.column("loss")}
         return {"gpus": torch.cuda.device_count(), "workers": sorted(map(list, client.run(seen).values())),
-                "resources": [w["resources"] for w in info.values()]}
+                "resources": [w["resources"] for w in info.values()], "auto_device": auto}
     finally:
         client.close()
         cluster.close()

@@ -1,8 +1,9 @@
 """LocalTrain: train the global model on one client's own data (client stage).
 
 Any torch module, loss function and optimizer factory; ``epochs`` or ``steps``; a seeded batch order
-(stream ``(tag, round, client)``: epoch ``e`` uses that stream's ``e``-th permutation); ``device`` cpu or
-cuda. Bring your own training step with ``train_fn(model, data, ctx) -> loss`` (a float, or a dict of
+(stream ``(tag, round, client)``: epoch ``e`` uses that stream's ``e``-th permutation); ``device`` ``"auto"``
+(the workers' GPUs when every worker has one, else the CPU: :mod:`flgraph.stages.placement`), ``"cpu"`` or
+``"cuda"``. Bring your own training step with ``train_fn(model, data, ctx) -> loss`` (a float, or a dict of
 metrics with a ``"loss"`` key).
 
 Options: ``mu > 0`` adds FedProx's proximal term ``mu/2 ||w - w_global||^2`` to the local objective (its
@@ -25,7 +26,7 @@ Example:
     >>> from flgraph import stages as st
     >>> st.LocalTrain(epochs=2, batch_size=16, lr=0.1, mu=0.01, freeze=["head"])  # doctest: +NORMALIZE_WHITESPACE
     LocalTrain(epochs=2, steps=None, batch_size=16, lr=0.1, optimizer=None, loss=None, train_fn=None,
-               device='cpu', mu=0.01, freeze=('head',), holdout=0.0)
+               device='auto', mu=0.01, freeze=('head',), holdout=0.0)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import fnmatch
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,6 +53,7 @@ from flgraph.params import ParamSpec, all_finite
 from flgraph.rng import client_torch_seed, stream
 
 from . import scaffold, vectorised
+from .placement import check_device, local_device, settle
 from .split import check_fraction, heldout
 
 __all__ = ["SGD", "LocalTrain", "TrainContext", "frozen_names"]
@@ -102,7 +104,7 @@ class LocalTrain(ClientStage):
         optimizer: OptimizerFactory | None = None,
         loss: LossFn | None = None,
         train_fn: Callable[[torch.nn.Module, Any, TrainContext], float | dict[str, float]] | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         mu: float = 0.0,
         freeze: Sequence[str] | None = None,
         holdout: float = 0.0,
@@ -125,8 +127,7 @@ class LocalTrain(ClientStage):
             raise ConfigError(f"LocalTrain(steps={steps}): steps must be >= 1")
         if batch_size < 1:
             raise ConfigError(f"LocalTrain(batch_size={batch_size}): must be >= 1")
-        if not (isinstance(device, str) and (device == "cpu" or device.startswith("cuda"))):
-            raise ConfigError(f"LocalTrain(device={device!r}): use 'cpu' or 'cuda' / 'cuda:N'")
+        check_device("LocalTrain", device)
         self.epochs = epochs
         self.steps = steps
         self.batch_size = batch_size
@@ -148,6 +149,7 @@ class LocalTrain(ClientStage):
         if clients_at_once > 1:  # only then a setting: the default's spec and repr stay as they were
             self.clients_at_once = clients_at_once
         self._sequential_because: str | None = None
+        self._device: str | None = None  # device="auto" settled for the run (see place)
 
     def reads(self) -> frozenset[str]:
         return scaffold.client_reads(self.requires, getattr(self, "correction", None))
@@ -158,10 +160,14 @@ class LocalTrain(ClientStage):
     def client_fields(self, spec: ParamSpec) -> dict[str, tuple[str, int]]:
         return scaffold.client_fields(spec) if getattr(self, "correction", None) else {}
 
+    def place(self, cuda_by_worker: Mapping[str, int]) -> None:
+        self._device = settle("LocalTrain", self.device, cuda_by_worker)
+
+    def train_device(self) -> str:
+        """The device this process trains on: the run's settled one, else ``device`` settled here alone."""
+        return self._device or local_device(self.device)
+
     def prepare(self, dataset: Any, model_source: Any) -> None:
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"LocalTrain(device={self.device!r}) but this machine has no CUDA device",
-                              fix="use device='cpu', or run on workers with a GPU")
         template = getattr(model_source, "template", None)
         if getattr(self, "clients_at_once", 1) > 1 and template is not None:
             self._sequential_because = vectorised.why_not(self, template)
@@ -211,12 +217,13 @@ class LocalTrain(ClientStage):
 
     def run(self, work: ClientWork) -> None:
         adapter: ModelAdapter = work.model_source
-        bm = adapter.bound(self.device)
+        where = self.train_device()
+        bm = adapter.bound(where)
         bm.load(work.global_params.flat)
         model = bm.module
         if not all(m.training for m in bm.modules):  # Module.train() walks and sets every submodule
             model.train()
-        device = torch.device(self.device)
+        device = torch.device(where)
         epochs = int(work.setting("epochs", self.epochs))
         steps = work.setting("steps", self.steps)
         ctx = TrainContext(work.round, work.client, epochs, steps, self.batch_size, self.lr, device,

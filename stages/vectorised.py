@@ -130,7 +130,7 @@ def train_block(stage: LocalTrain, works: Sequence[ClientWork]) -> list[BaseExce
     """Train ``works``' clients at once; set each one's ``update``. Returns each client's error (or None)."""
     from .train import SGD, frozen_names
 
-    device = torch.device(stage.device)
+    device = torch.device(stage.train_device())
     cache: dict[str, _Model] = stage.__dict__.setdefault("_vectorised_models", {})
     vm = cache.get(str(device))
     if vm is None:

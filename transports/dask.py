@@ -115,6 +115,7 @@ class DaskTransport(Transport, PlansAhead):
         t0 = time.perf_counter()
         self._local = bundle
         workers = self._workers()
+        self._place(bundle)
         key = f"bundle-{self.token}"
         self._bundle = self.client.scatter({key: bundle}, broadcast=True, hash=False)[key]
         rkey = f"reducer-{self.token}"
@@ -128,6 +129,13 @@ class DaskTransport(Transport, PlansAhead):
         self._accel = accelerator_for(self.client, workers, self._bundle, bundle.reducer, self.stage_name,
                                       self.token, self.chunk_size, self._release_later)
         return time.perf_counter() - t0
+
+    def _place(self, bundle: Bundle) -> None:
+        """Let each client stage settle its device for the run from every worker's CUDA count, before the
+        bundle is shipped (:meth:`flgraph.graph.ClientStage.place`)."""
+        cuda = {str(w): int(n) for w, n in self.client.run(_cuda_devices).items()}
+        for stage in (*bundle.stages, *(s for branch in bundle.branch_stages for s in branch)):
+            stage.place(cuda)
 
     def _new_run(self) -> str:
         """A fresh suffix for an attempt's keys: a retried round must not reuse the failed attempt's keys
@@ -377,6 +385,15 @@ class DaskTransport(Transport, PlansAhead):
 
 
 # -- what runs on the workers -----------------------------------------------------------------------
+def _cuda_devices() -> int:
+    """The CUDA devices this worker process sees (0 without torch or without a GPU)."""
+    try:
+        import torch  # the engine itself never imports torch: only here, in the worker, when it is there
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
 def _warm(bundle: Bundle, flat: np.ndarray) -> float:
     """Run one throwaway client update (round 0, not counted) so that torch's import and lazy
     initialisation (autograd, the optimizer's first step) are paid before round 1."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..context import ClientWork, RoundContext, Update
@@ -133,6 +134,11 @@ class ClientStage(Stage):
     def drops(self) -> frozenset[str]:
         """Per-client values this stage discards on purpose (so that no reducer need consume them)."""
         return frozenset()
+
+    def place(self, cuda_by_worker: Mapping[str, int]) -> None:
+        """Settle where the stage computes, once per run before it is shipped: ``cuda_by_worker`` maps each
+        worker's address to its CUDA device count. Raise ConfigError to refuse the cluster. Default: nothing
+        (see :mod:`flgraph.stages.placement` for LocalTrain's ``device="auto"``)."""
 
     @abstractmethod
     def run(self, work: ClientWork) -> None: ...
