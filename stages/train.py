@@ -219,7 +219,7 @@ class LocalTrain(ClientStage):
         adapter: ModelAdapter = work.model_source
         where = self.train_device()
         bm = adapter.bound(where)
-        bm.load(work.global_params.flat)
+        bm.load(work.global_params.flat, (work.round, id(work.global_params.flat)))  # kept on a GPU
         model = bm.module
         if not all(m.training for m in bm.modules):  # Module.train() walks and sets every submodule
             model.train()

@@ -143,6 +143,7 @@ class BoundModel:
         self.flat_t = torch.zeros(spec.size, dtype=carrier, device=device)
         self.flat_np: np.ndarray | None = self.flat_t.numpy() if device.type == "cpu" else None
         self._others: list[tuple[torch.Tensor, int, int]] = []
+        self._held: tuple[object, torch.Tensor] | None = None  # global weights kept on the device (load)
         entries = {e.name: e for e in spec.entries}
         for name, t, is_param in _state_tensors(self.module):
             e = entries[name]
@@ -158,9 +159,20 @@ class BoundModel:
             else:
                 self._others.append((t, e.offset, e.size))
 
-    def load(self, flat: np.ndarray) -> None:
-        """Copy global weights (flat, carrier dtype) into the module: one memcpy plus the casts."""
-        src = torch.from_numpy(flat)
+    def load(self, flat: np.ndarray, key: object = None) -> None:
+        """Copy global weights (flat, carrier dtype) into the module: one memcpy plus the casts.
+
+        ``key`` names what ``flat`` holds (e.g. the round and the array): on an accelerator the weights
+        stay there between loads with the same key, so the clients of a round cost a copy on the device
+        each, not a transfer from the host each.
+        """
+        if key is not None and self.device.type != "cpu":
+            if self._held is None or self._held[0] != key:
+                self._held = None  # release the old copy before making the new one
+                self._held = (key, torch.from_numpy(flat).to(self.device))
+            src = self._held[1]
+        else:
+            src = torch.from_numpy(flat)
         with torch.no_grad():
             self.flat_t.copy_(src)
             for t, off, size in self._others:
