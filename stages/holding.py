@@ -55,7 +55,10 @@ __all__ = ["Holding", "HoldingPlan", "disk_free", "memory_budget"]
 log = logging.getLogger("flgraph")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_BLOCK_BYTES = 32 << 20  # a finalize block's target size: large reads, small next to any machine's memory
+# A finalize block's size: a quarter of the budget, within these bounds (large enough that reading a block
+# costs little beyond its bytes, small next to any machine's memory).
+_MIN_BLOCK_BYTES = 4 << 20
+_MAX_BLOCK_BYTES = 32 << 20
 
 
 def memory_budget() -> int:
@@ -119,7 +122,7 @@ class Holding:
     def __str__(self) -> str:
         peak = self.memory_peak_bytes if self.place == "memory" else self.streamed_peak_bytes
         return (f"{self.reducer} holds {self.clients} updates x {self.values} values = {_size(self.held_bytes)} "
-                f"a round, in {self.place} (peak memory about {_size(peak)})")
+                f"a round, {'in memory' if self.place == 'memory' else 'on disk'} (peak memory about {_size(peak)})")
 
 
 def _needs_all(reducer: Reducer) -> Iterator[_AllUpdates]:
@@ -189,7 +192,8 @@ class HoldingPlan:
             root = SpillRoot.create(parent, tag)
         holdings = []
         for red, n in found:
-            block = max(16, min(_BLOCK_BYTES, budget // 4) // max(1, n * 8))
+            block_bytes = min(_MAX_BLOCK_BYTES, max(_MIN_BLOCK_BYTES, budget // 4))
+            block = max(16, block_bytes // max(1, n * 8))
             red.hold_on_disk(root.path if root is not None else None, block)
             mem, streamed = red.peak_bytes(n, values, itemsize, block)
             holdings.append(Holding(repr(red), n, values, itemsize, n * values * itemsize, mem, streamed,

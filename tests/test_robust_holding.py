@@ -66,9 +66,11 @@ def fit(cluster, reducer, monkeypatch, budget: str | None, rounds: int = 2):
                          ids=["median", "trimmed", "krum"])
 def test_streamed_round_equals_the_in_memory_round(client2, monkeypatch, make):
     mem_run, mem_hist, mem_root, _ = fit(client2, make(), monkeypatch, None)
+    monkeypatch.setattr(holding, "_MIN_BLOCK_BYTES", 0)  # blocks of 16 coordinates: several per model
     disk_run, disk_hist, root, left = fit(client2, make(), monkeypatch, "1")  # a 1-byte budget: to disk
     assert mem_root is None and [h.place for h in mem_run.holding] == ["memory"]
     assert [h.place for h in disk_run.holding] == ["disk"]
+    assert disk_run._holding.reducers[0]._block == 16
     size = mem_run.params.spec.size
     for hist, place in ((mem_hist, "memory"), (disk_hist, "disk")):
         assert [r["updates_held_in"] for r in hist] == [place, place]
