@@ -57,7 +57,7 @@ log = logging.getLogger("flgraph")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # A finalize block's size: a quarter of the budget, within these bounds (large enough that reading a block
 # costs little beyond its bytes, small next to any machine's memory).
-_MIN_BLOCK_BYTES = 4 << 20
+_MIN_BLOCK_BYTES = 16 << 20
 _MAX_BLOCK_BYTES = 32 << 20
 
 

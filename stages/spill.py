@@ -93,8 +93,8 @@ def stacked_dtype(items: Sequence[Any]) -> np.dtype[Any]:
 
 def column_block(items: Sequence[Any], lo: int, hi: int, dtype: np.dtype[Any]) -> np.ndarray:
     """Coordinates ``lo:hi`` of every update (an array or a :data:`Ref`), as a (updates x (hi-lo)) array in
-    ``dtype``, rows in the order of ``items``. Each file is mapped for this block only, so its pages leave
-    the process's memory with the block."""
+    ``dtype``, rows in the order of ``items``. Rows on disk are read with one ``pread`` each, into this
+    block only: nothing of the files is mapped into the process, so its memory is the block's."""
     out = np.empty((len(items), hi - lo), dtype)
     by_file: dict[str, tuple[list[int], list[int]]] = {}
     for i, it in enumerate(items):
@@ -106,9 +106,18 @@ def column_block(items: Sequence[Any], lo: int, hi: int, dtype: np.dtype[Any]) -
             rows.append(it[1])
     for path, (pos, rows) in by_file.items():
         size, stored = layout(path)
-        mapped = np.memmap(path, stored, "r")
-        out[pos] = mapped.reshape(-1, size)[rows, lo:hi]
-        del mapped
+        part = out if stored == dtype and len(pos) == len(items) else np.empty((len(rows), hi - lo), stored)
+        row_bytes, skip = size * stored.itemsize, lo * stored.itemsize
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for j, r in enumerate(rows):
+                got = os.preadv(fd, [part[j].data], r * row_bytes + skip)
+                if got != part[j].nbytes:
+                    raise OSError(f"{path}: row {r} is cut short (read {got} of {part[j].nbytes} bytes)")
+        finally:
+            os.close(fd)
+        if part is not out:
+            out[pos] = part
     return out
 
 
