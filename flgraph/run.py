@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from .store.checkpoint import Checkpoints, RunDirectory, Snapshot
 from .store.client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
 from .store.persist import create_directory, snapshot_of
 from .store.writer import SnapshotWriter
+
+if TYPE_CHECKING:
+    from .stages.holding import Holding
 
 __all__ = ["Run"]
 
@@ -242,7 +245,7 @@ class Run:
         return HoldingPlan.of(self.segments, int(self.data.num_clients), params.spec, self.token)
 
     @property
-    def holding(self) -> tuple[Any, ...]:
+    def holding(self) -> tuple[Holding, ...]:
         """What each reducer that needs every update (``Median``, ``TrimmedMean``, ``Krum``) holds in a round,
         and where (:class:`flgraph.stages.holding.Holding`: clients, values, bytes, peak memory, ``"memory"``
         or ``"disk"``); empty for a run whose reducers hold O(model), as the mean does."""

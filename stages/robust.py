@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -119,23 +120,14 @@ class _AllUpdates(Reducer):
     def compute_blocks(self, items: list[Any], weights: np.ndarray) -> np.ndarray:
         """:meth:`compute` over updates held on disk, one block of coordinates at a time (coordinate-wise
         rules: each block's result is exactly that of the whole stack's columns)."""
-        dtype = spill.stacked_dtype(items)
-        size = _size(items)
-        out: np.ndarray | None = None
-        for lo, hi in spill.block_bounds(size, self._block):
-            part = self.compute(spill.column_block(items, lo, hi, dtype), weights)
-            if out is None:
-                out = np.empty(size, part.dtype)
-            out[lo:hi] = part
-        assert out is not None
-        return out
+        return _blockwise(items, self._block, lambda block: self.compute(block, weights))
 
     def peak_bytes(self, clients: int, values: int, itemsize: int, block: int) -> tuple[int, int]:
         """Estimated peak bytes of a round of ``clients`` updates of ``values`` values: held in memory
         (the updates, their stack and the partition's copy), and held on disk (``block`` coordinates of
-        every update, their copy, and the result)."""
+        every update as read, as stacked and as partitioned, and the result)."""
         held = clients * values * itemsize
-        streamed = 2 * clients * min(block, values) * itemsize + values * itemsize
+        streamed = 3 * clients * min(block, values) * itemsize + values * itemsize
         return 3 * held, streamed
 
     def settings(self) -> dict[str, Any]:
@@ -144,6 +136,21 @@ class _AllUpdates(Reducer):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
+
+
+def _blockwise(items: list[Any], width: int, rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``rule`` (a coordinate-wise reduction over axis 0) applied to blocks of about ``width`` coordinates of
+    the stacked ``items``, read one block at a time."""
+    dtype = spill.stacked_dtype(items)
+    size = _size(items)
+    out: np.ndarray | None = None
+    for lo, hi in spill.block_bounds(size, width):
+        part = rule(spill.column_block(items, lo, hi, dtype))
+        if out is None:
+            out = np.empty(size, part.dtype)
+        out[lo:hi] = part
+    assert out is not None
+    return out
 
 
 def _size(items: list[Any]) -> int:
@@ -228,7 +235,7 @@ class Krum(_AllUpdates):
         """Krum over updates held on disk: the Gram matrix and squared norms accumulate in float64 over blocks
         of coordinates (so the distances sum in another order than in memory: equal within float64
         rounding, the same choice unless two scores tie that closely); then the chosen updates are read whole
-        and averaged exactly as in memory."""
+        and averaged, block by block, exactly as in memory."""
         n = len(items)
         self._check(n)
         size = _size(items)
@@ -239,13 +246,14 @@ class Krum(_AllUpdates):
             gram += x @ x.T
             sq += np.einsum("ij,ij->i", x, x)
         chosen = np.argsort(self._from_gram(sq, gram), kind="stable")[: self.m]
-        return spill.read_rows(items, np.sort(chosen).tolist(), size).mean(axis=0)
+        picked = [items[i] for i in np.sort(chosen).tolist()]
+        return _blockwise(picked, self._block, lambda block: block.mean(axis=0))
 
     def peak_bytes(self, clients: int, values: int, itemsize: int, block: int) -> tuple[int, int]:
-        """As the other rules, with the float64 copy of the stack (in memory) or of a block (on disk), the
-        pairwise matrices, and the ``m`` chosen updates."""
+        """As the other rules, with the float64 copy of the stack (in memory) or of a block (on disk), and
+        the pairwise matrices."""
         held = clients * values * itemsize
         pairs = 3 * clients * clients * 8
         in_memory = 2 * held + clients * values * 8 + pairs
-        streamed = 2 * clients * min(block, values) * 8 + pairs + (self.m + 1) * values * itemsize
+        streamed = 3 * clients * min(block, values) * 8 + pairs + values * itemsize
         return in_memory, streamed

@@ -41,8 +41,8 @@ import numpy as np
 
 from flgraph.errors import ConfigError
 
-__all__ = ["Ref", "SpillRoot", "append_row", "block_bounds", "column_block", "layout", "nbytes", "read_rows",
-           "round_dir", "stacked_dtype"]
+__all__ = ["Ref", "SpillRoot", "append_row", "block_bounds", "column_block", "layout", "nbytes", "round_dir",
+           "stacked_dtype"]
 
 #: One update on disk: its file and its row in that file.
 Ref = tuple[str, int]
@@ -119,13 +119,6 @@ def column_block(items: Sequence[Any], lo: int, hi: int, dtype: np.dtype[Any]) -
         if part is not out:
             out[pos] = part
     return out
-
-
-def read_rows(items: Sequence[Any], chosen: Sequence[int], size: int) -> np.ndarray:
-    """The whole updates (``size`` values each) at positions ``chosen``, in that order, stacked as
-    ``np.stack`` would."""
-    picked = [items[i] for i in chosen]
-    return column_block(picked, 0, size, stacked_dtype(picked))
 
 
 def block_bounds(size: int, width: int) -> list[tuple[int, int]]:

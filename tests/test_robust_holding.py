@@ -130,6 +130,15 @@ def test_refused_when_the_disk_has_no_room_either():
     assert "fewer clients per round" in text and "mean-based reducer" in text
 
 
+def test_a_run_is_refused_before_it_starts_when_the_disk_is_too_small(client2, monkeypatch):
+    monkeypatch.setenv("FLGRAPH_ROBUST_MEMORY", "0")
+    monkeypatch.setattr(holding, "disk_free", lambda path: 1000)  # injected: a disk with 1000 bytes free
+    with pytest.raises(ConfigError, match="do not fit") as e:
+        fg.Run(pipeline(st.Krum(2)), model=fg.models.mlp(D, [8], K, seed=2), data=data(), cluster=client2,
+               progress=False, evaluate="never", dashboard=False, metrics_log=None)
+    assert "1000 B" in str(e.value) and f"{CLIENTS} clients x" in str(e.value)
+
+
 def test_memory_budget_setting(monkeypatch):
     for raw, want in (("2G", 2 << 30), ("512M", 512 << 20), ("1000", 1000), ("1.5K", 1536)):
         monkeypatch.setenv("FLGRAPH_ROBUST_MEMORY", raw)
