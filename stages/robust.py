@@ -27,8 +27,6 @@ Example:
     >>> import numpy as np
     >>> from flgraph.context import Update
     >>> from flgraph.params import ParamSpec
-
-from . import spill
     >>> from flgraph.stages.robust import Median
     >>> spec = ParamSpec.from_arrays({"w": np.zeros(2, np.float32)})
     >>> med = Median()
@@ -73,6 +71,7 @@ class _AllUpdates(Reducer):
     needs_all: ClassVar[bool] = True
     _spill: str | None = None  # the run's directory for updates held on disk (None: in memory)
     _block: int = 1 << 16  # coordinates per block when finalizing from disk
+    _held: tuple[int, str] | None = None  # bytes the driver's finalizes held since take_held, and where
 
     def hold_on_disk(self, root: str | None, block: int = 1 << 16) -> None:
         """Hold the updates under ``root`` (None: in memory), finalizing ``block`` coordinates at a time."""
@@ -81,8 +80,8 @@ class _AllUpdates(Reducer):
 
     def take_held(self) -> tuple[int, str] | None:
         """Bytes of updates the finalizes since the last call held, and where ("memory" or "disk")."""
-        held = self.__dict__.pop("_held", None)
-        return None if held is None else (held[0], held[1])
+        held, self._held = self._held, None
+        return held
 
     def leaf(self, update: Update, spec: ParamSpec) -> Stacked:
         delta = update.decoded(spec)
@@ -109,8 +108,8 @@ class _AllUpdates(Reducer):
         w = np.asarray(weights, np.float64)
         on_disk = any(not isinstance(d, np.ndarray) for d in deltas)
         out = self.compute_blocks(deltas, w) if on_disk else self.compute(np.stack(deltas), w)
-        held = self.__dict__.get("_held", (0, "memory"))
-        self._held = (held[0] + sum(spill.nbytes(d) for d in deltas), "disk" if on_disk else held[1])
+        before, place = self._held or (0, "memory")
+        self._held = (before + sum(spill.nbytes(d) for d in deltas), "disk" if on_disk else place)
         return out.astype(spec.carrier, copy=False), float(sum(weights))
 
     @abstractmethod
@@ -234,8 +233,8 @@ class Krum(_AllUpdates):
     def compute_blocks(self, items: list[Any], weights: np.ndarray) -> np.ndarray:
         """Krum over updates held on disk: the Gram matrix and squared norms accumulate in float64 over blocks
         of coordinates (so the distances sum in another order than in memory: equal within float64
-        rounding, the same choice unless two scores tie that closely); then the chosen updates are read whole
-        and averaged, block by block, exactly as in memory."""
+        rounding, the same choice unless two scores tie that closely); then the chosen updates are averaged
+        block by block, which gives the bits of the in-memory mean of the same choice."""
         n = len(items)
         self._check(n)
         size = _size(items)
