@@ -82,6 +82,40 @@ def test_streamed_round_equals_the_in_memory_round(client2, monkeypatch, make):
     assert root is not None and not os.path.exists(root.path), "Run.close removes the directory"
 
 
+def test_tiers_stream_their_first_tier_and_equal_memory(client2, monkeypatch):
+    """Median per site, then the median of the sites: the first tier's client updates go to disk, the sites'
+    results (a few) stay in memory, and the run's params equal the in-memory run's."""
+    sited = data().with_attributes(site=lambda ids: ids % 3)
+
+    def run_with(budget: str) -> tuple[np.ndarray, dict]:
+        monkeypatch.setenv("FLGRAPH_ROBUST_MEMORY", budget)
+        p = (st.Select(clients=CLIENTS) >> st.Broadcast() >> st.LocalTrain(epochs=1, batch_size=4, lr=0.3)
+             >> st.Aggregate(st.Median(), by="site") >> st.Aggregate(st.Median()))
+        with fg.Run(p, model=fg.models.mlp(D, [8], K, seed=2), data=sited, seed=4, cluster=client2,
+                    progress=False, evaluate="never", dashboard=False, metrics_log=None) as run:
+            assert len(run.holding) == 1  # the first tier holds the clients' updates; the second, 3 sites'
+            row = run.fit(rounds=2)[-1]
+            return run.params.flat.copy(), row
+
+    in_memory, mem_row = run_with("1T")
+    on_disk, disk_row = run_with("0")
+    assert (mem_row["updates_held_in"], disk_row["updates_held_in"]) == ("memory", "disk")
+    assert disk_row["updates_held_bytes"] >= CLIENTS * in_memory.size * 4
+    assert np.array_equal(in_memory, on_disk)
+
+
+def test_a_run_that_would_stream_refuses_workers_elsewhere(client2, monkeypatch):
+    from flgraph.transports.dask import DaskTransport
+
+    monkeypatch.setenv("FLGRAPH_ROBUST_MEMORY", "0")
+    monkeypatch.setattr(DaskTransport, "on_this_machine", lambda self: False)  # injected: remote workers
+    with fg.Run(pipeline(st.Median()), model=fg.models.mlp(D, [8], K, seed=2), data=data(), cluster=client2,
+                progress=False, evaluate="never", dashboard=False, metrics_log=None) as run:
+        with pytest.raises(ConfigError, match="other machines"):
+            run.fit(rounds=1)
+        assert run.round == 0
+
+
 def test_a_client_error_leaves_no_file(client1, monkeypatch):
     monkeypatch.setenv("FLGRAPH_ROBUST_MEMORY", "1")
     run = fg.Run(pipeline(st.Median(), FailAt(2, 5)), model=fg.models.mlp(D, [8], K, seed=2), data=data(),
