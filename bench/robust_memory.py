@@ -111,6 +111,9 @@ def main() -> None:
               f"{r['peak_mib']:.0f} MiB above its level before the measured rounds; params crc {r['crc']:08x}")
     same = results["memory"]["crc"] == results["disk"]["crc"]
     print(f"\nparams identical in both modes: {same}")
+    modes = {m: {k: v for k, v in r.items() if k != "plan"} for m, r in results.items()}
+    print("RESULT " + json.dumps({"benchmark": "robust_memory", "reducer": args.reducer, "clients": args.clients,
+                                  "values": 203_530, "identical": same, "modes": modes}))
 
 
 if __name__ == "__main__":
