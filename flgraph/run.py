@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from .store.checkpoint import Checkpoints, RunDirectory, Snapshot
 from .store.client_state import ClientStatePlace, ClientStateStore, ClientStateTable, stateful_stages
 from .store.persist import create_directory, snapshot_of
 from .store.writer import SnapshotWriter
+
+if TYPE_CHECKING:
+    from .stages.holding import Holding
 
 __all__ = ["Run"]
 
@@ -201,6 +204,7 @@ class Run:
                                   "main (first) branch's client stages may", fix="move the stateful stage into "
                                   "the first branch, or keep the state on the device")
         self._client_state_tmp: str | None = None
+        self._holding = self._plan_holding(params)
         given = Checkpoints.of(checkpoint)
         if given is not None and given.path is not None and _resume is not None:
             raise ConfigError("a resumed run continues in its own run directory",
@@ -230,6 +234,22 @@ class Run:
             self.history.attach(directory)  # rows older than the history's window are read back from it
         if place is not None:
             self._open_client_state(place, _resume)
+
+    def _plan_holding(self, params: Params) -> Any:
+        """What the reducers that need every update hold a round, in memory or streamed to disk (refused
+        here when neither has room): :mod:`flgraph.stages.holding`."""
+        from .stages.holding import HoldingPlan
+
+        if not isinstance(self.engine, SyncEngine):
+            return HoldingPlan((), (), None)
+        return HoldingPlan.of(self.segments, int(self.data.num_clients), params.spec, self.token)
+
+    @property
+    def holding(self) -> tuple[Holding, ...]:
+        """What each reducer that needs every update (``Median``, ``TrimmedMean``, ``Krum``) holds in a round,
+        and where (:class:`flgraph.stages.holding.Holding`: clients, values, bytes, peak memory, ``"memory"``
+        or ``"disk"``); empty for a run whose reducers hold O(model), as the mean does."""
+        return tuple(self._holding.holdings)
 
     def _open_client_state(self, place: ClientStatePlace,
                            resume: tuple[RunDirectory, Snapshot | None] | None) -> None:
@@ -269,6 +289,12 @@ class Run:
             first = self.segments.clients[0].name
             _chaos.point("cluster-start")
             transport = DaskTransport(self._handle.client, self.token, first, self.chunk_size)
+        if self._holding.streams and isinstance(transport, DaskTransport) and not transport.on_this_machine():
+            raise ConfigError("the round's updates are streamed to disk (over the driver's memory budget: "
+                              + "; ".join(str(h) for h in self._holding.holdings) + "), and some Dask workers "
+                              "run on other machines, which cannot write to the driver's disk",
+                              fix="run the workers on the driver's machine, select fewer clients per round, or "
+                                  "use a mean-based reducer")
         self.warmup_s = transport.start(bundle, self.state.params.flat)
         self._transport = transport
         self._notify("on_start")
@@ -323,8 +349,10 @@ class Run:
         try:
             with frozen(), RoundProgress(total=end - first + 1, enabled=self.progress) as bar:
                 for rnd in range(first, end + 1):
-                    row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
-                                                self.on_client_error)
+                    with self._holding.round(rnd):
+                        row = self.engine.run_round(self.state, rnd, rnd == end, transport, self._keys,
+                                                    self.on_client_error)
+                    row.update(self._holding.row())
                     self.history.append(row)
                     if writer is not None and writer.policy.due(rnd, rnd == end,
                                                                 time.monotonic() - writer.last_time):
@@ -430,6 +458,7 @@ class Run:
         if self._client_state_tmp is not None:
             shutil.rmtree(self._client_state_tmp, ignore_errors=True)
             self._client_state_tmp = None
+        self._holding.close()
         if self._transport is not None:
             self.engine.abort(self._transport)
             self._transport.close()

@@ -4,7 +4,10 @@ These are not sums, so they cannot reduce to a partial sum as the mean does: the
 ``needs_all = True``. Each ``leaf`` keeps its client's decoded delta, ``combine`` concatenates in the
 engine's fixed tree order (so the list is in the round's client order, whatever the chunking) and
 ``finalize`` computes on the stacked updates. The memory is paid openly: clients x model values in the
-driver at the end of a round.
+driver at the end of a round, stated before the run starts (:attr:`flgraph.Run.holding`). When that would
+not fit the driver's memory budget, the run streams the updates to disk as they arrive and finalizes over
+blocks of coordinates (:mod:`flgraph.stages.holding`, :mod:`flgraph.stages.spill`): the same bits for the
+median and the trimmed mean, the same choice for Krum.
 
 * :class:`Median` — coordinate-wise median (Yin et al., ICML 2018).
 * :class:`TrimmedMean` — per coordinate, drop the ``floor(beta * n)`` largest and smallest values and
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,6 +51,8 @@ from flgraph.errors import ConfigError
 from flgraph.graph import Reducer
 from flgraph.params import ParamSpec
 
+from . import spill
+
 __all__ = ["Krum", "Median", "Stacked", "TrimmedMean"]
 
 #: What a needs-all reducer carries: the updates' deltas and sample counts, in client order.
@@ -54,12 +60,35 @@ Stacked = tuple[list[np.ndarray], list[float]]
 
 
 class _AllUpdates(Reducer):
-    """Keeps every update (``needs_all``): leaf -> one-element lists, combine -> concatenation."""
+    """Keeps every update (``needs_all``): leaf -> one-element lists, combine -> concatenation.
+
+    Held in memory by default. After :meth:`hold_on_disk` (the run decides it before it starts, see
+    :mod:`flgraph.stages.holding`), each client's leaf appends its delta to the round's files on disk
+    (:mod:`flgraph.stages.spill`) and carries only a reference, and :meth:`finalize` computes over blocks
+    of coordinates: memory O(block x clients + model) instead of O(clients x model).
+    """
 
     needs_all: ClassVar[bool] = True
+    _spill: str | None = None  # the run's directory for updates held on disk (None: in memory)
+    _block: int = 1 << 16  # coordinates per block when finalizing from disk
+    _held: tuple[int, str] | None = None  # bytes the driver's finalizes held since take_held, and where
+
+    def hold_on_disk(self, root: str | None, block: int = 1 << 16) -> None:
+        """Hold the updates under ``root`` (None: in memory), finalizing ``block`` coordinates at a time."""
+        self._spill = root
+        self._block = max(2, int(block))
+
+    def take_held(self) -> tuple[int, str] | None:
+        """Bytes of updates the finalizes since the last call held, and where ("memory" or "disk")."""
+        held, self._held = self._held, None
+        return held
 
     def leaf(self, update: Update, spec: ParamSpec) -> Stacked:
         delta = update.decoded(spec)
+        if self._spill is not None and update.base_round >= 0:  # a client's update (a group's result: memory)
+            ref = spill.append_row(self._spill, update.base_round + 1, delta)
+            update.delta = None
+            return [ref], [float(update.num_samples)]  # type: ignore[list-item]
         if update.delta is delta:
             update.delta = None  # consumed: keep the buffer itself, no copy
         else:
@@ -76,12 +105,29 @@ class _AllUpdates(Reducer):
         deltas, weights = acc
         if not deltas:
             raise ConfigError(f"{type(self).__name__} got no update this round")
-        out = self.compute(np.stack(deltas), np.asarray(weights, np.float64))
+        w = np.asarray(weights, np.float64)
+        on_disk = any(not isinstance(d, np.ndarray) for d in deltas)
+        out = self.compute_blocks(deltas, w) if on_disk else self.compute(np.stack(deltas), w)
+        before, place = self._held or (0, "memory")
+        self._held = (before + sum(spill.nbytes(d) for d in deltas), "disk" if on_disk else place)
         return out.astype(spec.carrier, copy=False), float(sum(weights))
 
     @abstractmethod
     def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The aggregate of ``stack`` (clients x values); each robust reducer defines it."""
+
+    def compute_blocks(self, items: list[Any], weights: np.ndarray) -> np.ndarray:
+        """:meth:`compute` over updates held on disk, one block of coordinates at a time (coordinate-wise
+        rules: each block's result is exactly that of the whole stack's columns)."""
+        return _blockwise(items, self._block, lambda block: self.compute(block, weights))
+
+    def peak_bytes(self, clients: int, values: int, itemsize: int, block: int) -> tuple[int, int]:
+        """Estimated peak bytes of a round of ``clients`` updates of ``values`` values: held in memory
+        (the updates, their stack and the partition's copy), and held on disk (``block`` coordinates of
+        every update as read, as stacked and as partitioned, and the result)."""
+        held = clients * values * itemsize
+        streamed = 3 * clients * min(block, values) * itemsize + values * itemsize
+        return 3 * held, streamed
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -89,6 +135,26 @@ class _AllUpdates(Reducer):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
+
+
+def _blockwise(items: list[Any], width: int, rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``rule`` (a coordinate-wise reduction over axis 0) applied to blocks of about ``width`` coordinates of
+    the stacked ``items``, read one block at a time."""
+    dtype = spill.stacked_dtype(items)
+    size = _size(items)
+    out: np.ndarray | None = None
+    for lo, hi in spill.block_bounds(size, width):
+        part = rule(spill.column_block(items, lo, hi, dtype))
+        if out is None:
+            out = np.empty(size, part.dtype)
+        out[lo:hi] = part
+    assert out is not None
+    return out
+
+
+def _size(items: list[Any]) -> int:
+    first = items[0]
+    return int(first.size) if isinstance(first, np.ndarray) else spill.layout(first[0])[0]
 
 
 class Median(_AllUpdates):
@@ -136,23 +202,57 @@ class Krum(_AllUpdates):
         self.f = f
         self.m = m
 
-    def scores(self, stack: np.ndarray) -> np.ndarray:
-        """Each update's Krum score (float64)."""
-        n = stack.shape[0]
+    def _check(self, n: int) -> None:
         if n <= 2 * self.f + 2:
             raise ConfigError(f"Krum(f={self.f}) needs more than 2f+2 = {2 * self.f + 2} updates, got {n}",
                               fix=f"select at least {2 * self.f + 3} clients per round, or lower f")
+        if self.m > n:
+            raise ConfigError(f"Krum(m={self.m}) selects more updates than the round has ({n})",
+                              fix="lower m or select more clients")
+
+    def scores(self, stack: np.ndarray) -> np.ndarray:
+        """Each update's Krum score (float64)."""
+        self._check(stack.shape[0])
         x = stack.astype(np.float64)
-        sq = np.einsum("ij,ij->i", x, x)
-        d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+        return self._from_gram(np.einsum("ij,ij->i", x, x), x @ x.T)
+
+    def _from_gram(self, sq: np.ndarray, gram: np.ndarray) -> np.ndarray:
+        """Scores from the squared norms and the Gram matrix (float64)."""
+        n = len(sq)
+        d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
         np.fill_diagonal(d, np.inf)
         nearest = np.sort(d, axis=1)[:, : n - self.f - 2]
         scores: np.ndarray = nearest.sum(axis=1)
         return scores
 
     def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        if self.m > stack.shape[0]:
-            raise ConfigError(f"Krum(m={self.m}) selects more updates than the round has ({stack.shape[0]})",
-                              fix="lower m or select more clients")
+        self._check(stack.shape[0])
         chosen = np.argsort(self.scores(stack), kind="stable")[: self.m]
         return stack[np.sort(chosen)].mean(axis=0)
+
+    def compute_blocks(self, items: list[Any], weights: np.ndarray) -> np.ndarray:
+        """Krum over updates held on disk: the Gram matrix and squared norms accumulate in float64 over blocks
+        of coordinates (so the distances sum in another order than in memory: equal within float64
+        rounding, the same choice unless two scores tie that closely); then the chosen updates are averaged
+        block by block, which gives the bits of the in-memory mean of the same choice."""
+        n = len(items)
+        self._check(n)
+        size = _size(items)
+        gram = np.zeros((n, n), np.float64)
+        sq = np.zeros(n, np.float64)
+        for lo, hi in spill.block_bounds(size, self._block):
+            x = spill.column_block(items, lo, hi, np.dtype(np.float64))
+            gram += x @ x.T
+            sq += np.einsum("ij,ij->i", x, x)
+        chosen = np.argsort(self._from_gram(sq, gram), kind="stable")[: self.m]
+        picked = [items[i] for i in np.sort(chosen).tolist()]
+        return _blockwise(picked, self._block, lambda block: block.mean(axis=0))
+
+    def peak_bytes(self, clients: int, values: int, itemsize: int, block: int) -> tuple[int, int]:
+        """As the other rules, with the float64 copy of the stack (in memory) or of a block (on disk), and
+        the pairwise matrices."""
+        held = clients * values * itemsize
+        pairs = 3 * clients * clients * 8
+        in_memory = 2 * held + clients * values * 8 + pairs
+        streamed = 3 * clients * min(block, values) * 8 + pairs + values * itemsize
+        return in_memory, streamed

@@ -157,6 +157,12 @@ class DaskTransport(Transport, PlansAhead):
         self._slots_at = now
         return self._slots
 
+    def on_this_machine(self) -> bool:
+        """Whether every worker runs on the driver's machine (so they share its disk)."""
+        from flgraph.local.rounds import LOOPBACK
+
+        return all(w.startswith(LOOPBACK) for w in self._workers())
+
     def places(self) -> int:
         """Distinct workers (each receives the broadcast once)."""
         return len(set(self._workers()))
