@@ -34,7 +34,7 @@ def _pipeline(devices: DevicePopulation, concurrency: int = 6) -> fg.Pipeline:
             >> st.LocalTrain(epochs=1, batch_size=4, lr=0.1) >> st.BufferedAggregate(3))
 
 
-def _run(client, path=None, steps: int = 3):
+def _run(client, path=None):
     data = fg.data.FederatedDataset.from_function(_client, POPULATION)
     devices = DevicePopulation.lognormal(POPULATION, seed=3, speed=4.0)  # lazy: profiles made when drawn
     return fg.Run(_pipeline(devices), model=fg.models.mlp(D, [8], K, seed=0), data=data, seed=5, cluster=client,
