@@ -89,3 +89,35 @@ def test_a_round_of_oort_over_a_million_clients_allocates_no_population_arrays()
     # the unexplored clients chosen are among the largest (the exploration pool is the largest unexplored)
     sizes = np.array([data.num_samples(int(c)) for c in chosen])
     assert sizes[: int(650 * 0.9)].min() >= 45
+
+
+def test_a_checkpoint_with_population_arrays_resumes_as_a_run_that_never_stopped(client2, tmp_path, monkeypatch):
+    from test_oort import _data, _model, _pipeline
+
+    with fg.Run(_pipeline(), model=_model(), data=_data(), seed=0, cluster=client2, progress=False,
+                dashboard=False, metrics_log=None) as run:
+        run.fit(4)
+        whole = run.state.params.flat.copy()
+    new_run = st.OortFeedback.run
+
+    def old_format(self, ctx):  # the format before oort_ids: arrays over the population
+        new_run(self, ctx)
+        table = {k: ctx.state.pop(k) for k in (*STATS, IDS)}
+        ctx.state.update(dense(table, ctx.dataset.client_ids))
+
+    path = tmp_path / "old.zarr"
+    with monkeypatch.context() as m:
+        m.setattr(st.OortFeedback, "run", old_format)
+        m.setattr(st.OortFeedback, "keeps", frozenset(STATS))
+        m.setattr(st.OortFeedback, "writes", lambda self: frozenset(STATS))
+        m.setattr(st.OortSelect, "reads_kept", lambda self: frozenset(STATS))
+        m.setattr(st.OortSelect, "reads", lambda self: frozenset(STATS))
+        with fg.Run(_pipeline(), model=_model(), data=_data(), seed=0, cluster=client2, progress=False,
+                    dashboard=False, checkpoint=str(path)) as run:
+            run.fit(2)
+            key = next(k for k in run.state.stage_states if k.endswith("oort-feedback"))
+            assert IDS not in run.state.stage_states[key] and len(run.state.stage_states[key]["oort_count"]) == 24
+    with fg.resume(str(path), cluster=client2, pipeline=_pipeline(), progress=False, dashboard=False) as run:
+        run.fit(2)
+        assert np.array_equal(run.state.params.flat, whole)
+        assert len(run.state.stage_states[key][IDS]) < 24  # kept for explored clients from then on
