@@ -15,9 +15,8 @@ Three stages and a reducer, one per place the algorithm lives in a round:
   exploitation by score ``(U_i - min)/range + sqrt(0.1 ln R / L_i)`` times ``(T / t_i)^alpha`` where
   ``t_i > T``, sampled by score among the top; exploration of unseen clients by size; the pacer relaxes the
   preferred duration ``T`` when the exploited utility stalls. Its own state keeps the pacer and the
-  exploration factor. Above 100,000 clients, without ``available=`` or ``devices=``, the same choice is
-  made from the explored clients and a size order of the population made once, without arrays over the
-  population each round.
+  exploration factor. Above 100,000 clients, without ``available=``, the same choice is made from the
+  explored clients and orders of the population made once, without arrays over the population each round.
 
 The statistics are kept by the stage after the reduction and read by the selection of the next round:
 values flow forward through a round, and a kept server value is read as the last round left it.
@@ -239,10 +238,10 @@ class OortSelect(Select):
         sizes, est = self._sizes[1], self._sizes[2]
         n = len(ids)
         table = explored(ctx.values, ids)
-        if self.available is None and est is None and n > EXACT_AVAILABILITY_UP_TO:
-            # every client feasible, unexplored ones ranked by size: the same choice without population arrays
+        if self.available is None and n > EXACT_AVAILABILITY_UP_TO:
+            # every client feasible: the same choice without arrays over the population each round
             if self._order is None:
-                self._order = SizeOrder(sizes)
+                self._order = SizeOrder(sizes, est, self.round_penalty)
             count = min(self.count(n), n)
             seen = np.searchsorted(ids, table[IDS])
             picked = sparse_choice(self, ctx.state, table, seen, self._order, min(self._drawn(count), n),

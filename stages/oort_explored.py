@@ -6,12 +6,14 @@ The statistics (``oort_*`` server values) are arrays over the clients counted at
 hold arrays over the whole population; :func:`explored` reads both.
 
 :func:`sparse_choice` makes the choice :func:`~flgraph.stages.oort.oort_choice` makes, with the same
-random draws, when every client is feasible (no ``available=``) and unexplored clients are ranked by size
-alone (no ``devices=``): exploitation ranks the explored clients (O(explored), inherent: each is scored);
-the score's normalisation (the clip quantile, minimum and maximum of every client's reward, an unexplored
-client's reward being its size) is a rank selection in the sorted sizes with the explored ones taken out
-and their utilities put in; exploration walks the clients in decreasing size, skipping explored ones, until
-its pool is full. The sorted sizes and that order are made once per population (:class:`SizeOrder`).
+random draws, when every client is feasible (no ``available=``): exploitation ranks the explored clients
+(O(explored), inherent: each is scored); the score's normalisation (the clip quantile, minimum and maximum
+of every client's reward, an unexplored client's reward being its size) and the preferred duration (a
+percentile of every client's duration, estimates for unexplored ones with ``devices=``) are rank selections
+in sorted arrays of the population with the explored clients' values taken out and their reports put in;
+exploration walks the clients in decreasing weight (size, or size times the duration penalty), skipping
+explored ones, until its pool is full. Those sorted arrays and orders are made once per population
+(:class:`SizeOrder`).
 
 Example:
     >>> import numpy as np
@@ -106,33 +108,74 @@ def kth_of_union(a: np.ndarray, removed: np.ndarray, added: np.ndarray, k: int) 
 
 class SizeOrder:
     """Every client's sample count, the positive ones sorted, and the positions in decreasing size (ties by
-    position): made once per population, read each round."""
+    position); with ``estimated`` durations (``OortSelect(devices=...)``) also those sorted, and the positions
+    in decreasing ``size / duration ** round_penalty`` (the order of a penalised client's exploration weight):
+    made once per population, read each round."""
 
-    def __init__(self, sizes: np.ndarray) -> None:
-        self.sizes = sizes
+    def __init__(self, sizes: np.ndarray, estimated: np.ndarray | None = None, round_penalty: float = 2.0) -> None:
+        index = np.int32 if len(sizes) < 2**31 else np.int64
+        self.sizes, self.estimated = sizes, estimated
         self.sorted_positive = np.sort(sizes[sizes > 0])
-        self.descending = np.argsort(-sizes, kind="stable").astype(np.int32 if len(sizes) < 2**31 else np.int64)
+        self.descending = np.argsort(-sizes, kind="stable").astype(index)
+        self.sorted_estimated = np.sort(estimated) if estimated is not None else None
+        self.key = sizes * np.maximum(estimated, 1e-4) ** -round_penalty if estimated is not None else None
+        self.by_penalised = np.argsort(-self.key, kind="stable").astype(index) if self.key is not None else None
 
-    def largest_unseen(self, seen: np.ndarray, want: int) -> np.ndarray:
-        """The first ``want`` positions in decreasing size that are not in ``seen`` (sorted positions)."""
+    def walk(self, order: np.ndarray, seen: np.ndarray, want: int, keep: Any = None,
+             key: np.ndarray | None = None) -> np.ndarray:
+        """The first ``want`` positions of ``order`` not in ``seen`` (sorted) for which ``keep`` holds, and,
+        with ``key`` (descending along ``order``), the next ones whose key is within rounding of the last
+        one's: a weight computed another way may rank those above it."""
         out: list[np.ndarray] = []
-        got, start = 0, 0
-        while got < want and start < len(self.descending):
-            block = self.descending[start : start + 2 * (want - got) + len(seen) + 16].astype(np.int64)
+        got, start, floor = 0, 0, None
+        while start < len(order):
+            block = order[start : start + 2 * max(want - got, 0) + len(seen) + 64].astype(np.int64)
             start += len(block)
-            at = np.minimum(np.searchsorted(seen, block), max(len(seen) - 1, 0))
-            block = block[seen[at] != block] if len(seen) else block
-            out.append(block[: want - got])
-            got += len(out[-1])
+            if len(seen):
+                block = block[seen[np.minimum(np.searchsorted(seen, block), len(seen) - 1)] != block]
+            if keep is not None:
+                block = block[keep(block)]
+            take = block[: max(want - got, 0)]
+            out.append(take)
+            got += len(take)
+            if got < want:
+                continue
+            if key is None or (floor is None and not len(take)):
+                break
+            floor = float(key[take[-1]]) if len(take) else floor
+            if not floor or floor <= 0:  # a zero weight is exact whichever way it is computed
+                break
+            rest = block[len(take):]
+            near = rest[key[rest] >= floor * (1 - 1e-9)]
+            out.append(near)
+            if len(near) < len(rest):
+                break
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def exploration_pool(self, seen: np.ndarray, want: int, prefer: float,
+                         penalty: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The ``want`` unexplored clients of largest weight ``size x penalty(duration)`` (ties by position;
+        an unexplored client's duration is its estimate, or unknown (0) without estimates), and the weights."""
+        if self.estimated is None or not math.isfinite(prefer):
+            pool = self.walk(self.descending, seen, want)
+            dur = self.estimated[pool] if self.estimated is not None else np.zeros(len(pool))
+            return pool, self.sizes[pool] * penalty(dur)
+        est = self.estimated
+        assert self.by_penalised is not None and self.key is not None
+        fast = self.walk(self.descending, seen, want, lambda p: est[p] <= prefer)  # weight: the size
+        slow = self.walk(self.by_penalised, seen, want, lambda p: est[p] > prefer, self.key)
+        cand = np.concatenate([fast, slow])
+        weight = self.sizes[cand] * penalty(est[cand])
+        best = np.lexsort((cand, -weight))[:want]
+        return cand[best], weight[best]
 
 
 def sparse_choice(cfg: Any, state: dict[str, Any], table: dict[str, np.ndarray], seen: np.ndarray,
                   order: SizeOrder, k: int, rnd: int, rng: np.random.Generator) -> np.ndarray:
     """Positions of the ``k`` clients :func:`~flgraph.stages.oort.oort_choice` picks when every client is
-    feasible and no duration is estimated, from the explored clients' ``table`` (their positions ``seen``,
-    ascending) and the population's ``order``: the same choice with the same draws, without arrays over the
-    population. Updates ``state`` as oort_choice does."""
+    feasible (durations estimated where ``order`` has them), from the explored clients' ``table`` (their
+    positions ``seen``, ascending) and the population's ``order``: the same choice with the same draws,
+    without arrays over the population. Updates ``state`` as oort_choice does."""
     util, dur, last, cnt = (table[s] for s in STATS)
     n = len(order.sizes)
     ex = np.asarray(state["exploited"], np.int64)
@@ -153,8 +196,14 @@ def sparse_choice(cfg: Any, state: dict[str, Any], table: dict[str, np.ndarray],
     if cfg.blacklist_rounds >= 0:
         over = np.flatnonzero(cnt > cfg.blacklist_rounds)
         allowed[over[np.argsort(-cnt[over], kind="stable")][: int(cfg.blacklist_max_len * n)]] = False
-    known = np.sort(dur)
-    prefer = known[min(int(len(known) * thr / 100.0), len(known) - 1)] if thr < 100.0 and len(known) else math.inf
+    if order.sorted_estimated is not None:  # every client's duration: the reported ones, else the estimates
+        assert order.estimated is not None
+        rank = min(int(n * thr / 100.0), n - 1)
+        prefer = (kth_of_union(order.sorted_estimated, np.sort(order.estimated[seen]), np.sort(dur), rank)
+                  if thr < 100.0 else math.inf)
+    else:
+        known = np.sort(dur)
+        prefer = known[min(int(len(known) * thr / 100.0), len(known) - 1)] if thr < 100.0 and len(known) else math.inf
     # the rewards of every allowed client: unexplored ones' sizes, explored ones' utilities
     seen_sizes = order.sizes[seen]
     removed = np.sort(seen_sizes[seen_sizes > 0])
@@ -190,9 +239,8 @@ def sparse_choice(cfg: Any, state: dict[str, Any], table: dict[str, np.ndarray],
         w = ranked[:keep]
         exploit = rng.choice(cand[ranking][:keep], n_exploit, replace=False, p=w / max(1e-4, float(w.sum())))
     explore = np.zeros(0, np.int64)
-    if n_explore > 0:  # an unexplored client's duration is unknown (0): no penalty, its weight is its size
-        pool = order.largest_unseen(seen, min(int(cfg.sample_window * n_explore), n_unseen))
-        w = order.sizes[pool] * penalty(np.zeros(len(pool)))
+    if n_explore > 0:
+        pool, w = order.exploration_pool(seen, min(int(cfg.sample_window * n_explore), n_unseen), prefer, penalty)
         explore = rng.choice(pool, n_explore, replace=False, p=w / max(1e-4, float(w.sum())))
     state.update(exploration=exploration, threshold=thr, exploit_util=hist, exploited=np.asarray(exploit, np.int64))
     return np.concatenate([explore, exploit]).astype(np.int64)

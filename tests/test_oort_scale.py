@@ -19,19 +19,21 @@ from flgraph.params import Params, ParamSpec
 from flgraph.rng import stream
 
 
-@pytest.mark.parametrize("blacklist", [-1, 1])
-def test_the_sparse_choice_is_the_choice_over_population_arrays(blacklist):
+@pytest.mark.parametrize(("blacklist", "estimate"), [(-1, False), (1, False), (-1, True), (2, True)])
+def test_the_sparse_choice_is_the_choice_over_population_arrays(blacklist, estimate):
     n, k, rounds = 3_000, 40, 14
     rs = np.random.default_rng(11)
     sizes = rs.integers(0, 30, n).astype(float)  # many ties, some empty clients
+    # estimated durations with ties too (a few speeds), so that penalised weights tie across clients
+    est = rs.choice([5.0, 10.0, 20.0, 40.0, 80.0], n) * sizes / 10 + 1.0 if estimate else None
     cfg = st.OortSelect(clients=k, pacer_step=3, blacklist_rounds=blacklist)
     state_dense, state_sparse = cfg.init_state(None), cfg.init_state(None)  # type: ignore[arg-type]
     population = np.arange(n, dtype=np.int64) * 3 + 5  # ids are not positions
     table = explored({}, population)
-    order = SizeOrder(sizes)
+    order = SizeOrder(sizes, est, cfg.round_penalty)
     for rnd in range(1, rounds + 1):
         stats = dense(table, population)
-        want = oort_choice(cfg, state_dense, stats, sizes, np.ones(n, bool), k, rnd, stream(3, 1, rnd))
+        want = oort_choice(cfg, state_dense, stats, sizes, np.ones(n, bool), k, rnd, stream(3, 1, rnd), est)
         seen = np.searchsorted(population, table[IDS])
         got = sparse_choice(cfg, state_sparse, table, seen, order, k, rnd, stream(3, 1, rnd))
         assert got.tolist() == want.tolist(), rnd
