@@ -123,3 +123,32 @@ def test_a_checkpoint_with_population_arrays_resumes_as_a_run_that_never_stopped
         run.fit(2)
         assert np.array_equal(run.state.params.flat, whole)
         assert len(run.state.stage_states[key][IDS]) < 24  # kept for explored clients from then on
+
+
+def _small_client(k: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([3, k])
+    n = 4 + k % 9
+    return rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def test_an_oort_run_over_150000_clients_equals_the_run_over_population_arrays(client2, monkeypatch):
+    import flgraph.stages.oort as oort_module
+    from test_oort import _model
+
+    population = 150_000
+    devices = fg.sim.DevicePopulation.lognormal(population, seed=1)
+
+    def run() -> tuple[np.ndarray, list]:
+        data = fg.data.FederatedDataset.from_function(_small_client, population, num_samples=lambda k: 4 + k % 9)
+        p = fg.recipes.oort(clients=6, simulate=st.Simulate(devices), batch_size=4, lr=0.1, evaluate_every=None,
+                            select={"pacer_step": 2})
+        with fg.Run(p, model=_model(), data=data, seed=1, cluster=client2, progress=False, dashboard=False,
+                    metrics_log=None, evaluate="never") as r:
+            h = r.fit(5)
+            return r.state.params.flat.copy(), [row["oort_threshold"] for row in h]
+
+    sparse, thresholds = run()  # above 100,000 clients: no arrays over the population per round
+    monkeypatch.setattr(oort_module, "EXACT_AVAILABILITY_UP_TO", 10**9)
+    exact, thresholds_exact = run()  # the selector over population arrays
+    np.testing.assert_array_equal(sparse, exact)
+    assert thresholds == thresholds_exact

@@ -9,6 +9,12 @@ start plus its download time). So an asynchronous run with the same seed is bit-
 number of workers. After each processed arrival a new client is dispatched at that virtual time, with
 the then-current version. ``run_round`` returns when the server has stepped once.
 
+A dispatch's draw costs O(clients in flight), not O(population): without ``available=`` an index is
+drawn over the free clients and mapped past the busy ones; with ``available=`` over more than 100,000
+clients, candidates are checked in the dispatch's seeded random order until one is available and free
+(the exact path, a mask over every free client, serves smaller populations and the case of few clients
+available).
+
 The engine never imports torch. Its state (buffer, clock, dispatch counter, clients in flight) is
 explicit in the BufferedAggregate stage's state, so checkpoints hold it; after a resume the clients that
 were in flight are dispatched again (from the current version) and none is counted twice.
