@@ -5,8 +5,9 @@ The async draw is the engine's own ``AsyncEngine._draw`` (64 clients in flight, 
 made lazily): the exact path checks every free client (what populations up to 100,000 use), the sparse one
 checks candidates in seeded random order (above 100,000); the exact path over 1,000,000 is not run (it
 makes every device's profile at each dispatch, 100 times the 10,000 figure). Oort's round is
-``OortSelect.run`` after two rounds of feedback (the population arrays below 100,000, the explored clients
-above). Peak memory is tracemalloc's over the measured calls, on top of what existed before (the dataset's ids, caches).
+``OortSelect.run`` + ``OortFeedback.run`` (with and without estimated durations) after a first round
+(the population arrays below 100,000, the explored clients above). Peak memory is tracemalloc's over the
+measured calls, on top of what existed before (the dataset's ids, caches).
 
     .venv/bin/python bench/async_scale.py
 """
@@ -58,9 +59,10 @@ def async_dispatch(n: int, sparse: bool) -> tuple[float, float]:
     return _measure(lambda i: engine._draw(None, 1_000 + i, AT), 5 if not sparse else 200)
 
 
-def oort_round(n: int) -> tuple[float, float]:
+def oort_round(n: int, devices: bool = False) -> tuple[float, float]:
     data = _data(n)
-    select, feedback = st.OortSelect(clients=1_000), st.OortFeedback()
+    select = st.OortSelect(clients=1_000, devices=DevicePopulation.lognormal(n, seed=3) if devices else None)
+    feedback = st.OortFeedback()
     params = Params(ParamSpec.from_shapes([("w", (2,), "float32")]), np.zeros(2, np.float32))
     state: dict[str, Any] = {}
     kept = feedback.init_state(params)
@@ -77,7 +79,10 @@ def oort_round(n: int) -> tuple[float, float]:
                                                       rs.lognormal(3.0, 1.0, 1_000)]), 1_000.0)}
         feedback.run(fb)
 
-    one(0)  # the first round makes the per-population caches (sizes, their order)
+    t0 = time.perf_counter()
+    one(0)  # the first round makes the per-population caches (sizes, estimates, their orders)
+    print(f"  (Oort's first round over {n:,}{' with devices=' if devices else ''}: "
+          f"{time.perf_counter() - t0:.1f} s, reading every client's size{' and device' if devices else ''})")
     return _measure(one, 5)
 
 
@@ -87,9 +92,10 @@ def main() -> None:
         per, peak = async_dispatch(n, sparse)
         name = f"async dispatch, available=, {'sparse' if sparse else 'exact'} draw"
         print(f"{name:<44}{n:>12,}{per * 1e3:>10.3f}{peak / 1024:>10.0f}")
-    for n in (10_000, 1_000_000):
-        per, peak = oort_round(n)
-        print(f"{'Oort round (select + feedback), 1,000 a round':<44}{n:>12,}{per * 1e3:>10.3f}{peak / 1024:>10.0f}")
+    for n, devices in ((10_000, False), (1_000_000, False), (10_000, True), (1_000_000, True)):
+        per, peak = oort_round(n, devices)
+        name = f"Oort round, 1,000 a round{', devices=' if devices else ''}"
+        print(f"{name:<44}{n:>12,}{per * 1e3:>10.3f}{peak / 1024:>10.0f}")
 
 
 if __name__ == "__main__":

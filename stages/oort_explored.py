@@ -125,7 +125,12 @@ class SizeOrder:
              key: np.ndarray | None = None) -> np.ndarray:
         """The first ``want`` positions of ``order`` not in ``seen`` (sorted) for which ``keep`` holds, and,
         with ``key`` (descending along ``order``), the next ones whose key is within rounding of the last
-        one's: a weight computed another way may rank those above it."""
+        one's: a weight computed another way may rank those above it.
+
+        It reads about ``want`` / (the share of the order that is kept) positions, in blocks of O(want +
+        explored): with estimated durations the unpenalised clients are few among the largest when
+        durations grow with size, so that walk reads further (in the worst case most of the order, though
+        never an array over the population at once)."""
         out: list[np.ndarray] = []
         got, start, floor = 0, 0, None
         while start < len(order):
