@@ -413,8 +413,14 @@ class Run:
             raise ConfigError(f"the model's tensors differ from the run's: the snapshot holds {snap.params.size} "
                               f"values, this model {self.state.params.spec.size}",
                               fix="resume with a model of the run's architecture (or without model=)")
+        states = {**self.state.stage_states, **snap.states}
+        for s in self.pipeline.stages:  # a server value kept since the snapshot's version starts as initialised
+            key = self._keys[id(s)]
+            missing = [v for v in s.keeps if key in snap.states and v not in states[key]]
+            if missing:
+                states[key] = {**self.state.stage_states.get(key, {}), **states[key]}
         self.state = RunState(snap.round, Params(self.state.params.spec, snap.params.astype(
-            self.state.params.spec.carrier, copy=False)), {**self.state.stage_states, **snap.states})
+            self.state.params.spec.carrier, copy=False)), states)
         self.history = History(snap.rows, first=snap.first_row)
         self.target_round = snap.target_round
 

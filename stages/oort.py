@@ -9,12 +9,14 @@ Three stages and a reducer, one per place the algorithm lives in a round:
   written as one small per-client value ``utility = [client id, U_i, t_i]``.
 * :class:`Collect` (reducer): the rows of every counted client, concatenated in tree order.
 * :class:`OortFeedback` (server, after the fan-out): keeps the per-client statistics (utility, duration,
-  last round, times counted) as arrays over the population, the server values ``oort_*``.
+  last round, times counted) of the clients counted so far, sorted by id (``oort_ids``): the server values
+  ``oort_*``, O(clients explored) (stages/oort_explored.py).
 * :class:`OortSelect` (server, a Select): reads those values at the round's start and picks the clients:
   exploitation by score ``(U_i - min)/range + sqrt(0.1 ln R / L_i)`` times ``(T / t_i)^alpha`` where
   ``t_i > T``, sampled by score among the top; exploration of unseen clients by size; the pacer relaxes the
   preferred duration ``T`` when the exploited utility stalls. Its own state keeps the pacer and the
-  exploration factor.
+  exploration factor. Above 100,000 clients, without ``available=``, the same choice is made from the
+  explored clients and orders of the population made once, without arrays over the population each round.
 
 The statistics are kept by the stage after the reduction and read by the selection of the next round:
 values flow forward through a round, and a kept server value is read as the last round left it.
@@ -22,7 +24,7 @@ values flow forward through a round, and a kept server value is read as the last
 Example:
     >>> from flgraph import stages as st
     >>> sorted(st.OortSelect(clients=10).reads_kept())
-    ['oort_count', 'oort_duration', 'oort_round', 'oort_utility']
+    ['oort_count', 'oort_duration', 'oort_ids', 'oort_round', 'oort_utility']
     >>> c = st.Collect()
     >>> import numpy as np
     >>> from flgraph.context import Update
@@ -48,11 +50,13 @@ from flgraph.graph import ClientStage, Reducer, ServerStage
 from flgraph.params import Params, ParamSpec
 from flgraph.rng import stream
 
-from .select import Select
+from .oort_explored import IDS, SizeOrder, dense, explored, merge_rows, sparse_choice
+from .select import EXACT_AVAILABILITY_UP_TO, Select
 
 __all__ = ["Collect", "OortFeedback", "OortSelect", "OortUtility", "oort_choice"]
 
 STATS = ("oort_utility", "oort_duration", "oort_round", "oort_count")
+KEPT = (*STATS, IDS)  # the server values: the statistics of the explored clients, sorted by id
 
 
 def per_sample_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -129,45 +133,29 @@ class Collect(Reducer):
 
 
 class OortFeedback(ServerStage):
-    """Keep each client's last utility, duration, round and count (arrays over the dataset's clients, in
-    the order of ``dataset.client_ids``), from the collected ``utility`` rows of the round."""
+    """Keep each counted client's last utility, duration, round and count (arrays over the clients counted
+    so far, sorted by id in ``oort_ids``), from the collected ``utility`` rows of the round."""
 
-    keeps: ClassVar[frozenset[str]] = frozenset(STATS)
+    keeps: ClassVar[frozenset[str]] = frozenset(KEPT)
 
     def reads(self) -> frozenset[str]:
         return frozenset({"aggregate:utility"})
 
     def writes(self) -> frozenset[str]:
-        return frozenset(STATS)
+        return frozenset(KEPT)
 
     def init_state(self, params: Params) -> dict[str, Any]:
-        # sized to the population at the first feedback (the dataset is not known here)
         return {"oort_utility": np.zeros(0), "oort_duration": np.zeros(0), "oort_round": np.zeros(0, np.int64),
-                "oort_count": np.zeros(0, np.int64)}
+                "oort_count": np.zeros(0, np.int64), IDS: np.zeros(0, np.int64)}
 
     def run(self, ctx: RoundContext) -> None:
-        if not ctx.state:
-            ctx.state.update(self.init_state(ctx.params))
-        n = ctx.dataset.num_clients
-        s = {k: np.array(ctx.state[k], copy=True) for k in STATS}
-        if len(s["oort_utility"]) != n:
-            s = {k: np.zeros(n, v.dtype) for k, v in s.items()}
+        table = explored(ctx.state, ctx.dataset.client_ids)  # copies (an older run's arrays: converted)
         got = ctx.aggregates.get("utility")
         if got is not None:
             rows = np.asarray(got[0], np.float64)
-            pos = positions(ctx.dataset.client_ids, rows[:, 0].astype(np.int64))
-            s["oort_utility"][pos] = rows[:, 1]
-            s["oort_duration"][pos] = rows[:, 2]
-            s["oort_round"][pos] = ctx.round
-            s["oort_count"][pos] += 1
+            table = merge_rows(table, rows, ctx.round)
             ctx.metrics["oort_utility_mean"] = float(rows[:, 1].mean())
-        ctx.state.update(s)
-
-
-def positions(population: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """The positions of ``ids`` in ``population``."""
-    order = np.argsort(population, kind="stable")
-    return order[np.searchsorted(population, ids, sorter=order)]
+        ctx.state.update(table)
 
 
 class OortSelect(Select):
@@ -212,6 +200,7 @@ class OortSelect(Select):
                               fix="pass the DevicePopulation given to st.Simulate, or leave devices out")
         self.devices, self.epochs = devices, epochs
         self._sizes: tuple[int, np.ndarray, np.ndarray | None] | None = None
+        self._order: SizeOrder | None = None  # large populations: sizes sorted, positions by size
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
@@ -220,10 +209,10 @@ class OortSelect(Select):
         return out
 
     def reads(self) -> frozenset[str]:
-        return frozenset(STATS)
+        return frozenset(KEPT)
 
     def reads_kept(self) -> frozenset[str]:
-        return frozenset(STATS)
+        return frozenset(KEPT)
 
     def init_state(self, params: Params) -> dict[str, Any]:
         return {"exploration": float(self.exploration), "threshold": float(self.round_threshold),
@@ -245,11 +234,21 @@ class OortSelect(Select):
                 est = np.array([self.devices.profile(int(c)).duration(self.epochs * sizes[i], nb, nb)
                                 for i, c in enumerate(ids)])
             self._sizes = (id(ctx.dataset), sizes, est)
+            self._order = None
         sizes, est = self._sizes[1], self._sizes[2]
         n = len(ids)
-        stats = {k: np.asarray(ctx.values[k]) for k in STATS}
-        if len(stats["oort_utility"]) != n:  # no feedback yet: every client is unseen
-            stats = {k: np.zeros(n, np.int64 if k in ("oort_round", "oort_count") else np.float64) for k in STATS}
+        table = explored(ctx.values, ids)
+        if self.available is None and n > EXACT_AVAILABILITY_UP_TO:
+            # every client feasible: the same choice without arrays over the population each round
+            if self._order is None:
+                self._order = SizeOrder(sizes, est, self.round_penalty)
+            count = min(self.count(n), n)
+            seen = np.searchsorted(ids, table[IDS])
+            picked = sparse_choice(self, ctx.state, table, seen, self._order, min(self._drawn(count), n),
+                                   ctx.round, stream(ctx.seed, self.tag, ctx.round))
+            self._chosen(ctx, ids[picked], count)
+            return
+        stats = dense(table, ids)
         feasible = np.ones(n, bool)
         if self.available is not None:
             feasible = self.available_mask(ids, ctx.round, ctx.time)
@@ -260,7 +259,10 @@ class OortSelect(Select):
             raise ConfigError(f"round {ctx.round}: no client is available", fix="check the availability")
         picked = oort_choice(self, ctx.state, stats, sizes, feasible, drawn, ctx.round,
                              stream(ctx.seed, self.tag, ctx.round), est)
-        clients = ClientSet(ids[picked])
+        self._chosen(ctx, ids[picked], count)
+
+    def _chosen(self, ctx: RoundContext, chosen: np.ndarray, count: int) -> None:
+        clients = ClientSet(chosen)
         if self.over_select > 1.0 and len(clients) > count:
             clients.keep_first = count
         ctx.clients = clients

@@ -111,7 +111,7 @@ class Select(ServerStage):
     and reports ``clients_available_est`` instead: the population times the share of checked candidates
     that were available (when few clients are available it checks them all, as below 100,000, and reports
     the exact ``clients_available``). With asynchronous rounds each dispatch draws from the clients
-    available at its virtual start time.
+    available at its virtual start time (above 100,000 clients checking candidates in the same way).
 
     Example:
         >>> import numpy as np

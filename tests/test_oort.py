@@ -151,8 +151,13 @@ def _pipeline() -> fg.Pipeline:
 
 
 def _feedback(run: fg.Run) -> dict[str, np.ndarray]:
+    """The kept statistics (over the explored clients, sorted by id) as arrays over the population."""
     key = next(k for k in run.state.stage_states if k.endswith("oort-feedback"))
-    return {s: np.asarray(run.state.stage_states[key][s]) for s in STATS}
+    kept = run.state.stage_states[key]
+    out = {s: np.zeros(NUM_CLIENTS, np.asarray(kept[s]).dtype) for s in STATS}
+    for s in STATS:
+        out[s][np.asarray(kept["oort_ids"])] = kept[s]  # the dataset's ids are 0..NUM_CLIENTS-1
+    return out
 
 
 def _utility_row(data, model, flat_before: np.ndarray, cid: int, rnd: int, seed: int) -> tuple[float, float]:

@@ -9,6 +9,12 @@ start plus its download time). So an asynchronous run with the same seed is bit-
 number of workers. After each processed arrival a new client is dispatched at that virtual time, with
 the then-current version. ``run_round`` returns when the server has stepped once.
 
+A dispatch's draw costs O(clients in flight), not O(population): without ``available=`` an index is
+drawn over the free clients and mapped past the busy ones; with ``available=`` over more than 100,000
+clients, candidates are checked in the dispatch's seeded random order until one is available and free
+(the exact path, a mask over every free client, serves smaller populations and the case of few clients
+available).
+
 The engine never imports torch. Its state (buffer, clock, dispatch counter, clients in flight) is
 explicit in the BufferedAggregate stage's state, so checkpoints hold it; after a resume the clients that
 were in flight are dispatched again (from the current version) and none is counted twice.
@@ -44,6 +50,7 @@ from ..context import ClientSet, Devices, RoundContext
 from ..errors import ConfigError, PipelineError
 from ..graph import RoundGraph
 from ..params import Params
+from ..rng import stream
 from . import client_row
 from .clients import Partial
 
@@ -83,6 +90,9 @@ class AsyncEngine:
         if not sel:
             raise ConfigError("an asynchronous pipeline needs a Select stage: its clients= is the concurrency")
         self.select = sel[0]
+        from ..stages.select import EXACT_AVAILABILITY_UP_TO
+
+        self._exact_up_to = EXACT_AVAILABILITY_UP_TO  # above it, dispatches draw available clients sparsely
         if self.select.over_select > 1.0 or self.select.sampler is not None:
             raise ConfigError("asynchronous runs draw clients uniformly one at a time",
                               fix="use st.Select(clients=CONCURRENCY) without sampler= or over_select=")
@@ -202,11 +212,18 @@ class AsyncEngine:
         agents)."""
         population = self.dataset.client_ids
         busy = np.fromiter((f.client for f in self.flights.values()), np.int64, len(self.flights))
-        if self.select.available is None and not self.realtime and self.select.sampler is None:
-            return _free_draw(self.select, population, busy, self.seed, idx)
+        when = at if self.simulate is not None else None
+        if not self.realtime and self.select.sampler is None:
+            if self.select.available is None:
+                return _free_draw(self.select, population, busy, self.seed, idx)
+            if len(population) > self._exact_up_to:
+                got = _available_free_draw(self.select, population, busy, self.seed, idx, when)
+                if got is not None:
+                    return got
+        # the exact path: every free client checked (small populations, few clients available, real time)
         free = population[~np.isin(population, busy)]
         if self.select.available is not None:  # draw from those available at the dispatch's start
-            here = free[self.select.available_mask(free, idx + 1, at if self.simulate is not None else None)]
+            here = free[self.select.available_mask(free, idx + 1, when)]
             free = here if len(here) else free  # none: an offline client is dispatched, and dropped
         if self.realtime:
             free = transport.ready_clients(free)  # waits (bounded) for an agent to be free
@@ -386,3 +403,22 @@ def _free_draw(select: Any, population: np.ndarray, busy: np.ndarray, seed: int,
         else:
             break
     return int(population[j])
+
+
+def _available_free_draw(select: Any, population: np.ndarray, busy: np.ndarray, seed: int, idx: int,
+                         when: float | None) -> int | None:
+    """Dispatch ``idx``'s client drawn uniformly among the clients available at ``when`` and not in flight,
+    checking candidates in seeded random order (stages/available_draw.py): O(clients in flight + candidates
+    checked), about ``1 / availability`` candidates, instead of a mask over the population. None when few
+    clients qualify (the caller then checks every free client).
+
+    The candidates come from the dispatch's own stream, so the draw depends only on the seed, the dispatch
+    index, the clients in flight and the availability, never on the cluster or the order of arrivals.
+    """
+    from ..stages.available_draw import draw_available
+
+    def usable(ids: np.ndarray) -> np.ndarray:
+        return select.available_mask(ids, idx + 1, when) & ~np.isin(ids, busy)
+
+    got = draw_available(population, 1, stream(seed, select.tag, 0, idx), usable)
+    return None if got is None else int(got.ids[0])
