@@ -112,3 +112,51 @@ def test_resume_continues_the_sparse_draws_exactly(client1, client2, tmp_path):
     assert [row["arrivals"] for row in whole] == [row["arrivals"] for row in rest]
     assert [row["sim_time"] for row in whole] == [row["sim_time"] for row in rest]
     np.testing.assert_array_equal(got, want)
+
+
+class _Ready:
+    """Stands in for an edge transport's view of its agents (which clients have an idle agent now): a real
+    gateway's idle set changes with timing, which would make the comparison below a race. The real transport
+    and agents run the real-time path in tests/test_edge_*.py."""
+
+    realtime = True
+
+    def __init__(self, idle: np.ndarray) -> None:
+        self.idle = np.sort(idle)
+
+    def ready_clients(self, candidates: np.ndarray, wait: bool = True) -> np.ndarray:
+        return candidates[np.isin(candidates, self.idle)]
+
+
+class _Idle(_Ready):
+    def idle_clients(self) -> np.ndarray:
+        return self.idle
+
+
+def test_real_time_dispatch_draws_from_idle_agents_the_client_the_exact_path_draws(client1):
+    data = fg.data.FederatedDataset.from_function(_client, POPULATION)
+    pipe = (st.Select(clients=6, available=away_a_third) >> st.Broadcast()
+            >> st.LocalTrain(epochs=1, batch_size=4, lr=0.1) >> st.BufferedAggregate(3))
+    with fg.Run(pipe, model=fg.models.mlp(D, [8], K, seed=0), data=data, seed=5, cluster=client1, progress=False,
+                dashboard=False, evaluate="never") as run:
+        run.fit(rounds=1)
+        engine = run.engine
+        engine.realtime = True
+        busy = [f.client for f in engine.flights.values()]
+        rng = np.random.default_rng(0)
+        for i in range(200):
+            idle = rng.choice(POPULATION, size=int(rng.integers(1, 50)), replace=False)
+            idle = np.concatenate([idle, rng.choice(busy, 2)])  # agents of clients in flight are never drawn
+            if not (away_a_third(idle, 0, None) & ~np.isin(idle, busy)).any():
+                continue  # no idle agent can be drawn: both paths wait for one (the exact path's wait)
+            got = engine._draw(_Idle(idle), 100 + i, 0.0)
+            assert got == engine._draw(_Ready(idle), 100 + i, 0.0)
+            assert got in idle and got not in busy and away_a_third(np.array([got]), 0, None)[0]
+        tracemalloc.start()
+        try:
+            for i in range(50):
+                engine._draw(_Idle(rng.choice(POPULATION, size=40, replace=False)), 1_000 + i, 0.0)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20, peak  # the exact path's mask over the population alone is 1 MB, its ids 8 MB

@@ -220,7 +220,11 @@ class AsyncEngine:
                 got = _available_free_draw(self.select, population, busy, self.seed, idx, when)
                 if got is not None:
                     return got
-        # the exact path: every free client checked (small populations, few clients available, real time)
+        if self.realtime and hasattr(transport, "idle_clients"):
+            got = self._idle_draw(transport, population, busy, idx, when)
+            if got is not None:
+                return got
+        # the exact path: every free client checked (small populations, few clients available, no idle agent)
         free = population[~np.isin(population, busy)]
         if self.select.available is not None:  # draw from those available at the dispatch's start
             here = free[self.select.available_mask(free, idx + 1, when)]
@@ -228,6 +232,24 @@ class AsyncEngine:
         if self.realtime:
             free = transport.ready_clients(free)  # waits (bounded) for an agent to be free
         return int(self.select.draw(free, 1, seed=self.seed, dispatch=idx).ids[0])
+
+    def _idle_draw(self, transport: Any, population: np.ndarray, busy: np.ndarray, idx: int,
+                   when: float | None) -> int | None:
+        """Real time: the exact path's draw, made from the idle agents' clients (O(agents)) rather than from
+        the population, whenever one of them can be drawn; None (then the exact path waits for one) otherwise.
+
+        The exact path draws among ``free ∩ available ∩ idle`` (in id order) whenever that set is not empty;
+        this is that set, built from the idle side, so the same seed gives the same client.
+        """
+        idle = np.asarray(transport.idle_clients(), np.int64)  # sorted ids of connected agents without a task
+        at = np.searchsorted(population, idle)
+        ready = idle[(at < len(population)) & (population[np.minimum(at, len(population) - 1)] == idle)]
+        ready = ready[~np.isin(ready, busy)]
+        if self.select.available is not None and len(ready):
+            ready = ready[self.select.available_mask(ready, idx + 1, when)]
+        if not len(ready):
+            return None
+        return int(self.select.draw(ready, 1, seed=self.seed, dispatch=idx).ids[0])
 
     # -- one server step -----------------------------------------------------------------------------
     def run_round(self, state_obj: Any, rnd: int, last: bool, transport: Any, keys: dict[int, str],

@@ -330,6 +330,11 @@ class ZmqTransport:
         """A new :class:`EdgeCompletion` for this transport's futures (one at a time per transport)."""
         return EdgeCompletion(self)
 
+    def idle_clients(self) -> np.ndarray:
+        """The clients whose agent is connected and has no task outstanding (sorted ids)."""
+        idle = self.gateway.idle()
+        return np.sort(np.fromiter(idle, np.int64, len(idle)))
+
     def ready_clients(self, candidates: np.ndarray, wait: bool = True) -> np.ndarray:
         """The ``candidates`` whose agent is connected and has no task outstanding, in their order.
 
