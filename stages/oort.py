@@ -50,7 +50,7 @@ from flgraph.graph import ClientStage, Reducer, ServerStage
 from flgraph.params import Params, ParamSpec
 from flgraph.rng import stream
 
-from .oort_explored import IDS, SizeOrder, dense, explored, merge_rows, sparse_choice
+from .oort_explored import IDS, SizeOrder, dense, explored, merge_rows, pacer, sparse_choice
 from .select import EXACT_AVAILABILITY_UP_TO, Select
 
 __all__ = ["Collect", "OortFeedback", "OortSelect", "OortUtility", "oort_choice"]
@@ -285,13 +285,7 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
     ex = np.asarray(state["exploited"], np.int64)
     ok = ex[last[ex] == rnd - 1] if len(ex) else ex
     hist = np.append(np.asarray(state["exploit_util"], np.float64), float(util[ok].sum()) / (1e-4 + len(ok)))
-    thr, step = float(state["threshold"]), cfg.pacer_step
-    if rnd >= 2 * step and rnd % step == 0:
-        before, now = float(hist[-2 * step : -step].sum()), float(hist[-step:].sum())
-        if abs(now - before) <= before * 0.1:
-            thr = min(100.0, thr + cfg.pacer_delta)
-        elif abs(now - before) >= before * 5:
-            thr = max(cfg.pacer_delta, thr - cfg.pacer_delta)
+    thr = pacer(hist, float(state["threshold"]), rnd, cfg)
     ok_mask = feasible.copy()
     if cfg.blacklist_rounds >= 0:
         over = np.flatnonzero(cnt > cfg.blacklist_rounds)

@@ -37,6 +37,20 @@ IDS = "oort_ids"
 _INT = ("oort_round", "oort_count")
 
 
+
+def pacer(hist: np.ndarray, thr: float, rnd: int, cfg: Any) -> float:
+    """Oort's pacer: the preferred-duration threshold after round ``rnd``. Every ``pacer_step`` rounds the
+    exploited utility of the last window (``hist``, one value a round) is compared with the window before:
+    nearly flat raises the threshold by ``pacer_delta`` (toward 100), a jump lowers it."""
+    step = cfg.pacer_step
+    if rnd >= 2 * step and rnd % step == 0:
+        before, now = float(hist[-2 * step : -step].sum()), float(hist[-step:].sum())
+        if abs(now - before) <= before * 0.1:
+            return min(100.0, thr + cfg.pacer_delta)
+        if abs(now - before) >= before * 5:
+            return max(cfg.pacer_delta, thr - cfg.pacer_delta)
+    return thr
+
 def explored(values: dict[str, Any], population: np.ndarray) -> dict[str, np.ndarray]:
     """The explored clients' statistics (copies), sorted by id, from the kept values; an older checkpoint's
     arrays over ``population`` keep their counted clients."""
@@ -190,13 +204,7 @@ def sparse_choice(cfg: Any, state: dict[str, Any], table: dict[str, np.ndarray],
     ex_util = np.where(hit, util[at] if len(seen) else 0.0, 0.0)
     ok = ex_last == rnd - 1
     hist = np.append(np.asarray(state["exploit_util"], np.float64), float(ex_util[ok].sum()) / (1e-4 + int(ok.sum())))
-    thr, step = float(state["threshold"]), cfg.pacer_step
-    if rnd >= 2 * step and rnd % step == 0:
-        before, now = float(hist[-2 * step : -step].sum()), float(hist[-step:].sum())
-        if abs(now - before) <= before * 0.1:
-            thr = min(100.0, thr + cfg.pacer_delta)
-        elif abs(now - before) >= before * 5:
-            thr = max(cfg.pacer_delta, thr - cfg.pacer_delta)
+    thr = pacer(hist, float(state["threshold"]), rnd, cfg)
     allowed = np.ones(len(seen), bool)
     if cfg.blacklist_rounds >= 0:
         over = np.flatnonzero(cnt > cfg.blacklist_rounds)
