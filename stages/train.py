@@ -53,6 +53,7 @@ from flgraph.params import ParamSpec, all_finite
 from flgraph.rng import client_torch_seed, stream
 
 from . import scaffold, vectorised
+from .local_step import PlainSGD, as_tensor, seed_torch
 from .placement import check_device, local_device, settle
 from .split import check_fraction, heldout
 
@@ -228,7 +229,7 @@ class LocalTrain(ClientStage):
         steps = work.setting("steps", self.steps)
         ctx = TrainContext(work.round, work.client, epochs, steps, self.batch_size, self.lr, device,
                            (work.seed, work.tag, work.round, work.client))
-        _seed_torch(device, client_torch_seed(work.seed, work.tag, work.round, work.clients.ids, work.position))
+        seed_torch(device, client_torch_seed(work.seed, work.tag, work.round, work.clients.ids, work.position))
         data = work.data
         if self.holdout > 0:
             keep = ~heldout(work.seed, work.client, len(data.y), self.holdout)
@@ -283,11 +284,11 @@ class LocalTrain(ClientStage):
     def _train(self, model: torch.nn.Module, data: Any, ctx: TrainContext, work: ClientWork,
                corrections: Sequence[torch.Tensor] = (),
                params: Sequence[torch.nn.Parameter] | None = None) -> dict[str, float]:
-        x, y = _tensor(data.x, ctx.device), _tensor(data.y, ctx.device)
+        x, y = as_tensor(data.x, ctx.device), as_tensor(data.y, ctx.device)
         n = len(y)
         trainable = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         opt: Any = (self.optimizer(trainable) if self.optimizer is not None
-                    else _PlainSGD(trainable, self.lr) if ctx.device.type == "cpu" else SGD(self.lr)(trainable))
+                    else PlainSGD(trainable, self.lr) if ctx.device.type == "cpu" else SGD(self.lr)(trainable))
         loss_fn = self.loss or F.cross_entropy
         anchors = [p.detach().clone() for p in trainable] if self.mu > 0 else []
         total, done, processed = 0.0, 0, 0
@@ -371,50 +372,6 @@ def frozen_names(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     """
     return [n for n in names
             if any(n == p or n.startswith(p + ".") or fnmatch.fnmatchcase(n, p) for p in patterns)]
-
-
-def _tensor(a: Any, device: torch.device) -> torch.Tensor:
-    """``torch.as_tensor(a, device=device)``; a numpy array on cpu is shared through ``from_numpy``, which
-    skips as_tensor's argument parsing (a client's data is wrapped at every round)."""
-    if device.type == "cpu" and type(a) is np.ndarray and a.flags.writeable:
-        return torch.from_numpy(a)
-    return torch.as_tensor(a, device=device)
-
-
-class _PlainSGD:
-    """``torch.optim.SGD(params, lr=lr)`` (no momentum, no weight decay) for LocalTrain's default on cpu.
-
-    On cpu torch's SGD takes its single-tensor path, ``param.add_(grad, alpha=-lr)`` for each parameter with
-    a gradient, and so does this step, so the result is bit-identical; what it leaves out is the optimizer
-    object's per-call machinery (hooks, profiler records, parameter groups, state), which costs more than
-    the arithmetic of a small model's step, where cross-device clients spend their time.
-    """
-
-    __slots__ = ("lr", "params")
-
-    def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
-        self.params, self.lr = params, lr
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.add_(p.grad, alpha=-self.lr)
-
-
-def _seed_torch(device: torch.device, seed: int) -> None:
-    """Seed torch's generator for ``device`` only (dropout, random augmentations in the user's model).
-
-    ``torch.manual_seed`` would also queue a lazy seeding of every CUDA device and record a Python
-    traceback for it, which costs about 0.1-0.8 ms per client; this costs about 1 microsecond.
-    """
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
 
 
 class SGD:
