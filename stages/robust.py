@@ -217,12 +217,25 @@ class Krum(_AllUpdates):
         return self._from_gram(np.einsum("ij,ij->i", x, x), x @ x.T)
 
     def _from_gram(self, sq: np.ndarray, gram: np.ndarray) -> np.ndarray:
-        """Scores from the squared norms and the Gram matrix (float64)."""
+        """Scores from the squared norms and the Gram matrix (float64), which becomes the distances in place.
+
+        The distances ``sq_i + sq_j - 2 g_ij`` are made row block by row block inside ``gram`` (``-2 g`` is
+        exact and IEEE addition commutes, so each is the bits of that expression), and each block of rows
+        is sorted on its own: the Gram matrix is the one n x n matrix at the peak, where the expression
+        written whole made two more (2.4 GB in all at 10,000 clients, against 0.8 GB and two blocks).
+        """
         n = len(sq)
-        d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-        np.fill_diagonal(d, np.inf)
-        nearest = np.sort(d, axis=1)[:, : n - self.f - 2]
-        scores: np.ndarray = nearest.sum(axis=1)
+        k = n - self.f - 2
+        gram *= -2.0
+        scores = np.empty(n, np.float64)
+        rows = max(1, (1 << 22) // max(1, n))  # about 32 MB of float64 a block
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            d = gram[lo:hi]
+            d += sq[lo:hi, None] + sq[None, :]
+            np.maximum(d, 0.0, out=d)
+            d[np.arange(hi - lo), np.arange(lo, hi)] = np.inf
+            scores[lo:hi] = np.sort(d, axis=1)[:, :k].sum(axis=1)
         return scores
 
     def compute(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -252,7 +265,7 @@ class Krum(_AllUpdates):
         """As the other rules, with the float64 copy of the stack (in memory) or of a block (on disk), and
         the pairwise matrices."""
         held = clients * values * itemsize
-        pairs = 3 * clients * clients * 8
+        pairs = clients * clients * 8 + 3 * min(clients, (1 << 22) // max(1, clients)) * clients * 8
         in_memory = 2 * held + clients * values * 8 + pairs
         streamed = 3 * clients * min(block, values) * 8 + pairs + values * itemsize
         return in_memory, streamed

@@ -253,6 +253,28 @@ def test_krum_equals_a_direct_computation(n, f, m):
     np.testing.assert_allclose(got, _krum_reference(np.stack(deltas), f, m), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [40, 3000])  # 3000: three blocks of rows
+def test_krum_scores_in_row_blocks_are_the_bits_of_the_whole_matrix_formula(n):
+    """The scores made in place, a block of rows at a time, equal the whole-matrix expression bit for bit,
+    with one n x n matrix at the peak."""
+    import tracemalloc
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 30))
+    x[5] = x[3]  # a tie: two equal updates
+    sq, gram = np.einsum("ij,ij->i", x, x), x @ x.T
+    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)  # the formula written whole
+    np.fill_diagonal(d, np.inf)
+    expected = np.sort(d, axis=1)[:, : n - 3 - 2].sum(axis=1)
+    del d
+    tracemalloc.start()
+    got = st.Krum(3)._from_gram(sq, gram)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert np.array_equal(got, expected)
+    assert peak < 1.2 * n * n * 8 + (1 << 20)  # the gram is reused: no second n x n matrix (the formula: 4)
+
+
 def test_krum_needs_enough_updates():
     with pytest.raises(ConfigError, match=r"needs more than 2f\+2 = 6 updates, got 6") as ei:
         _reduce(st.Krum(2), _updates(_deltas(6)))
