@@ -50,7 +50,7 @@ from flgraph.graph import ClientStage, Reducer, ServerStage
 from flgraph.params import Params, ParamSpec
 from flgraph.rng import stream
 
-from .oort_explored import IDS, SizeOrder, dense, explored, merge_rows, pacer, sparse_choice
+from .oort_explored import IDS, SizeOrder, dense, duration_penalty, explored, merge_rows, pacer, sparse_choice
 from .select import EXACT_AVAILABILITY_UP_TO, Select
 
 __all__ = ["Collect", "OortFeedback", "OortSelect", "OortUtility", "oort_choice"]
@@ -302,16 +302,11 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
     else:
         clip, lo, span = math.inf, 0.0, 1.0
 
-    def penalty(d: np.ndarray) -> np.ndarray:
-        if not math.isfinite(prefer):
-            return np.ones_like(d)
-        return np.where(d > prefer, (prefer / np.maximum(d, 1e-4)) ** cfg.round_penalty, 1.0)
-
     cand = np.flatnonzero(ok_mask & seen)
     # the staleness bonus sqrt(0.1 ln R / L_i), L_i the client's last counted round (the paper's and FedScale's)
     score = ((np.minimum(util[cand], clip) - lo) / span
              + np.sqrt(0.1 * math.log(rnd) / np.maximum(last[cand], 1)))
-    score = np.abs(score * penalty(dur[cand]))
+    score = np.abs(score * duration_penalty(prefer, cfg.round_penalty, dur[cand]))
     exploration = max(float(state["exploration"]) * cfg.exploration_decay, cfg.exploration_min)
     unseen = np.flatnonzero(ok_mask & ~seen)
     n_exploit = min(k - int(k * exploration), len(cand))
@@ -328,7 +323,7 @@ def oort_choice(cfg: OortSelect, state: dict[str, Any], stats: dict[str, np.ndar
         exploit = rng.choice(pool, n_exploit, replace=False, p=w / max(1e-4, float(w.sum())))
     explore = np.zeros(0, np.int64)
     if n_explore > 0:
-        init = sizes[unseen] * penalty(dur[unseen])
+        init = sizes[unseen] * duration_penalty(prefer, cfg.round_penalty, dur[unseen])
         order = np.argsort(-init, kind="stable")[: min(int(cfg.sample_window * n_explore), len(unseen))]
         pool, w = unseen[order], init[order]
         explore = rng.choice(pool, n_explore, replace=False, p=w / max(1e-4, float(w.sum())))

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,6 +38,14 @@ IDS = "oort_ids"
 _INT = ("oort_round", "oort_count")
 
 
+
+
+def duration_penalty(prefer: float, alpha: float, d: np.ndarray) -> np.ndarray:
+    """Oort's system utility: ``(prefer / d) ** alpha`` for clients slower than the preferred duration, 1 for
+    the others (all 1 while no duration is preferred)."""
+    if not math.isfinite(prefer):
+        return np.ones_like(d)
+    return np.where(d > prefer, (prefer / np.maximum(d, 1e-4)) ** alpha, 1.0)
 
 def pacer(hist: np.ndarray, thr: float, rnd: int, cfg: Any) -> float:
     """Oort's pacer: the preferred-duration threshold after round ``rnd``. Every ``pacer_step`` rounds the
@@ -229,15 +238,10 @@ def sparse_choice(cfg: Any, state: dict[str, Any], table: dict[str, np.ndarray],
     else:
         clip, lo, span = math.inf, 0.0, 1.0
 
-    def penalty(d: np.ndarray) -> np.ndarray:
-        if not math.isfinite(prefer):
-            return np.ones_like(d)
-        return np.where(d > prefer, (prefer / np.maximum(d, 1e-4)) ** cfg.round_penalty, 1.0)
-
     idx = np.flatnonzero(allowed)
     cand = seen[idx]
     score = ((np.minimum(util[idx], clip) - lo) / span + np.sqrt(0.1 * math.log(rnd) / np.maximum(last[idx], 1)))
-    score = np.abs(score * penalty(dur[idx]))
+    score = np.abs(score * duration_penalty(prefer, cfg.round_penalty, dur[idx]))
     exploration = max(float(state["exploration"]) * cfg.exploration_decay, cfg.exploration_min)
     n_unseen = n - len(seen)
     n_exploit = min(k - int(k * exploration), len(cand))
@@ -253,7 +257,8 @@ def sparse_choice(cfg: Any, state: dict[str, Any], table: dict[str, np.ndarray],
         exploit = rng.choice(cand[ranking][:keep], n_exploit, replace=False, p=w / max(1e-4, float(w.sum())))
     explore = np.zeros(0, np.int64)
     if n_explore > 0:
-        pool, w = order.exploration_pool(seen, min(int(cfg.sample_window * n_explore), n_unseen), prefer, penalty)
+        pool, w = order.exploration_pool(seen, min(int(cfg.sample_window * n_explore), n_unseen), prefer,
+                                          functools.partial(duration_penalty, prefer, cfg.round_penalty))
         explore = rng.choice(pool, n_explore, replace=False, p=w / max(1e-4, float(w.sum())))
     state.update(exploration=exploration, threshold=thr, exploit_util=hist, exploited=np.asarray(exploit, np.int64))
     return np.concatenate([explore, exploit]).astype(np.int64)
